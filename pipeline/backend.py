@@ -1,0 +1,71 @@
+"""Array-backend helpers: the only module that names cupy (always imported lazily).
+
+Chunk kernels call these instead of numpy/scipy functions that do not dispatch through
+``__array_function__`` (triangular solves, random generators), so the same code runs on
+numpy chunks and on cupy chunks from dask-cuda workers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def is_cupy(x: Any) -> bool:
+    """True when ``x`` is a cupy array (checked without importing cupy)."""
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def array_module(x: Any) -> Any:
+    """The array module of ``x``: ``numpy`` or ``cupy``."""
+    if is_cupy(x):
+        import cupy
+
+        return cupy
+    return np
+
+
+def solve_right_upper(a: Any, r: Any) -> Any:
+    """Return ``a @ inv(r)`` for upper-triangular ``r`` by a triangular solve (TRSM).
+
+    Parameters
+    ----------
+    a : (m, n) array
+    r : (n, n) upper-triangular array, nonsingular
+
+    Returns
+    -------
+    (m, n) C-contiguous array of the dtype of ``a``.
+    """
+    if is_cupy(a):
+        from cupyx.scipy.linalg import solve_triangular
+
+        return solve_triangular(r, a.T, trans="T", lower=False).T
+    from scipy.linalg import get_blas_funcs
+
+    # X r = a  <=>  r^T X^T = a^T; a^T is a Fortran-ordered view, so BLAS works in place
+    # on a copy of a without a layout change.
+    at = np.array(a, order="C", copy=True).T
+    (trsm,) = get_blas_funcs(("trsm",), (r, at))
+    xt = trsm(1.0, np.asarray(r, dtype=at.dtype), at, side=0, lower=0, trans_a=1, overwrite_b=1)
+    return xt.T
+
+
+def eye_like(n: int, like: Any) -> Any:
+    """Identity of size ``n`` on the backend and dtype of ``like``."""
+    xp = array_module(like)
+    return xp.eye(n, dtype=like.dtype)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A numpy copy of ``x`` (no-op for numpy arrays)."""
+    if is_cupy(x):
+        return x.get()
+    return np.asarray(x)
+
+
+def random_state(seed: int | None, like: Any) -> Any:
+    """A random generator on the backend of ``like`` (``numpy`` or ``cupy``)."""
+    xp = array_module(like)
+    return xp.random.default_rng(seed)

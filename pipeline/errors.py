@@ -1,0 +1,41 @@
+"""One small exception hierarchy.
+
+Every error a user can fix (bad config, bad input, an existing result) derives from
+:class:`UserError`; the CLI turns those into exit code 2 with a single line on stderr.
+Each class is also a builtin (``ValueError``, ``FileExistsError`` ...) so callers can
+catch either.
+"""
+
+from __future__ import annotations
+
+
+class FactorizeError(Exception):
+    """Base class of all zarr-factorize errors."""
+
+    exit_code = 1
+
+
+class UserError(FactorizeError):
+    """An error the user can fix by changing the config, the input or the environment."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError, ValueError):
+    """The job config is missing, unreadable or invalid."""
+
+
+class InputError(UserError, ValueError):
+    """The input array is missing or unsuitable (shape, dtype, values)."""
+
+
+class NonFiniteInputError(InputError):
+    """The input holds NaN or Inf; raised by the first pass over the data."""
+
+
+class ArtifactExistsError(UserError, FileExistsError):
+    """The output folder exists and ``output.overwrite`` is false."""
+
+
+class ClusterError(UserError, RuntimeError):
+    """The Dask cluster cannot be created or reached."""

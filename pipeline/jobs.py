@@ -1,0 +1,202 @@
+"""Running a job: the one place that joins config, input, methods and the output folder.
+
+The steps are small functions over small values (configs, manifests, paths, dicts) so the
+Prefect flow can call each from a task; :func:`run_job` chains them for use without
+Prefect (notebooks, tests, scripts).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from distributed import Client, default_client
+
+from pipeline.config import JobConfig, config_from_any, redacted_dump
+from pipeline.datasets import write_synthetic
+from pipeline.io.artifacts import RunOutput, check_output_free
+from pipeline.io.source import InputManifest, open_matrix
+from pipeline.io.stores import split_url
+from pipeline.methods import RUNNERS, check_applicable
+
+log = logging.getLogger(__name__)
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO-8601."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape the numbers."""
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("zarr-factorize", "dask", "distributed", "numpy", "scipy", "zarr"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree
+            out[pkg] = "unknown"
+    return out
+
+
+def ensure_input(config: JobConfig) -> None:
+    """Create the synthetic input of ``input.create_if_missing`` when the store is absent."""
+    spec = config.input
+    if spec.create_if_missing is None:
+        return
+    fs, path = split_url(spec.url, spec.storage_options)
+    if not fs.exists(path):
+        write_synthetic(spec.url, spec.create_if_missing, spec.storage_options, spec.array)
+
+
+def inspect_job(config: JobConfig) -> InputManifest:
+    """Open the input and check every method and the output, computing nothing.
+
+    Raises
+    ------
+    InputError, ArtifactExistsError
+    """
+    _, manifest = open_matrix(config.input)
+    for i, spec in enumerate(config.methods):
+        check_applicable(spec, manifest.shape, i)
+    check_output_free(config.output, config.name)
+    return manifest
+
+
+def prepare_job(config: JobConfig) -> tuple[InputManifest, str]:
+    """Create the input if asked, validate everything, open the staging folder.
+
+    Returns
+    -------
+    (manifest, staging path)
+    """
+    ensure_input(config)
+    manifest = inspect_job(config)
+    out = RunOutput(config.output, config.name)
+    out.begin()
+    log.info(
+        "%s: input %s%s %s %s chunks %s; writing to %s",
+        config.name,
+        manifest.url,
+        f" [{manifest.array}]" if manifest.array else "",
+        "×".join(map(str, manifest.shape)),
+        manifest.dtype,
+        "×".join(map(str, manifest.chunks)),
+        out.staging_url,
+    )
+    return manifest, out.staging
+
+
+def _current_client() -> Client | None:
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
+def run_method(config: JobConfig, index: int, staging: str) -> dict[str, Any]:
+    """Run ``config.methods[index]`` on the current Dask client; write into ``staging``."""
+    spec = config.methods[index]
+    a, _ = open_matrix(config.input)
+    out = RunOutput(config.output, config.name, staging=staging)
+    result = RUNNERS[spec.method](spec, a, out, _current_client())
+    log.info("%s: %s finished in %.1f s", config.name, spec.method, result["seconds"])
+    return result
+
+
+def publish_job(
+    config: JobConfig,
+    manifest: InputManifest,
+    staging: str,
+    results: dict[str, dict[str, Any]],
+    started: str,
+) -> dict[str, Any]:
+    """Write ``metrics.json`` and move the result into place; return the metrics."""
+    fro = next((r["fro_norm"] for r in results.values() if "fro_norm" in r), None)
+    report = {
+        "name": config.name,
+        "status": "completed",
+        "input": {**manifest.to_dict(), "fro_norm": fro},
+        "methods": results,
+        "config": redacted_dump(config),
+        "versions": versions(),
+        "started": started,
+        "finished": now_iso(),
+    }
+    out = RunOutput(config.output, config.name, staging=staging)
+    report["output"] = out.publish(report)
+    log.info("%s: result published at %s", config.name, report["output"])
+    return report
+
+
+def abort_job(config: JobConfig, staging: str | None) -> None:
+    """Remove a failed run's staging folder (a published result is never touched)."""
+    if staging:
+        RunOutput(config.output, config.name, staging=staging).abort()
+
+
+def run_job(config: Any, client: Client | None = None) -> dict[str, Any]:
+    """Run a whole job without Prefect on ``client`` (or the job's own cluster).
+
+    Parameters
+    ----------
+    config : path, YAML text, mapping or :class:`~pipeline.config.JobConfig`
+    client : an existing ``distributed.Client``; ``None`` starts ``config.cluster``
+
+    Returns
+    -------
+    The content of ``metrics.json``.
+    """
+    from pipeline.cluster import cluster_from_spec
+
+    cfg = config_from_any(config)
+    started = now_iso()
+    manifest, staging = prepare_job(cfg)
+    try:
+        if client is None:
+            with cluster_from_spec(cfg.cluster):
+                results = _run_methods(cfg, staging)
+        else:
+            with client.as_current():
+                results = _run_methods(cfg, staging)
+        return publish_job(cfg, manifest, staging, results, started)
+    except BaseException:
+        abort_job(cfg, staging)
+        raise
+
+
+def _run_methods(cfg: JobConfig, staging: str) -> dict[str, dict[str, Any]]:
+    results = {}
+    for i, spec in enumerate(cfg.methods):
+        t0 = time.perf_counter()
+        results[spec.method] = run_method(cfg, i, staging)
+        log.debug("%s took %.2f s", spec.method, time.perf_counter() - t0)
+    return results
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """A plain-text table of the headline metrics of a report."""
+    rows = [("method", "metric", "value")]
+    for method, res in report["methods"].items():
+        for key in ("residual_rel", "orthogonality", "norm_consistency", "seconds", "passes"):
+            if res.get(key) is not None:
+                v = res[key]
+                rows.append((method, key, f"{v:.3e}" if isinstance(v, float) else str(v)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+__all__ = [
+    "abort_job",
+    "inspect_job",
+    "prepare_job",
+    "publish_job",
+    "run_job",
+    "run_method",
+    "summary_table",
+]

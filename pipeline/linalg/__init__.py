@@ -1,0 +1,5 @@
+"""Factorization algorithms over dask arrays (no I/O, no cluster, no config here)."""
+
+from pipeline.linalg.tsqr import TSQRResult, row_blocks, tsqr
+
+__all__ = ["TSQRResult", "row_blocks", "tsqr"]

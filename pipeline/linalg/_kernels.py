@@ -1,0 +1,190 @@
+"""Per-block pure functions used by the dask graphs in this package.
+
+They take and return arrays of one backend (numpy or cupy) and small Python objects, and
+call only functions that dispatch on the array type (``a.T @ a``, ``xp.linalg.*``) or the
+helpers in :mod:`pipeline.backend`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.backend import array_module, eye_like, solve_right_upper
+from pipeline.errors import NonFiniteInputError
+
+# A Cholesky QR round is accepted when the Gram of its input is this close to I
+# (‖G − I‖_F). Below it, Q has κ ≤ 1.2 and one more round gives orthogonality O(u)
+# (Yamamoto et al. 2015); above it the block falls back to a safer path.
+GRAM_GUARD = 0.1
+
+
+@dataclass(frozen=True)
+class BlockFactor:
+    """How one row block ``A_i`` was factorized as ``A_i = Q_i R_i``.
+
+    Attributes
+    ----------
+    r : (n, n) upper-triangular, non-negative diagonal.
+    chain : Cholesky factors ``(R1, R2[, R3])`` with ``Q_i = A_i R1⁻¹ R2⁻¹ …`` applied in
+        this order, or ``()`` when the block used Householder QR.
+    method : ``"cholqr2"``, ``"scholqr3"`` or ``"householder"``.
+    sumsq : ``‖A_i‖²_F``.
+    """
+
+    r: Any
+    chain: tuple[Any, ...]
+    method: str
+    sumsq: float
+
+
+def _chol_upper(g: Any) -> Any | None:
+    """Upper Cholesky factor of ``g``, or ``None`` when ``g`` is not numerically SPD."""
+    xp = array_module(g)
+    try:
+        r = xp.linalg.cholesky(g).T
+    except np.linalg.LinAlgError:
+        return None
+    if not bool(xp.isfinite(r).all()):  # cupy returns NaN instead of raising
+        return None
+    return r
+
+
+def _gram_defect(g: Any) -> float:
+    return float(array_module(g).linalg.norm(g - eye_like(g.shape[0], g)))
+
+
+def _householder_r(a: Any) -> Any:
+    xp = array_module(a)
+    r = xp.linalg.qr(a, mode="r")
+    return _positive_diagonal(r)[0]
+
+
+def _positive_diagonal(r: Any) -> tuple[Any, Any]:
+    """Flip rows of ``r`` so its diagonal is ≥ 0; return ``(r, signs)``."""
+    xp = array_module(r)
+    signs = xp.where(xp.diagonal(r) < 0, -1, 1).astype(r.dtype)
+    return r * signs[:, None], signs
+
+
+def _cholqr_chain(a: Any, g: Any, shift: float) -> tuple[Any, ...] | None:
+    """Cholesky QR rounds until the Gram is within the guard; ``None`` if it fails.
+
+    Unshifted (CholeskyQR2) uses two rounds; shifted (CholeskyQR3 of Fukaya et al.
+    2020) adds the shift to the first Gram and uses three.
+    """
+    rounds = 3 if shift else 2
+    n = g.shape[0]
+    r = _chol_upper(g + shift * eye_like(n, g) if shift else g)
+    if r is None:
+        return None
+    chain = [r]
+    q = a
+    for _ in range(rounds - 1):
+        q = solve_right_upper(q, chain[-1])
+        g = q.T @ q
+        # Only the last round is guarded: after a shifted first round Q may still be far
+        # from orthonormal, which the remaining rounds repair.
+        if len(chain) == rounds - 1 and _gram_defect(g) > GRAM_GUARD:
+            return None
+        r = _chol_upper(g)
+        if r is None:
+            return None
+        chain.append(r)
+    return tuple(chain)
+
+
+def factor_block(a: Any, row_offset: int = 0) -> BlockFactor:
+    """Factorize one row block: guarded Cholesky QR, Householder QR as the fallback.
+
+    Parameters
+    ----------
+    a : (m_i, n) array with m_i ≥ n
+    row_offset : index of the block's first row in the whole matrix (for error messages)
+
+    Raises
+    ------
+    NonFiniteInputError
+        When the block holds NaN or Inf.
+    """
+    xp = array_module(a)
+    if not bool(xp.isfinite(a).all()):
+        bad = int(xp.argmax(~xp.isfinite(a).all(axis=1)))
+        raise NonFiniteInputError(
+            f"input holds NaN or Inf (first at row {row_offset + bad}); "
+            "clean or mask the data before factorizing"
+        )
+    m, n = a.shape
+    g = a.T @ a
+    sumsq = float(xp.trace(g))
+    if not np.isfinite(sumsq):
+        raise NonFiniteInputError(
+            f"input overflows {a.dtype} in rows {row_offset}-{row_offset + m - 1} "
+            "(‖A_i‖² is not finite); rescale the data"
+        )
+    chain, method = _cholqr_chain(a, g, 0.0), "cholqr2"
+    if chain is None:
+        u = float(xp.finfo(a.dtype).eps) / 2
+        shift = 11.0 * (m * n + n * (n + 1)) * u * sumsq
+        chain, method = _cholqr_chain(a, g, shift), "scholqr3"
+    if chain is None:
+        return BlockFactor(_householder_r(a), (), "householder", sumsq)
+    r = chain[0]
+    for rk in chain[1:]:
+        r = rk @ r
+    return BlockFactor(r, chain, method, sumsq)
+
+
+def block_q(a: Any, factor: BlockFactor) -> Any:
+    """Recompute ``Q_i`` (m_i × n) of a block factorized by :func:`factor_block`."""
+    if factor.chain:
+        q = a
+        for rk in factor.chain:
+            q = solve_right_upper(q, rk)
+        return q
+    xp = array_module(a)
+    q, r = xp.linalg.qr(a)
+    _, signs = _positive_diagonal(r)
+    return q * signs[None, :]
+
+
+def stack_qr(*rs: Any, root: bool = False) -> tuple[Any, Any]:
+    """QR of the vertically stacked ``R`` factors of a tree node.
+
+    Returns ``(q, r)`` with ``q`` of shape (k·n, n). At the root the diagonal of ``r`` is
+    made non-negative (the sign flip is folded into ``q``).
+    """
+    xp = array_module(rs[0])
+    q, r = xp.linalg.qr(xp.concatenate(rs, axis=0))
+    if root:
+        r, signs = _positive_diagonal(r)
+        q = q * signs[None, :]
+    return q, r
+
+
+def child_transform(node_q: Any, index: int, parent: Any | None) -> Any:
+    """The ``n × n`` piece of a node's ``q`` for child ``index``, times the parent's."""
+    n = node_q.shape[1]
+    piece = node_q[index * n : (index + 1) * n]
+    return piece if parent is None else piece @ parent
+
+
+def apply_q(a: Any, factor: BlockFactor, transform: Any | None) -> Any:
+    """Final ``Q`` rows of one block: the block's own ``Q_i`` times its tree transform."""
+    q = block_q(a, factor)
+    return q if transform is None else q @ transform
+
+
+def summarize(*factors: BlockFactor) -> dict[str, Any]:
+    """Total ``‖A‖²_F`` and how many blocks took each path."""
+    counts: dict[str, int] = {}
+    for f in factors:
+        counts[f.method] = counts.get(f.method, 0) + 1
+    return {"sumsq": float(sum(f.sumsq for f in factors)), "block_methods": counts}
+
+
+def block_r(factor: BlockFactor) -> Any:
+    """The ``R_i`` of a block factor."""
+    return factor.r

@@ -1,0 +1,89 @@
+"""Quality metrics computed block by block on the cluster, in float64.
+
+Nothing here gathers ``A`` or a tall factor to the client: each function returns a lazy
+dask value whose blocks reduce to a scalar or a small ``n × n`` matrix, so callers can
+compute metrics in the same ``dask.compute`` as the factor writes and read ``A`` once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from pipeline.backend import array_module, to_host
+
+
+def _block_residual_sq(a: Any, q: Any, r: Any) -> Any:
+    xp = array_module(a)
+    d = a.astype(xp.float64) - q.astype(xp.float64) @ xp.asarray(r, dtype=xp.float64)
+    return xp.reshape(xp.sum(d * d), (1, 1))
+
+
+def _block_gram(q: Any) -> Any:
+    q64 = q.astype(array_module(q).float64)
+    return q64.T @ q64
+
+
+def _block_sumsq(a: Any) -> Any:
+    xp = array_module(a)
+    a64 = a.astype(xp.float64)
+    return xp.reshape(xp.sum(a64 * a64), (1, 1))
+
+
+def residual_sq(a: da.Array, q: da.Array, r: Any) -> da.Array:
+    """Lazy ``‖A − Q R‖²_F`` (float64) over blocks of rows; ``a`` and ``q`` share row chunks."""
+    if a.chunks[0] != q.chunks[0]:
+        raise ValueError("a and q must have the same row chunks")
+    a1 = a.rechunk({1: -1})
+    q1 = q.rechunk({1: -1})
+    parts = da.map_blocks(
+        _block_residual_sq,
+        a1,
+        q1,
+        r,
+        chunks=((1,) * a1.numblocks[0], (1,)),
+        dtype=np.float64,
+        meta=a1._meta.astype(np.float64),
+    )
+    return parts.sum()
+
+
+def gram(q: da.Array) -> da.Array:
+    """Lazy ``QᵀQ`` (k × k, float64) summed over row blocks."""
+    q1 = q.rechunk({1: -1})
+    k, nblocks = q1.shape[1], q1.numblocks[0]
+    parts = da.map_blocks(  # one k × k Gram per row block, stacked along rows
+        _block_gram,
+        q1,
+        chunks=((k,) * nblocks, (k,)),
+        dtype=np.float64,
+        meta=q1._meta.astype(np.float64),
+    )
+    return parts.reshape(nblocks, k, k).sum(axis=0)
+
+
+def sumsq(a: da.Array) -> da.Array:
+    """Lazy ``‖A‖²_F`` (float64)."""
+    parts = da.map_blocks(
+        _block_sumsq,
+        a,
+        chunks=((1,) * a.numblocks[0], (1,) * a.numblocks[1]),
+        dtype=np.float64,
+        meta=a._meta.astype(np.float64),
+    )
+    return parts.sum()
+
+
+def orthogonality_from_gram(g: Any) -> float:
+    """``‖G − I‖_F`` for a computed Gram matrix ``G = QᵀQ``."""
+    g = to_host(g).astype(np.float64)
+    return float(np.linalg.norm(g - np.eye(g.shape[0])))
+
+
+def relative(num_sq: float, den_sq: float) -> float:
+    """``sqrt(num_sq / den_sq)``; 0 when both are 0 (an all-zero input)."""
+    if den_sq == 0:
+        return 0.0 if num_sq == 0 else float("inf")
+    return float(np.sqrt(max(num_sq, 0.0) / den_sq))
