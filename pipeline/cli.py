@@ -1,0 +1,164 @@
+"""The ``factorize`` command: run, validate, schema and data tools.
+
+Exit codes: 0 success; 2 bad config or bad input (one line on stderr, no traceback);
+1 a failure while computing. ``run`` imports the Prefect flow lazily, so ``validate`` and
+``schema`` start fast and never touch Prefect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.config import SyntheticSpec, json_schema, load_config
+from pipeline.errors import FactorizeError, UserError
+
+log = logging.getLogger("pipeline")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # Worker lifecycle chatter is noise for users of the CLI.
+    for noisy in ("distributed", "bokeh", "tornado", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from pipeline.jobs import inspect_job
+
+    for path in args.configs:
+        cfg = load_config(path)
+        missing = cfg.input.create_if_missing is not None and not _exists(cfg)
+        if missing:
+            spec = cfg.input.create_if_missing
+            print(
+                f"{path}: ok — input {cfg.input.url} does not exist yet and will be created "
+                f"({spec.kind} {spec.shape[0]}×{spec.shape[1]} {spec.dtype})"
+            )
+            continue
+        m = inspect_job(cfg)
+        arr = f" array {m.array}" if m.array else ""
+        print(
+            f"{path}: ok — input {m.url}{arr}: shape {m.shape[0]}×{m.shape[1]}, "
+            f"chunks {m.chunks[0]}×{m.chunks[1]}, dtype {m.dtype} (Zarr v{m.zarr_format}); "
+            f"methods: {', '.join(s.method for s in cfg.methods)}"
+        )
+    return 0
+
+
+def _exists(cfg: Any) -> bool:
+    from pipeline.io.stores import split_url
+
+    fs, path = split_url(cfg.input.url, cfg.input.storage_options)
+    return bool(fs.exists(path))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.jobs import inspect_job, summary_table
+
+    configs = [load_config(p) for p in args.configs]
+    for cfg in configs:  # refuse bad input before starting Prefect or a cluster
+        if cfg.input.create_if_missing is None or _exists(cfg):
+            inspect_job(cfg)
+    from flows import factorize
+
+    status = 0
+    for path, cfg in zip(args.configs, configs, strict=True):
+        report = factorize(config=cfg.model_dump(mode="json"))
+        print(f"\n{cfg.name}: completed — {report['output']}")
+        print(summary_table(report))
+        del path
+    return status
+
+
+def _schema(args: argparse.Namespace) -> int:
+    print(json_schema())
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from pipeline.config import format_validation_error
+    from pipeline.datasets import write_synthetic
+    from pipeline.errors import ConfigError
+
+    try:
+        spec = SyntheticSpec(
+            kind=args.kind,
+            shape=tuple(args.shape),
+            chunks=tuple(args.chunks) if args.chunks else None,
+            dtype=args.dtype,
+            seed=args.seed,
+        )
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "generate")) from None
+    write_synthetic(args.url, spec, array=args.array)
+    print(f"wrote {spec.kind} {spec.shape[0]}×{spec.shape[1]} {spec.dtype} to {args.url}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used to render the CLI reference)."""
+    parser = argparse.ArgumentParser(
+        prog="factorize",
+        description="Factorize chunked Zarr matrices (QR, SVD/PCA, NMF) on Dask, via Prefect.",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run job files now (Prefect flow, embedded cluster)")
+    p.add_argument("configs", nargs="+", metavar="CONFIG.yaml")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("validate", help="check job files and open their input; compute nothing")
+    p.add_argument("configs", nargs="+", metavar="CONFIG.yaml")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("schema", help="print the job file's JSON Schema")
+    p.set_defaults(func=_schema)
+
+    p = sub.add_parser("generate", help="write a synthetic matrix to a Zarr store")
+    p.add_argument("url", help="target store (path or fsspec URL); replaced if it exists")
+    p.add_argument("--shape", nargs=2, type=int, required=True, metavar=("ROWS", "COLS"))
+    p.add_argument("--chunks", nargs=2, type=int, metavar=("ROWS", "COLS"))
+    p.add_argument("--kind", default="gaussian", choices=["gaussian", "lowrank", "vandermonde"])
+    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--array", help="write into a group under this array name")
+    p.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``factorize`` console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"factorize: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("factorize: interrupted", file=sys.stderr)
+        return 130
+    except (FactorizeError, Exception) as exc:
+        log.debug("compute failure", exc_info=True)
+        print(
+            f"factorize: failed: {type(exc).__name__}: {exc} (run with --log-level DEBUG "
+            "for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
