@@ -16,7 +16,7 @@ from typing import Any
 
 from distributed import Client, default_client
 
-from pipeline.config import JobConfig, config_from_any, redacted_dump
+from pipeline.config import JobConfig, config_from_any, redact, redacted_dump
 from pipeline.datasets import write_synthetic
 from pipeline.io.artifacts import RunOutput, check_output_free
 from pipeline.io.source import InputManifest, open_matrix
@@ -127,7 +127,8 @@ def publish_job(
         "finished": now_iso(),
     }
     out = RunOutput(config.output, config.name, staging=staging)
-    report["output"] = out.publish(report)
+    report["output"] = redact(out.final_url)
+    out.publish(report)
     log.info("%s: result published at %s", config.name, report["output"])
     return report
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import fsspec
@@ -27,8 +28,6 @@ def zarr_store(url: str, storage_options: dict[str, Any] | None = None, *, read_
     fs, path = split_url(url, storage_options)
     if is_local(fs):
         return LocalStore(os.path.abspath(path), read_only=read_only)
-    if not fs.async_impl:
-        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
-
-        fs = AsyncFileSystemWrapper(fs)
-    return FsspecStore(fs, path=path, read_only=read_only)
+    with warnings.catch_warnings():  # zarr wraps synchronous filesystems itself
+        warnings.filterwarnings("ignore", message=".*asynchronous=True", category=UserWarning)
+        return FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)

@@ -1,0 +1,105 @@
+"""Shared fixtures: offline Prefect settings, one LocalCluster and one Prefect harness per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# Before anything imports prefect: stay offline, keep PREFECT_HOME out of the repo.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="zf-prefect-home-")
+os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+import zarr  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A real 2-worker LocalCluster (processes) shared by the session, set as default."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        memory_limit="4GiB",
+        env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    )
+    with Client(cluster, set_as_default=True) as c:
+        yield c
+    cluster.close()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test database for the session; heartbeats off (each costs ~1 s a run)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=None):
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            yield
+
+
+def write_array(path: Path, data: np.ndarray, chunks=None, zarr_format: int = 3, name=None):
+    """Write ``data`` as a Zarr array at ``path`` (or as ``name`` inside a group)."""
+    chunks = chunks or data.shape
+    if name is None:
+        arr = zarr.create_array(
+            store=str(path),
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=chunks,
+            zarr_format=zarr_format,
+            overwrite=True,
+        )
+    else:
+        root = zarr.open_group(str(path), mode="a", zarr_format=zarr_format)
+        arr = root.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
+    if data.size:
+        arr[...] = data
+    return arr
+
+
+def job_dict(tmp_path: Path, input_url: str, **over) -> dict:
+    """A minimal valid job mapping writing under ``tmp_path/out``."""
+    job = {
+        "name": "job",
+        "input": {"url": input_url},
+        "methods": [{"method": "tsqr"}],
+        "output": {"url": str(tmp_path / "out")},
+    }
+    job.update(over)
+    return job
+
+
+def write_job(tmp_path: Path, job: dict, filename: str = "job.yaml") -> Path:
+    """Write a job mapping as YAML and return its path."""
+    path = tmp_path / filename
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def factorize_cmd() -> list[str]:
+    """The installed console script (same interpreter as the tests)."""
+    exe = Path(sys.executable).with_name("factorize")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
+
+
+def cond_matrix(m: int, n: int, kappa: float, seed: int = 0, dtype=np.float64) -> np.ndarray:
+    """A random m × n matrix with singular values log-spaced from 1 to 1/kappa."""
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((m, n)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return ((u * np.logspace(0, -np.log10(kappa), n)) @ v.T).astype(dtype)

@@ -1,0 +1,144 @@
+"""Opening inputs (Zarr v2/v3, groups, fsspec URLs) and atomic result folders."""
+
+from __future__ import annotations
+
+import json
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from pipeline.config import InputSpec, OutputSpec
+from pipeline.errors import ArtifactExistsError, InputError
+from pipeline.io import RunOutput, open_matrix
+from tests.conftest import write_array
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_open_array_and_group_member(tmp_path, zarr_format):
+    data = np.arange(60, dtype=np.float32).reshape(12, 5)
+    write_array(tmp_path / "a.zarr", data, chunks=(4, 5), zarr_format=zarr_format)
+    write_array(tmp_path / "g.zarr", data, chunks=(6, 5), zarr_format=zarr_format, name="x/A")
+    x, m = open_matrix(InputSpec(url=str(tmp_path / "a.zarr")))
+    assert m.shape == (12, 5) and m.chunks == (4, 5) and m.zarr_format == zarr_format
+    np.testing.assert_array_equal(x.compute(), data)
+    y, m2 = open_matrix(InputSpec(url=f"file://{tmp_path}/g.zarr", array="x/A"))
+    assert m2.array == "x/A" and y.chunks[0] == (6, 6)
+    np.testing.assert_array_equal(y.compute(), data)
+
+
+def test_integers_are_cast_to_float64(tmp_path):
+    write_array(tmp_path / "i.zarr", np.arange(20, dtype=np.int16).reshape(10, 2))
+    x, m = open_matrix(InputSpec(url=str(tmp_path / "i.zarr")))
+    assert x.dtype == np.float64 and m.dtype == "int16"
+
+
+def test_memory_url():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    store = zarr.storage.FsspecStore.from_url("memory://mem.zarr")
+    arr = zarr.create_array(store=store, shape=(8, 2), dtype="f8", chunks=(4, 2))
+    arr[...] = 1.0
+    x, _ = open_matrix(InputSpec(url="memory://mem.zarr"))
+    assert float(x.sum().compute(scheduler="sync")) == 16.0
+    fs.rm("/mem.zarr", recursive=True)
+
+
+@pytest.mark.parametrize(
+    "setup,spec_kw,match",
+    [
+        ("none", {}, "does not exist"),
+        ("group", {}, "is a Zarr group; set input.array.*A"),
+        ("group", {"array": "B"}, "'B' not found.*it holds arrays: A"),
+        ("array", {"array": "A"}, "is itself an array"),
+        ("1d", {}, "must be a 2-D matrix; got 1-D"),
+        ("3d", {}, "must be a 2-D matrix; got 3-D"),
+        ("str", {}, "non-numeric dtype"),
+        ("complex", {}, "complex dtype"),
+        ("empty", {}, "is empty"),
+    ],
+)
+def test_bad_inputs(tmp_path, setup, spec_kw, match):
+    url = tmp_path / "in.zarr"
+    if setup == "group":
+        write_array(url, np.ones((4, 2)), name="A")
+    elif setup == "array":
+        write_array(url, np.ones((4, 2)))
+    elif setup == "1d":
+        write_array(url, np.ones(4))
+    elif setup == "3d":
+        write_array(url, np.ones((2, 2, 2)))
+    elif setup == "str":
+        zarr.create_array(store=str(url), shape=(2, 2), dtype=str)
+    elif setup == "complex":
+        write_array(url, np.ones((4, 2), dtype=np.complex128))
+    elif setup == "empty":
+        write_array(url, np.ones((0, 3)))
+    with pytest.raises(InputError, match=match):
+        open_matrix(InputSpec(url=str(url), **spec_kw))
+
+
+def test_run_output_is_atomic_and_respects_overwrite(tmp_path):
+    spec = OutputSpec(url=str(tmp_path))
+    out = RunOutput(spec, "r1")
+    out.begin()
+    out.factor_array("tsqr", "R", np.eye(3), ("component", "col"))
+    stored = out.factor_array("tsqr", "Q", da.ones((10, 3), chunks=(4, 3)), ("row", "component"))
+    stored.compute()
+    assert not (tmp_path / "r1").exists(), "nothing may appear before publish"
+    final = out.publish({"status": "completed"})
+    assert final == str(tmp_path / "r1")
+    assert not list(tmp_path.glob(".r1.partial-*"))
+    assert json.loads((tmp_path / "r1" / "metrics.json").read_text())["status"] == "completed"
+    ds = xr.open_zarr(tmp_path / "r1" / "factors.zarr", group="tsqr")
+    assert ds["Q"].dims == ("row", "component") and ds["R"].dims == ("component", "col")
+    assert float(ds["Q"].sum()) == 30.0
+
+    with pytest.raises(ArtifactExistsError, match="overwrite"):
+        RunOutput(spec, "r1").begin()
+    # overwrite: the old result stays intact until the new one is published
+    over = RunOutput(OutputSpec(url=str(tmp_path), overwrite=True), "r1")
+    over.begin()
+    over.factor_array("tsqr", "R", 2 * np.eye(3), ("component", "col"))
+    assert xr.open_zarr(tmp_path / "r1" / "factors.zarr", group="tsqr")["R"][0, 0] == 1.0
+    over.publish({"status": "completed", "v": 2})
+    assert json.loads((tmp_path / "r1" / "metrics.json").read_text())["v"] == 2
+    assert not list(tmp_path.glob(".r1.*"))
+
+
+def test_abort_removes_staging_only(tmp_path):
+    out = RunOutput(OutputSpec(url=str(tmp_path)), "r2")
+    out.begin()
+    staging = out.staging
+    out.abort()
+    assert not (tmp_path / "r2").exists()
+    assert not list(tmp_path.iterdir()), f"left behind: {staging}"
+
+
+def test_object_store_publish_moves_metrics_last():
+    """On fsspec stores without rename the result is complete when metrics.json lands."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    out = RunOutput(OutputSpec(url="memory://results"), "r3")
+    out.begin()
+    out.factor_array("tsqr", "R", np.eye(2), ("component", "col"))
+    moved = []
+    original = fs.mv
+
+    def spy(src, dst, **kw):
+        moved.append(dst)
+        return original(src, dst, **kw)
+
+    out.fs.mv = spy
+    try:
+        out.publish({"status": "completed"})
+    finally:
+        out.fs.mv = original
+    assert moved[-1].endswith("/r3/metrics.json") and len(moved) > 1
+    assert fs.exists("/results/r3/factors.zarr/tsqr/R/zarr.json")
+    assert not [p for p in fs.ls("/results", detail=False) if ".partial-" in p]
+    fs.rm("/results", recursive=True)
