@@ -109,33 +109,45 @@ def fresh_output(path: Path, like: da.Array) -> zarr.Array:
 # --------------------------------------------------------------------------- methods
 
 
-def read_once(src: Path, out: Path) -> None:
+# Each returns ``(R or None, {phase: seconds})``.
+Phases = dict[str, float]
+
+
+def read_once(src: Path, out: Path) -> tuple[None, Phases]:
     da.from_zarr(str(src)).sum().compute()
+    return None, {}
 
 
-def ours_r(src: Path, out: Path) -> np.ndarray:
-    return tsqr(da.from_zarr(str(src)), compute_q=False).r
+def ours_r(src: Path, out: Path) -> tuple[np.ndarray, Phases]:
+    return tsqr(da.from_zarr(str(src)), compute_q=False).r, {}
 
 
-def ours_qr(src: Path, out: Path) -> np.ndarray:
+def ours_qr(src: Path, out: Path) -> tuple[np.ndarray, Phases]:
+    t0 = time.perf_counter()
     res = tsqr(da.from_zarr(str(src)), compute_q=True)
+    t1 = time.perf_counter()
     da.store(res.q, fresh_output(out, res.q), lock=False)
-    return res.r
+    t2 = time.perf_counter()
+    return res.r, {"tsqr() incl. R pass": t1 - t0, "store Q": t2 - t1}
 
 
-def dask_r(src: Path, out: Path) -> np.ndarray:
+def dask_r(src: Path, out: Path) -> tuple[np.ndarray, Phases]:
     _, r = da.linalg.tsqr(da.from_zarr(str(src)))
-    return r.compute()
+    return r.compute(), {}
 
 
-def dask_qr(src: Path, out: Path) -> np.ndarray:
+def dask_qr(src: Path, out: Path) -> tuple[np.ndarray, Phases]:
     q, r = da.linalg.tsqr(da.from_zarr(str(src)))
     stored = da.store(q, fresh_output(out, q), lock=False, compute=False)
     _, r = dask.compute(stored, r)
-    return r
+    return r, {}
 
 
-METHODS: dict[str, Callable[[Path, Path], Any]] = {
+def format_phases(phases: Phases) -> str:
+    return ", ".join(f"{k} {v:.2f} s" for k, v in phases.items())
+
+
+METHODS: dict[str, Callable[[Path, Path], tuple[Any, Phases]]] = {
     "read-once": read_once,
     "ours R": ours_r,
     "ours Q+R": ours_qr,
@@ -151,6 +163,7 @@ METHODS: dict[str, Callable[[Path, Path], Any]] = {
 class Timing:
     times: list[float] = field(default_factory=list)
     peak_mem: list[float] = field(default_factory=list)  # cluster process memory, bytes
+    phases: list[Phases] = field(default_factory=list)
     result: Any = None
 
     @property
@@ -163,7 +176,9 @@ def peak(sampler: MemorySampler, label: str) -> float:
     return float(max(v for _, v in samples))
 
 
-def time_method(fn: Callable[[Path, Path], Any], src: Path, out: Path, repeats: int) -> Timing:
+def time_method(
+    fn: Callable[[Path, Path], tuple[Any, Phases]], src: Path, out: Path, repeats: int
+) -> Timing:
     """Run ``fn`` ``repeats`` times; record wall time and peak cluster memory."""
     timing = Timing()
     sampler = MemorySampler()
@@ -171,8 +186,9 @@ def time_method(fn: Callable[[Path, Path], Any], src: Path, out: Path, repeats: 
         label = f"run{i}"
         with sampler.sample(label, measure="process", interval=0.25):
             t0 = time.perf_counter()
-            timing.result = fn(src, out)
+            timing.result, phases = fn(src, out)
             timing.times.append(time.perf_counter() - t0)
+        timing.phases.append(phases)
         timing.peak_mem.append(peak(sampler, label))
         shutil.rmtree(out, ignore_errors=True)
     return timing
@@ -257,7 +273,7 @@ def summarize_messages(messages: list[str], limit: int = 12) -> None:
         print(f"    … {len(counts) - limit} more distinct messages")
 
 
-# --------------------------------------------------------------------------- phases
+# --------------------------------------------------------------------------- runs
 
 
 def main_benchmark(src: Path, work: Path, input_bytes: int) -> dict[str, Timing]:
@@ -275,7 +291,9 @@ def main_benchmark(src: Path, work: Path, input_bytes: int) -> dict[str, Timing]
         for name, fn in METHODS.items():
             timings[name] = time_method(fn, src, out, REPEATS)
             t = timings[name]
-            print(f"  {name:10s} " + "  ".join(f"{s:7.2f} s" for s in t.times), flush=True)
+            runs = "  ".join(f"{s:7.2f} s" for s in t.times)
+            detail = " | ".join(format_phases(p) for p in t.phases if p)
+            print(f"  {name:10s} {runs}  {detail}", flush=True)
         ours_qr(src, out)
         orth = stored_orthogonality(out)
         shutil.rmtree(out, ignore_errors=True)
@@ -318,9 +336,23 @@ def report(timings: dict[str, Timing], input_bytes: int, orth: float, blocks: tu
     print(f"  ‖QᵀQ − I‖_F of stored ours Q            {orth:.2e}")
 
 
+def ooc_ladder(input_bytes: int) -> list[int]:
+    """Per-worker limits to try: a quarter of the input in total (floored), then larger."""
+    first = max(int(input_bytes * OOC_FRACTION / 2), OOC_FLOOR)
+    return [first] + [m * MiB for m in (384, 512, 768, 1024) if m * MiB > first]
+
+
 def out_of_core(src: Path, work: Path, input_bytes: int, timeout: float) -> None:
-    """Ours Q+R on a cluster with a quarter of the input as total memory_limit."""
-    per_worker = max(int(input_bytes * OOC_FRACTION / 2), OOC_FLOOR)
+    """Ours Q+R on small-memory clusters: the quarter-of-input one first, then larger ones
+    until a run finishes without worker restarts."""
+    for per_worker in ooc_ladder(input_bytes):
+        if ooc_attempt(src, work, input_bytes, per_worker, timeout):
+            return
+    print("  no out-of-core attempt finished cleanly")
+
+
+def ooc_attempt(src: Path, work: Path, input_bytes: int, per_worker: int, timeout: float) -> bool:
+    """One ours Q+R run on 2 workers × ``per_worker`` bytes; True when clean."""
     ratio = 2 * per_worker / input_bytes
     print(
         f"\nOut-of-core run: 2 workers × {per_worker / MiB:.0f} MiB memory_limit "
@@ -329,6 +361,7 @@ def out_of_core(src: Path, work: Path, input_bytes: int, timeout: float) -> None
     out = work / "q_ooc.zarr"
     handler = WarningLog()
     logging.getLogger("distributed").addHandler(handler)
+    status, replaced = "cluster did not start", 0
     try:
         with cluster(per_worker) as client:
             before = set(client.scheduler_info()["workers"])
@@ -338,32 +371,32 @@ def out_of_core(src: Path, work: Path, input_bytes: int, timeout: float) -> None
             with sampler.sample("ooc", measure="process", interval=0.25):
                 future = pool.submit(ours_qr, src, out)
                 try:
-                    future.result(timeout=timeout)
-                    status = "finished"
+                    _, phases = future.result(timeout=timeout)
+                    status = "finished (" + format_phases(phases) + ")"
                 except concurrent.futures.TimeoutError:
                     status = f"DID NOT FINISH within {timeout:.0f} s"
                 except Exception as exc:
-                    status = f"FAILED: {type(exc).__name__}: {str(exc)[:300]}"
+                    status = f"FAILED: {type(exc).__name__}: {str(exc)[:200]}"
             elapsed = time.perf_counter() - t0
             after = set(client.scheduler_info()["workers"])
             print(
-                f"  status: {status}; time {elapsed:.2f} s; "
+                f"  status: {status}\n  time {elapsed:.2f} s; "
                 f"peak cluster process memory {peak(sampler, 'ooc') / MiB:.0f} MiB "
                 f"(limit {2 * per_worker / MiB:.0f} MiB)"
             )
-            print(
-                f"  workers replaced during the run: {len(before - after)} "
-                f"(before {len(before)}, after {len(after)})"
-            )
-            if status == "finished":
+            replaced = len(before - after)
+            print(f"  workers replaced: {replaced} (before {len(before)}, after {len(after)})")
+            if status.startswith("finished"):
                 print(f"  ‖QᵀQ − I‖_F of stored Q: {stored_orthogonality(out):.2e}")
             messages = handler.messages + worker_warnings(client)
-            print(f"  warnings logged: {len(messages)}")
+            print(f"  warnings logged (nanny/scheduler, plus surviving workers): {len(messages)}")
             summarize_messages(messages)
             pool.shutdown(wait=False, cancel_futures=True)
     finally:
         logging.getLogger("distributed").removeHandler(handler)
         shutil.rmtree(out, ignore_errors=True)
+    restarts = sum("Restarting worker" in m for m in handler.messages)
+    return status.startswith("finished") and replaced == 0 and restarts == 0
 
 
 def _best_of(fn: Callable[[], Any], repeats: int = 5) -> float:
@@ -375,7 +408,7 @@ def _best_of(fn: Callable[[], Any], repeats: int = 5) -> float:
     return min(times)
 
 
-def profile_block(src: Path) -> None:
+def profile_block(src: Path, work: Path) -> None:
     """Per-block kernel times in this process with one BLAS thread, as on the workers."""
     from threadpoolctl import threadpool_limits
 
@@ -387,8 +420,16 @@ def profile_block(src: Path) -> None:
             t_read = _best_of(lambda rows=rows: z[:rows])
             a = np.ascontiguousarray(z[:rows])
             f = kernels.factor_block(a)
+            target = zarr.create_array(
+                store=str(work / "profile.zarr"),
+                shape=a.shape,
+                dtype=a.dtype,
+                chunks=a.shape,
+                overwrite=True,
+            )
             t = {
                 "zarr read": t_read,
+                "zarr write": _best_of(lambda a=a, target=target: target.__setitem__(..., a)),
                 "a.sum()": _best_of(lambda a=a: a.sum()),
                 "isfinite(a).all()": _best_of(lambda a=a: np.isfinite(a).all()),
                 "a.T @ a": _best_of(lambda a=a: a.T @ a),
@@ -426,7 +467,7 @@ def main() -> None:
         main_benchmark(src, work, input_bytes)
         if not args.skip_ooc:
             out_of_core(src, work, input_bytes, args.ooc_timeout)
-        profile_block(src)
+        profile_block(src, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from pipeline.config import SyntheticSpec, json_schema, load_config
 from pipeline.errors import FactorizeError, UserError
 
 log = logging.getLogger("pipeline")
+
+# Where the final one-line verdict goes: stderr, or its saved copy once a run has sent
+# fd 2 to stdout (see _logs_to_stdout).
+_verdict: TextIO | None = None
 
 
 def _setup_logging(level: str) -> None:
@@ -32,12 +37,14 @@ def _setup_logging(level: str) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from pipeline.cluster import check_cluster_available
     from pipeline.jobs import inspect_job
 
     for path in args.configs:
         cfg = load_config(path)
         missing = cfg.input.create_if_missing is not None and not _exists(cfg)
         if missing:
+            check_cluster_available(cfg.cluster)
             spec = cfg.input.create_if_missing
             print(
                 f"{path}: ok — input {cfg.input.url} does not exist yet and will be created "
@@ -62,21 +69,39 @@ def _exists(cfg: Any) -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pipeline.cluster import check_cluster_available
+    from pipeline.io.artifacts import check_output_free
     from pipeline.jobs import inspect_job, summary_table
 
     configs = [load_config(p) for p in args.configs]
     for cfg in configs:  # refuse bad input before starting Prefect or a cluster
         if cfg.input.create_if_missing is None or _exists(cfg):
             inspect_job(cfg)
+        else:
+            check_cluster_available(cfg.cluster)
+            check_output_free(cfg.output, cfg.name)
     from flows import factorize
 
-    status = 0
-    for path, cfg in zip(args.configs, configs, strict=True):
+    _logs_to_stdout()
+    for cfg in configs:
         report = factorize(config=cfg.model_dump(mode="json"))
         print(f"\n{cfg.name}: completed — {report['output']}")
         print(summary_table(report))
-        del path
-    return status
+    return 0
+
+
+def _logs_to_stdout() -> None:
+    """Send the run's logs and progress (ours, Prefect's, workers') to stdout for good.
+
+    stderr then carries only the final verdict, the one-line error of the contract: it is
+    kept as a private copy of the original descriptor. The redirect is at the
+    file-descriptor level so worker processes and Prefect's exit-time messages follow it.
+    """
+    global _verdict
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _verdict = os.fdopen(os.dup(2), "w")
+    os.dup2(1, 2)
 
 
 def _schema(args: argparse.Namespace) -> int:
@@ -145,19 +170,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"factorize: error: {exc}", file=sys.stderr)
+        _say(f"factorize: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print("factorize: interrupted", file=sys.stderr)
+        _say("factorize: interrupted")
         return 130
     except (FactorizeError, Exception) as exc:
         log.debug("compute failure", exc_info=True)
-        print(
-            f"factorize: failed: {type(exc).__name__}: {exc} (run with --log-level DEBUG "
-            "for the traceback)",
-            file=sys.stderr,
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _say(
+            f"factorize: failed: {type(exc).__name__}: {first} (the run log above has "
+            "details; --log-level DEBUG adds the traceback)"
         )
         return 1
+
+
+def _say(line: str) -> None:
+    stream = _verdict or sys.stderr
+    print(line, file=stream, flush=True)
 
 
 if __name__ == "__main__":

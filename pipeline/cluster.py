@@ -52,6 +52,23 @@ def local_defaults(spec: ClusterSpec) -> dict[str, Any]:
     }
 
 
+def check_cluster_available(spec: ClusterSpec) -> None:
+    """Fail fast, before anything starts, when the cluster kind cannot work here.
+
+    Raises
+    ------
+    ClusterError
+    """
+    if spec.kind == "local-cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("dask_cuda") is None:
+            raise ClusterError(
+                "cluster.kind: local-cuda needs dask-cuda and cupy; install them with "
+                "pip install 'zarr-factorize[gpu]'"
+            )
+
+
 @contextmanager
 def cluster_from_spec(spec: ClusterSpec) -> Iterator[Client]:
     """Yield a ``distributed.Client`` for the job's cluster, closing what it started.

@@ -16,6 +16,7 @@ from typing import Any
 
 from distributed import Client, default_client
 
+from pipeline.cluster import check_cluster_available
 from pipeline.config import JobConfig, config_from_any, redact, redacted_dump
 from pipeline.datasets import write_synthetic
 from pipeline.io.artifacts import RunOutput, check_output_free
@@ -59,6 +60,7 @@ def inspect_job(config: JobConfig) -> InputManifest:
     ------
     InputError, ArtifactExistsError
     """
+    check_cluster_available(config.cluster)
     _, manifest = open_matrix(config.input)
     for i, spec in enumerate(config.methods):
         check_applicable(spec, manifest.shape, i)

@@ -1,4 +1,4 @@
-"""Shared fixtures: offline Prefect settings, one LocalCluster and one Prefect harness per session."""
+"""Shared fixtures: offline Prefect settings, one LocalCluster and one Prefect harness."""
 
 from __future__ import annotations
 

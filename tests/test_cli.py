@@ -1,0 +1,183 @@
+"""The factorize command as users run it: exit codes, one-line errors, nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from tests.conftest import REPO, factorize_cmd, job_dict, write_array, write_job
+
+
+def run_cli(*args, cwd=None, timeout=300):
+    return subprocess.run(
+        [*factorize_cmd(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def _bad_cases(tmp_path):
+    """(name, job file or path, expected substrings) for every kind of bad input."""
+    good = tmp_path / "good.zarr"
+    write_array(good, np.ones((50, 4)))
+    write_array(tmp_path / "grp.zarr", np.ones((50, 4)), name="A")
+    write_array(tmp_path / "one.zarr", np.ones(50))
+    write_array(tmp_path / "three.zarr", np.ones((5, 5, 5)))
+    write_array(tmp_path / "empty.zarr", np.ones((0, 4)))
+    write_array(tmp_path / "wide.zarr", np.ones((4, 50)))
+    zarr.create_array(store=str(tmp_path / "text.zarr"), shape=(5, 5), dtype=str)
+    bad_yaml = tmp_path / "syntax.yaml"
+    bad_yaml.write_text("name: demo\ninput: {url: x\n")
+
+    def job(name, **over):
+        return write_job(tmp_path, job_dict(tmp_path, str(good), **over), f"{name}.yaml")
+
+    def on(name, url, **inp):
+        return job(name, input={"url": str(url), **inp})
+
+    return [
+        ("missing file", tmp_path / "nope.yaml", ["nope.yaml", "not found"]),
+        ("yaml syntax", bad_yaml, ["syntax.yaml", "YAML syntax error at line"]),
+        ("unknown key", job("unknown", colour="red"), ["unknown.yaml", "colour: unknown key"]),
+        ("wrong type", job("type", methods=[{"method": "tsqr", "q": [1]}]), ["methods[0].q"]),
+        (
+            "out of range",
+            job("range", methods=[{"method": "tsqr", "block_rows": 0}]),
+            ["methods[0].block_rows: must be ≥ 1, got 0"],
+        ),
+        ("input missing", on("nopath", tmp_path / "absent.zarr"), ["input.url", "does not exist"]),
+        (
+            "array missing",
+            on("noarr", tmp_path / "grp.zarr", array="B"),
+            ["input.array", "'B' not found", "A"],
+        ),
+        ("1-D", on("oned", tmp_path / "one.zarr"), ["2-D", "1-D"]),
+        ("3-D", on("threed", tmp_path / "three.zarr"), ["2-D", "3-D"]),
+        ("non-numeric", on("text", tmp_path / "text.zarr"), ["non-numeric dtype"]),
+        ("empty", on("empty", tmp_path / "empty.zarr"), ["is empty"]),
+        ("wide", on("wide", tmp_path / "wide.zarr"), ["methods[0]", "transpose: true"]),
+        ("no cuda", job("cuda", cluster={"kind": "local-cuda"}), ["local-cuda", "[gpu]"]),
+    ]
+
+
+def test_every_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    for name, path, needles in _bad_cases(tmp_path):
+        proc = run_cli("run", path, cwd=tmp_path, timeout=120)
+        try:
+            assert_one_line_error(proc, *needles)
+        except AssertionError as exc:
+            raise AssertionError(f"case {name!r}: {exc}") from None
+        assert not (tmp_path / "out").exists(), f"case {name!r} wrote output"
+
+
+def test_existing_output_is_refused_and_untouched(tmp_path):
+    write_array(tmp_path / "in.zarr", np.ones((50, 4)))
+    done = tmp_path / "out" / "job"
+    done.mkdir(parents=True)
+    (done / "metrics.json").write_text('{"status": "completed"}')
+    path = write_job(tmp_path, job_dict(tmp_path, str(tmp_path / "in.zarr")))
+    proc = run_cli("run", path)
+    assert_one_line_error(proc, "already exists", "overwrite: true")
+    assert (done / "metrics.json").read_text() == '{"status": "completed"}'
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["job"]
+
+
+def test_validate_reports_without_computing(tmp_path):
+    write_array(
+        tmp_path / "in.zarr",
+        np.ones((300, 7), dtype=np.int32),
+        chunks=(100, 7),
+        zarr_format=2,
+        name="M",
+    )
+    path = write_job(
+        tmp_path, job_dict(tmp_path, "", input={"url": str(tmp_path / "in.zarr"), "array": "M"})
+    )
+    proc = run_cli("validate", path)
+    assert proc.returncode == 0, proc.stderr
+    assert "shape 300×7" in proc.stdout and "chunks 100×7" in proc.stdout
+    assert "dtype int32" in proc.stdout and "Zarr v2" in proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_schema_and_generate(tmp_path):
+    proc = run_cli("schema")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["title"] == "zarr-factorize job"
+    proc = run_cli(
+        "generate",
+        tmp_path / "g.zarr",
+        "--shape",
+        1000,
+        12,
+        "--chunks",
+        300,
+        12,
+        "--kind",
+        "vandermonde",
+        "--dtype",
+        "float32",
+    )
+    assert proc.returncode == 0, proc.stderr
+    arr = zarr.open_array(str(tmp_path / "g.zarr"))
+    assert arr.shape == (1000, 12) and arr.chunks == (300, 12) and arr.dtype == np.float32
+    proc = run_cli("generate", tmp_path / "h.zarr", "--shape", 0, 12)
+    assert_one_line_error(proc, "generate: shape")
+
+
+@pytest.mark.slow
+def test_run_end_to_end_with_embedded_cluster_and_prefect(tmp_path):
+    """The README path: a job file, an embedded LocalCluster, Prefect's ephemeral API."""
+    job = job_dict(
+        tmp_path,
+        "data/in.zarr",
+        name="e2e",
+        input={
+            "url": "data/in.zarr",
+            "create_if_missing": {"kind": "lowrank", "shape": [30000, 20], "chunks": [4000, 20]},
+        },
+        cluster={"kind": "local", "n_workers": 2, "threads_per_worker": 1},
+        output={"url": "results"},
+    )
+    path = write_job(tmp_path, job)
+    proc = run_cli("run", path, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "e2e: completed" in proc.stdout and "residual_rel" in proc.stdout
+    assert "Beginning flow run" in proc.stdout  # it really ran as a Prefect flow
+    metrics = json.loads((tmp_path / "results" / "e2e" / "metrics.json").read_text())
+    a = zarr.open_array(str(tmp_path / "data" / "in.zarr"))[...]
+    ds = xr.open_zarr(tmp_path / "results" / "e2e" / "factors.zarr", group="tsqr")
+    q, r = ds["Q"].values, ds["R"].values
+    assert np.linalg.norm(a - q @ r) / np.linalg.norm(a) < 1e-14
+    assert metrics["methods"]["tsqr"]["orthogonality"] < 1e-13
+    assert metrics["input"]["fro_norm"] == pytest.approx(np.linalg.norm(a), rel=1e-12)
+
+
+@pytest.mark.slow
+def test_nan_in_input_exits_2_after_first_pass_and_leaves_nothing(tmp_path, client):
+    a = np.ones((2000, 5))
+    a[1500, 3] = np.inf
+    write_array(tmp_path / "nan.zarr", a, chunks=(250, 5))
+    job = job_dict(
+        tmp_path,
+        str(tmp_path / "nan.zarr"),
+        cluster={"kind": "address", "address": client.scheduler.address},
+    )
+    proc = run_cli("run", write_job(tmp_path, job))
+    assert_one_line_error(proc, "NaN or Inf", "row 1500")
+    assert list((tmp_path / "out").iterdir()) == []

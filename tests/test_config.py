@@ -1,0 +1,108 @@
+"""The job config model: loading, one-line errors naming file and field, schema, redaction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import JobConfig, json_schema, load_config, parse_config, redact
+from pipeline.errors import ConfigError
+from tests.conftest import REPO
+
+BASE = {"name": "x", "input": {"url": "a.zarr"}, "methods": [{"method": "tsqr"}]}
+
+
+def with_(**over):
+    job = json.loads(json.dumps(BASE))
+    for dotted, value in over.items():
+        node = job
+        *path, last = dotted.split("__")
+        for part in path:
+            node = node[int(part)] if part.isdigit() else node[part]
+        node[last] = value
+    return job
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")))
+def test_example_configs_are_valid(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, JobConfig) and cfg.methods
+
+
+def test_defaults():
+    cfg = parse_config(BASE)
+    assert cfg.cluster.kind == "local" and cfg.cluster.memory_limit == "auto"
+    assert cfg.output.url == "artifacts" and cfg.output.overwrite is False
+    assert cfg.methods[0].q is True and cfg.methods[0].transpose is False
+
+
+@pytest.mark.parametrize(
+    "job,expected",
+    [
+        (with_(methods__0__block_rows=0), "x.yaml: methods[0].block_rows: must be ≥ 1, got 0"),
+        (with_(methods__0__q="maybe"), "x.yaml: methods[0].q: input should be a valid boolean"),
+        (with_(methods__0__method="pca"), "x.yaml: methods[0]: unknown method 'pca'"),
+        (with_(input__colour="red"), "x.yaml: input.colour: unknown key"),
+        (with_(extra=1), "x.yaml: extra: unknown key"),
+        (with_(name="a b"), "x.yaml: name: must match"),
+        (with_(methods=[]), "x.yaml: methods: must have at least 1 item"),
+        (with_(cluster={"kind": "address"}), "x.yaml: cluster: address is required"),
+        (with_(cluster={"n_workers": 0}), "x.yaml: cluster.n_workers: must be ≥ 1, got 0"),
+        (with_(methods=[{"method": "tsqr"}, {"method": "tsqr"}]), "listed twice"),
+        ({"input": {"url": "a"}, "methods": [{"method": "tsqr"}]}, "x.yaml: name: required"),
+    ],
+)
+def test_errors_name_file_and_field(job, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_config(job, source="configs/x.yaml")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("configs/x.yaml: ") and expected.split("x.yaml: ")[-1] in msg
+
+
+def test_file_errors(tmp_path: Path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: YAML syntax error at line \d+"):
+        load_config(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        load_config(empty)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(listy)
+    unsafe = tmp_path / "unsafe.yaml"
+    unsafe.write_text("name: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_config(unsafe)
+
+
+def test_schema_lists_only_implemented_methods():
+    schema = json.loads(json_schema())
+    text = json.dumps(schema)
+    assert schema["title"] == "zarr-factorize job"
+    assert '"tsqr"' in text and '"rsvd"' not in text and '"nmf"' not in text
+    assert schema["additionalProperties"] is False
+
+
+def test_redaction():
+    cfg = {
+        "url": "s3://user:pw@bucket/x",
+        "storage_options": {
+            "key": "AKIA",
+            "secret": "s",
+            "endpoint_url": "http://127.0.0.1:9000",
+            "client_kwargs": {"aws_session_token": "t"},
+        },
+    }
+    out = redact(cfg)
+    assert out["url"] == "s3://***@bucket/x"
+    assert out["storage_options"]["key"] == "***" and out["storage_options"]["secret"] == "***"
+    assert out["storage_options"]["endpoint_url"] == "http://127.0.0.1:9000"
+    assert out["storage_options"]["client_kwargs"]["aws_session_token"] == "***"

@@ -1,0 +1,67 @@
+"""The Prefect flow as a real flow run (not .fn) against a test API, with its artifacts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import job_dict, write_array, write_job
+
+
+def _artifacts(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as c:
+        return c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+
+def test_flow_run_writes_result_and_table_artifact(tmp_path, client, prefect_harness):
+    from flows import factorize
+
+    a = np.random.default_rng(0).standard_normal((3000, 10))
+    write_array(tmp_path / "in.zarr", a, chunks=(700, 10))
+    job = job_dict(
+        tmp_path,
+        str(tmp_path / "in.zarr"),
+        name="flow_job",
+        cluster={"kind": "address", "address": client.scheduler.address},
+    )
+    state = factorize(config=job, return_state=True)
+    assert state.is_completed(), state.message
+    report = state.result()
+    assert report["methods"]["tsqr"]["residual_rel"] < 1e-14
+    assert json.loads((tmp_path / "out" / "flow_job" / "metrics.json").read_text())["name"] == (
+        "flow_job"
+    )
+    (art,) = _artifacts("metrics-flow-job")
+    assert art.type == "table" and "tsqr" in json.dumps(art.data)
+    assert str(state.state_details.flow_run_id) == str(art.flow_run_id)
+
+
+def test_flow_accepts_a_path_and_fails_readably(tmp_path, client, prefect_harness):
+    from flows import factorize
+
+    write_array(tmp_path / "w.zarr", np.ones((3, 30)))
+    job = job_dict(
+        tmp_path,
+        str(tmp_path / "w.zarr"),
+        cluster={"kind": "address", "address": client.scheduler.address},
+    )
+    state = factorize(config=str(write_job(tmp_path, job)), return_state=True)
+    assert state.is_failed()
+    assert "transpose: true" in state.message or "transpose: true" in str(
+        state.result(raise_on_failure=False)
+    )
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_bad_config_parameter_fails_the_run(prefect_harness):
+    from flows import factorize
+
+    state = factorize(config={"name": "x", "methods": []}, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="input: required key is missing"):
+        state.result()
