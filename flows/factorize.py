@@ -19,7 +19,7 @@ from pipeline.cluster import cluster_from_spec
 from pipeline.config import JobConfig, config_from_any
 from pipeline.errors import UserError
 from pipeline.io.source import InputManifest
-from pipeline.jobs import abort_job, now_iso, prepare_job, publish_job, run_method
+from pipeline.jobs import TABLE_KEYS, abort_job, now_iso, prepare_job, publish_job, run_method
 
 
 def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -70,18 +70,12 @@ def publish(
 
 
 def _metrics_table(report: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    for method, res in report["methods"].items():
-        rows.append(
-            {
-                "method": method,
-                "residual_rel": res.get("residual_rel"),
-                "orthogonality": res.get("orthogonality"),
-                "passes": res.get("passes"),
-                "seconds": round(res.get("seconds", 0.0), 3),
-            }
-        )
-    return rows
+    return [
+        {"method": method, "metric": key, "value": res[key]}
+        for method, res in report["methods"].items()
+        for key in TABLE_KEYS
+        if res.get(key) is not None
+    ]
 
 
 def _artifact_key(name: str) -> str:

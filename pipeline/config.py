@@ -102,7 +102,29 @@ class TSQRSpec(_Strict):
     )
 
 
-MethodSpec = Annotated[TSQRSpec, Field(discriminator="method")]
+class RSVDSpec(_Strict):
+    """Randomized truncated SVD (Halko, Martinsson & Tropp 2011); PCA with ``center: true``."""
+
+    method: Literal["rsvd"]
+    rank: int = Field(ge=1, description="singular triplets to keep; 1 ≤ rank ≤ min(m, n)")
+    oversample: int = Field(
+        10, ge=0, description="extra sketch columns (rank + oversample is capped at min(m, n))"
+    )
+    power_iters: int = Field(2, ge=0, le=100, description="subspace iterations, two passes each")
+    center: bool = Field(False, description="PCA: subtract column means (never materialised)")
+    seed: int = Field(0, ge=0, description="seed of the Gaussian test matrices")
+    single_pass: bool = Field(
+        False, description="read A once (Tropp et al. 2017 sketch); less accurate"
+    )
+    measure_residual: bool | None = Field(
+        None,
+        description="null: exact formula, plus a direct pass only when the formula "
+        "loses precision (multi-pass) or never (single-pass); true: always a direct pass",
+    )
+    block_rows: int | None = Field(None, ge=1, description="rows per block")
+
+
+MethodSpec = Annotated[TSQRSpec | RSVDSpec, Field(discriminator="method")]
 
 
 class OutputSpec(_Strict):
@@ -153,7 +175,7 @@ def _loc_to_path(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-_METHOD_TAGS = {"tsqr"}
+_METHOD_TAGS = {"tsqr", "rsvd"}
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -180,11 +180,23 @@ def _run_methods(cfg: JobConfig, staging: str) -> dict[str, dict[str, Any]]:
     return results
 
 
+TABLE_KEYS = (
+    "residual_rel",
+    "orthogonality",
+    "orthogonality_u",
+    "orthogonality_v",
+    "norm_consistency",
+    "energy_retained",
+    "passes",
+    "seconds",
+)
+
+
 def summary_table(report: dict[str, Any]) -> str:
     """A plain-text table of the headline metrics of a report."""
     rows = [("method", "metric", "value")]
     for method, res in report["methods"].items():
-        for key in ("residual_rel", "orthogonality", "norm_consistency", "seconds", "passes"):
+        for key in TABLE_KEYS:
             if res.get(key) is not None:
                 v = res[key]
                 rows.append((method, key, f"{v:.3e}" if isinstance(v, float) else str(v)))

@@ -20,10 +20,11 @@ from distributed import Client
 from pipeline import metrics as mx
 from pipeline.backend import to_host
 from pipeline.cluster import keep_in_memory
-from pipeline.config import MethodSpec, TSQRSpec
+from pipeline.config import MethodSpec, RSVDSpec, TSQRSpec
 from pipeline.errors import InputError
 from pipeline.io.artifacts import RunOutput
-from pipeline.linalg import row_blocks, tsqr
+from pipeline.linalg import row_blocks, rsvd, tsqr
+from pipeline.plots import spectrum_png
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ def check_applicable(spec: MethodSpec, shape: tuple[int, int], index: int) -> No
     ------
     InputError
     """
+    if isinstance(spec, RSVDSpec):
+        _check_rsvd(spec, shape, index)
     if isinstance(spec, TSQRSpec):
         m, n = shape[::-1] if spec.transpose else shape
         if m < n:
@@ -48,6 +51,15 @@ def check_applicable(spec: MethodSpec, shape: tuple[int, int], index: int) -> No
                 f"methods[{index}]: tsqr needs a tall matrix (rows ≥ columns) but {what} "
                 f"is {m} × {n}; {hint}"
             )
+
+
+def _check_rsvd(spec: RSVDSpec, shape: tuple[int, int], index: int) -> None:
+    m, n = shape
+    if spec.rank > min(m, n):
+        raise InputError(
+            f"methods[{index}].rank: must be between 1 and {min(m, n)} (the smaller dimension "
+            f"of the input, shape ({m}, {n})); got {spec.rank}"
+        )
 
 
 def run_tsqr(spec: TSQRSpec, a: da.Array, out: RunOutput, client: Client | None) -> dict[str, Any]:
@@ -103,4 +115,84 @@ def run_tsqr(spec: TSQRSpec, a: da.Array, out: RunOutput, client: Client | None)
     return result
 
 
-RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {"tsqr": run_tsqr}
+def run_rsvd(spec: RSVDSpec, a: da.Array, out: RunOutput, client: Client | None) -> dict[str, Any]:
+    """Randomized SVD / PCA runner: writes ``rsvd/U, S, Vt`` (``mean``) and a spectrum plot."""
+    t0 = time.perf_counter()
+    m, n = a.shape
+    width = min(spec.rank + spec.oversample, m, n)
+    a = row_blocks(a, spec.block_rows, min_rows=width)
+    passes = 1 if spec.single_pass else 2 * spec.power_iters + 2
+    persisted = False
+    if passes > 1 or spec.measure_residual:
+        a, persisted = keep_in_memory(a, client)
+    log.info(
+        "rsvd: rank %d (sketch %d) of %d × %d %s, %s; %d passes over the input",
+        spec.rank,
+        width,
+        m,
+        n,
+        a.dtype,
+        "single-pass sketch" if spec.single_pass else f"{spec.power_iters} power iterations",
+        passes,
+    )
+    res = rsvd(
+        a,
+        spec.rank,
+        oversample=spec.oversample,
+        power_iters=spec.power_iters,
+        center=spec.center,
+        seed=spec.seed,
+        single_pass=spec.single_pass,
+    )
+    log.info("rsvd: factors found in %.1f s; writing U and measuring", time.perf_counter() - t0)
+    s, vt = res.s, res.vt
+    out.factor_array("rsvd", "S", s, ("component",))
+    out.factor_array("rsvd", "Vt", vt, ("component", "col"))
+    if res.mean is not None:
+        out.factor_array("rsvd", "mean", res.mean, ("col",))
+    store = out.factor_array("rsvd", "U", res.u, ("row", "component"))
+    _, g = dask.compute(store, mx.gram(res.u))
+
+    sigma_sq = float(np.sum(s**2))
+    eps = float(np.finfo(a.dtype).eps)
+    formula = res.total_sumsq - sigma_sq if res.projection else None
+    direct = spec.measure_residual or (
+        spec.measure_residual is None
+        and formula is not None
+        and formula < 1e3 * eps * res.total_sumsq  # the difference has lost its digits
+    )
+    if direct:
+        rsq = float(mx.residual_sq(res.a, res.u, s[:, None] * vt, res.mean).compute())
+        passes += 1
+    else:
+        rsq = formula
+    total = res.total_sumsq
+    result: dict[str, Any] = {
+        "rank": spec.rank,
+        "sketch_width": width,
+        "singular_values": s.tolist(),
+        "residual_rel": None if rsq is None else mx.relative(rsq, total),
+        "residual_method": "direct" if direct else ("formula" if rsq is not None else None),
+        "orthogonality_u": mx.orthogonality_from_gram(g),
+        "orthogonality_v": mx.orthogonality_from_gram(vt @ vt.T),
+        "fro_norm": float(np.sqrt(res.input_sumsq)),
+        "passes": passes,
+        "reads_from_storage": 1 if persisted else passes,
+        "single_pass": spec.single_pass,
+    }
+    ratio = s**2 / total if total > 0 else np.zeros_like(s)
+    if spec.center:
+        result["explained_variance"] = (s**2 / max(m - 1, 1)).tolist()
+        result["explained_variance_ratio"] = ratio.tolist()
+        result["total_variance"] = total / max(m - 1, 1)
+    else:
+        result["energy_retained"] = float(ratio.sum())
+    out.write_bytes(
+        "rsvd_spectrum.png",
+        spectrum_png(s, ratio, "explained variance ratio" if spec.center else "energy retained"),
+    )
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {"tsqr": run_tsqr, "rsvd": run_rsvd}

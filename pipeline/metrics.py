@@ -15,9 +15,11 @@ import numpy as np
 from pipeline.backend import array_module, to_host
 
 
-def _block_residual_sq(a: Any, q: Any, r: Any) -> Any:
+def _block_residual_sq(a: Any, q: Any, r: Any, shift: Any | None = None) -> Any:
     xp = array_module(a)
     d = a.astype(xp.float64) - q.astype(xp.float64) @ xp.asarray(r, dtype=xp.float64)
+    if shift is not None:
+        d -= xp.asarray(shift, dtype=xp.float64)[None, :]
     return xp.reshape(xp.sum(d * d), (1, 1))
 
 
@@ -32,8 +34,11 @@ def _block_sumsq(a: Any) -> Any:
     return xp.reshape(xp.sum(a64 * a64), (1, 1))
 
 
-def residual_sq(a: da.Array, q: da.Array, r: Any) -> da.Array:
-    """Lazy ``‖A − Q R‖²_F`` (float64) over blocks of rows; ``a`` and ``q`` share row chunks."""
+def residual_sq(a: da.Array, q: da.Array, r: Any, shift: Any | None = None) -> da.Array:
+    """Lazy ``‖A − Q R − 1 shiftᵀ‖²_F`` (float64) over row blocks; ``a``, ``q`` share row chunks.
+
+    ``shift`` (a row vector, e.g. PCA's column means) is optional.
+    """
     if a.chunks[0] != q.chunks[0]:
         raise ValueError("a and q must have the same row chunks")
     a1 = a.rechunk({1: -1})
@@ -43,6 +48,7 @@ def residual_sq(a: da.Array, q: da.Array, r: Any) -> da.Array:
         a1,
         q1,
         r,
+        shift,
         chunks=((1,) * a1.numblocks[0], (1,)),
         dtype=np.float64,
         meta=a1._meta.astype(np.float64),

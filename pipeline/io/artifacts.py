@@ -105,7 +105,7 @@ class RunOutput:
         return self._group
 
     def factor_array(
-        self, method: str, name: str, x: Any, dims: tuple[str, str], attrs: dict | None = None
+        self, method: str, name: str, x: Any, dims: tuple[str, ...], attrs: dict | None = None
     ) -> Any:
         """Write a small factor now, or return a lazy store of a dask array.
 
@@ -118,7 +118,7 @@ class RunOutput:
         sub = self.group.require_group(method)
         if isinstance(x, da.Array):
             x = _aligned_to_regular_chunks(x)
-            chunks = (x.chunks[0][0], x.shape[1])
+            chunks = (x.chunks[0][0], *x.shape[1:])
         else:
             x = to_host(x)
             chunks = x.shape
@@ -201,9 +201,9 @@ def _aligned_to_regular_chunks(x: da.Array) -> da.Array:
     already aligns, since no two tasks write into the same Zarr chunk.
     """
     rows = x.chunks[0]
-    if len(x.chunks[1]) == 1 and all(r == rows[0] for r in rows[:-1]):
+    if all(len(c) == 1 for c in x.chunks[1:]) and all(r == rows[0] for r in rows[:-1]):
         return x
-    return x.rechunk((rows[0], x.shape[1]))
+    return x.rechunk((rows[0], *x.shape[1:]))
 
 
 def _json_default(obj: Any) -> Any:

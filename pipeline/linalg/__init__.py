@@ -1,5 +1,6 @@
 """Factorization algorithms over dask arrays (no I/O, no cluster, no config here)."""
 
+from pipeline.linalg.rsvd import RSVDResult, rsvd
 from pipeline.linalg.tsqr import TSQRResult, row_blocks, tsqr
 
-__all__ = ["TSQRResult", "row_blocks", "tsqr"]
+__all__ = ["RSVDResult", "TSQRResult", "row_blocks", "rsvd", "tsqr"]

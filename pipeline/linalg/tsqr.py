@@ -56,28 +56,28 @@ class TSQRResult:
         return float(np.sqrt(self.sumsq))
 
 
-def row_blocks(a: da.Array, block_rows: int | None = None) -> da.Array:
-    """Rechunk ``a`` into row blocks that span all columns and have at least ``n`` rows.
+def row_blocks(a: da.Array, block_rows: int | None = None, min_rows: int | None = None) -> da.Array:
+    """Rechunk ``a`` into row blocks that span all columns and hold at least ``min_rows`` rows.
 
-    Keeps the existing row chunks when they already qualify and are not larger than twice
-    the target; otherwise aims at ``block_rows`` rows (default: about 64 MiB per block),
-    rounded to a multiple of the input's row chunk so storage chunks are not split.
-    A short last block is merged into the one before it.
+    ``min_rows`` defaults to the number of columns (what a local QR needs). Existing row
+    chunks are kept when they already qualify and are not larger than twice the target;
+    otherwise blocks aim at ``block_rows`` rows (default: about 64 MiB per block), rounded
+    to a multiple of the input's row chunk so storage chunks are not split. A short last
+    block is merged into the one before it.
     """
     m, n = a.shape
-    if m < n:
-        raise InputError(f"TSQR needs a tall matrix (rows ≥ columns); got shape {a.shape}")
+    floor = min(m, n if min_rows is None else min_rows)
     target = block_rows or max(1, DEFAULT_BLOCK_BYTES // (n * a.dtype.itemsize))
-    target = max(target, n)
+    target = max(target, floor)
     rows = a.chunks[0]
-    keep = len(a.chunks[1]) == 1 and all(n <= r <= 2 * target for r in rows[:-1])
+    keep = len(a.chunks[1]) == 1 and all(floor <= r <= 2 * target for r in rows[:-1])
     if keep and block_rows is None:
         sizes = list(rows)
     else:
         step = rows[0] if rows[0] <= target else target
-        step = max(n, (target // step) * step)
+        step = max(floor, (target // step) * step)
         sizes = [step] * (m // step) + ([m % step] if m % step else [])
-    if len(sizes) > 1 and sizes[-1] < n:
+    if len(sizes) > 1 and sizes[-1] < floor:
         sizes[-2] += sizes.pop()
     if tuple(sizes) == a.chunks[0] and len(a.chunks[1]) == 1:
         return a
@@ -143,6 +143,8 @@ def tsqr(
         raise InputError(f"TSQR needs a floating-point array; got {a.dtype}")
     if split_every < 2:
         raise ValueError(f"split_every must be ≥ 2; got {split_every}")
+    if a.shape[0] < a.shape[1]:
+        raise InputError(f"TSQR needs a tall matrix (rows ≥ columns); got shape {a.shape}")
     a = row_blocks(a, block_rows)
     offsets = np.concatenate([[0], np.cumsum(a.chunks[0])[:-1]]).tolist()
     blocks = a.to_delayed(optimize_graph=False)[:, 0].tolist()

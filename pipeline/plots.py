@@ -1,0 +1,33 @@
+"""Small PNG plots written next to metrics.json (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+
+def spectrum_png(singular_values: np.ndarray, ratio: np.ndarray, ratio_label: str) -> bytes:
+    """Singular values (log scale) and the cumulative share of variance or energy they hold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = np.arange(1, len(singular_values) + 1)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+    left.semilogy(k, singular_values, "o-", ms=3)
+    left.set(xlabel="component", ylabel="singular value", title="Spectrum")
+    left.grid(True, which="both", alpha=0.3)
+    right.plot(k, np.cumsum(ratio), "o-", ms=3, color="tab:green")
+    right.set(
+        xlabel="components kept",
+        ylabel=f"cumulative {ratio_label}",
+        ylim=(0, 1.02),
+        title=f"Cumulative {ratio_label}",
+    )
+    right.grid(True, alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
