@@ -124,7 +124,31 @@ class RSVDSpec(_Strict):
     block_rows: int | None = Field(None, ge=1, description="rows per block")
 
 
-MethodSpec = Annotated[TSQRSpec | RSVDSpec, Field(discriminator="method")]
+class NMFSpec(_Strict):
+    """Non-negative matrix factorization A ≈ WH (W: m × rank, H: rank × n, both ≥ 0)."""
+
+    method: Literal["nmf"]
+    rank: int = Field(ge=1, description="number of components; 1 ≤ rank ≤ min(m, n)")
+    solver: Literal["hals", "mu"] = Field(
+        "hals", description="hals: fast coordinate descent; mu: Lee–Seung multiplicative updates"
+    )
+    init: Literal["nndsvd", "nndsvda", "random"] = "nndsvda"
+    max_iter: int = Field(200, ge=1)
+    tol: float = Field(
+        1e-4,
+        ge=0,
+        description="stop when the relative decrease of "
+        "‖A − WH‖² over one iteration falls below tol",
+    )
+    seed: int = Field(0, ge=0)
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="iterations between checkpoints; default: about every 60 s"
+    )
+    resume: bool = Field(False, description="continue from the last checkpoint of this job")
+    block_rows: int | None = Field(None, ge=1, description="rows per block")
+
+
+MethodSpec = Annotated[TSQRSpec | RSVDSpec | NMFSpec, Field(discriminator="method")]
 
 
 class OutputSpec(_Strict):
@@ -175,7 +199,7 @@ def _loc_to_path(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-_METHOD_TAGS = {"tsqr", "rsvd"}
+_METHOD_TAGS = {"tsqr", "rsvd", "nmf"}
 
 
 def _describe(err: dict[str, Any]) -> str:

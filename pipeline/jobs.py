@@ -16,8 +16,9 @@ from typing import Any
 
 from distributed import Client, default_client
 
+from pipeline.checkpoints import Checkpoints
 from pipeline.cluster import check_cluster_available
-from pipeline.config import JobConfig, config_from_any, redact, redacted_dump
+from pipeline.config import JobConfig, NMFSpec, config_from_any, redact, redacted_dump
 from pipeline.datasets import write_synthetic
 from pipeline.io.artifacts import RunOutput, check_output_free
 from pipeline.io.source import InputManifest, open_matrix
@@ -131,6 +132,8 @@ def publish_job(
     out = RunOutput(config.output, config.name, staging=staging)
     report["output"] = redact(out.final_url)
     out.publish(report)
+    if any(isinstance(spec, NMFSpec) for spec in config.methods):
+        Checkpoints(config.output, config.name).remove()  # the result supersedes it
     log.info("%s: result published at %s", config.name, report["output"])
     return report
 
@@ -187,6 +190,8 @@ TABLE_KEYS = (
     "orthogonality_v",
     "norm_consistency",
     "energy_retained",
+    "iterations",
+    "converged",
     "passes",
     "seconds",
 )

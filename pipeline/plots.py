@@ -31,3 +31,20 @@ def spectrum_png(singular_values: np.ndarray, ratio: np.ndarray, ratio_label: st
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def convergence_png(history: list[float], solver: str) -> bytes:
+    """Relative error per iteration (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), constrained_layout=True)
+    ax.semilogy(np.arange(1, len(history) + 1), history, "-", color="tab:purple")
+    ax.set(xlabel="iteration", ylabel="‖A − WH‖ / ‖A‖", title=f"NMF ({solver}) convergence")
+    ax.grid(True, which="both", alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,316 @@
+"""Non-negative matrix factorization ``A ≈ W H`` of a dask array, one pass over A per iteration.
+
+Row-block distribution: ``W``'s row blocks live with ``A``'s row blocks and stay on the
+cluster between iterations; ``H`` (k × n) and the k × k Grams are small and live on the
+client. One iteration is one pass over ``A``: the task for block ``i`` updates ``W_i``
+from ``A_i Hᵀ`` and ``HHᵀ`` and, with the new ``W_i``, also returns ``W_iᵀA_i`` and
+``W_iᵀW_i``. Their sums update ``H`` and give the objective at no extra pass:
+
+    ‖A − WH‖²_F = ‖A‖²_F − 2 tr(Hᵀ WᵀA) + tr(WᵀW · HHᵀ).
+
+Solvers: ``hals`` (hierarchical alternating least squares, Cichocki & Phan 2009; Gillis &
+Glineur 2012) and ``mu`` (Lee & Seung's multiplicative updates). The graph does not grow
+with the iteration count: each iteration persists the new ``W`` blocks and brings only
+the small sums to the client.
+
+Stopping: after iteration ``t`` with objective ``f_t``, the run has converged when
+``(f_{t-1} − f_t) / f_{t-1} < tol`` (relative decrease of the squared error), or at
+``max_iter``. scikit-learn's ``tol`` differs (cd: a ratio of update norms; mu: the
+relative decrease of the error measured every 10 iterations).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.delayed import Delayed, delayed
+
+from pipeline.backend import array_module, random_state, to_host
+from pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
+
+EPS = 1e-12  # floor of HALS entries and of multiplicative-update denominators
+
+
+@dataclass
+class NMFState:
+    """Where an NMF run stands: enough to continue it bit for bit.
+
+    Attributes
+    ----------
+    w_blocks : row blocks of ``W`` (computed arrays or persisted ``Delayed``)
+    h : (k, n) numpy array
+    iteration : completed iterations
+    history : relative error ``‖A − WH‖_F / ‖A‖_F`` after each iteration
+    converged : whether ``tol`` was met
+    """
+
+    w_blocks: list[Any]
+    h: np.ndarray
+    iteration: int = 0
+    history: list[float] = field(default_factory=list)
+    converged: bool = False
+
+
+@dataclass
+class NMFResult:
+    """``A ≈ W H`` with ``W`` lazy (m × k, the row chunks of ``a``) and ``H`` computed."""
+
+    w: da.Array
+    h: np.ndarray
+    iterations: int
+    converged: bool
+    history: list[float]
+    sumsq: float
+    a: da.Array
+
+
+# --------------------------------------------------------------------------- block kernels
+
+
+def _hals_columns(x: Any, num: Any, gram: Any) -> Any:
+    """One HALS sweep over the k columns of ``x`` (in place): x_j += (num_j − x gram_j)/gram_jj."""
+    xp = array_module(x)
+    for j in range(x.shape[1]):
+        if gram[j, j] <= 0:
+            continue
+        step = (num[:, j] - x @ gram[:, j]) / gram[j, j]
+        x[:, j] = xp.maximum(x[:, j] + step, EPS)
+    return x
+
+
+def _mu(x: Any, num: Any, gram: Any) -> Any:
+    return x * num / (x @ gram + EPS)
+
+
+def block_step(a: Any, w: Any, h: Any, hht: Any, solver: str) -> tuple[Any, Any, Any]:
+    """Update one row block of W, then return it with ``W_iᵀA_i`` and ``W_iᵀW_i``."""
+    xp = array_module(a)
+    h = xp.asarray(h, dtype=a.dtype)
+    hht = xp.asarray(hht, dtype=a.dtype)
+    aht = a @ h.T
+    w = w.copy()
+    w = _hals_columns(w, aht, hht) if solver == "hals" else _mu(w, aht, hht)
+    return w, to_host(w.T @ a).astype(np.float64), to_host(w.T @ w).astype(np.float64)
+
+
+def block_stats(a: Any, row_offset: int) -> tuple[float, float, float]:
+    """``(‖A_i‖², min A_i, sum A_i)``, refusing NaN/Inf."""
+    from pipeline.errors import NonFiniteInputError
+
+    xp = array_module(a)
+    if not bool(xp.isfinite(a).all()):
+        bad = int(xp.argmax(~xp.isfinite(a).all(axis=1)))
+        raise NonFiniteInputError(f"input holds NaN or Inf (first at row {row_offset + bad})")
+    a64 = a.astype(xp.float64)
+    return float(xp.sum(a64 * a64)), float(a.min()), float(xp.sum(a64))
+
+
+def _random_block(shape: tuple[int, int], scale: float, seed: Any, like: Any) -> Any:
+    rng = random_state(seed, like)
+    return (scale * abs(rng.standard_normal(shape))).astype(like.dtype)
+
+
+def _nndsvd_block(u: Any, s: Any, pos: Any, fill: float, like_dtype: Any) -> Any:
+    """Rows of the NNDSVD W: per column, the positive or negative part of u, scaled."""
+    xp = array_module(u)
+    s, pos = xp.asarray(s), xp.asarray(pos)
+    w = xp.where(pos[None, :], xp.maximum(u, 0), xp.maximum(-u, 0)) * s[None, :]
+    if fill:
+        w = xp.where(w == 0, fill, w)
+    return w.astype(like_dtype)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _tree_sum(items: list[Delayed], fan_in: int = 8) -> Delayed:
+    while len(items) > 1:
+        items = [
+            delayed(_add, pure=True)(*items[i : i + fan_in]) for i in range(0, len(items), fan_in)
+        ]
+    return items[0]
+
+
+def _add(*xs: Any) -> Any:
+    out = xs[0]
+    for x in xs[1:]:
+        out = out + x
+    return out
+
+
+def _objective(sumsq: float, h: np.ndarray, wta: np.ndarray, wtw: np.ndarray) -> float:
+    return max(sumsq - 2.0 * float(np.sum(h * wta)) + float(np.sum(wtw * (h @ h.T))), 0.0)
+
+
+def _hals_rows(h: np.ndarray, wta: np.ndarray, wtw: np.ndarray) -> np.ndarray:
+    return _hals_columns(h.T.copy(), wta.T, wtw).T.copy()
+
+
+def input_stats(a: da.Array) -> tuple[float, float, float]:
+    """One pass: ``‖A‖²_F``, the minimum and the mean entry (NaN/Inf raise)."""
+    offsets = np.concatenate([[0], np.cumsum(a.chunks[0])[:-1]]).tolist()
+    stats = [
+        delayed(block_stats, pure=True)(b, off)
+        for b, off in zip(a.to_delayed(optimize_graph=False)[:, 0].tolist(), offsets, strict=True)
+    ]
+    (stats,) = dask.compute(stats)
+    total = float(sum(t for _, _, t in stats)) / (a.shape[0] * a.shape[1])
+    return float(sum(s for s, _, _ in stats)), float(min(m for _, m, _ in stats)), total
+
+
+def initialize(
+    a: da.Array,
+    rank: int,
+    init: str,
+    seed: int,
+    mean: float,
+    svd: Callable[..., Any] | None = None,
+) -> NMFState:
+    """Initial W (row blocks, lazy) and H: ``random`` (scaled like scikit-learn) or NNDSVD(a).
+
+    ``svd(a, rank, seed)`` returns ``(u lazy m × k, s, vt)``; NNDSVD (Boutsidis & Gallopoulos
+    2008) takes each triplet's dominant non-negative part; ``nndsvda`` fills its zeros with
+    the mean of ``A`` (better for both solvers, which cannot move entries away from 0).
+    """
+    n = a.shape[1]
+    like = a._meta
+    if init == "random":
+        scale = np.sqrt(max(mean, 0.0) / rank)
+        h = scale * np.abs(np.random.default_rng([seed, 0]).standard_normal((rank, n)))
+        blocks = [
+            delayed(_random_block, pure=True)((rows, rank), scale, [seed, 1, i], like)
+            for i, rows in enumerate(a.chunks[0])
+        ]
+        return NMFState(blocks, h.astype(np.float64))
+    assert svd is not None
+    u, s, vt = svd(a, rank, seed)
+    col_norms = da.stack(
+        [
+            da.sqrt((da.maximum(u, 0) ** 2).sum(axis=0)),
+            da.sqrt((da.maximum(-u, 0) ** 2).sum(axis=0)),
+        ]
+    )
+    up, un = (to_host(v) for v in col_norms.compute())
+    vp, vn = np.linalg.norm(np.maximum(vt, 0), axis=1), np.linalg.norm(np.maximum(-vt, 0), axis=1)
+    pos = up * vp >= un * vn
+    pos[0] = True  # the first triplet is non-negative up to sign
+    lam = np.where(pos, up * vp, un * vn)
+    u_norm = np.where(pos, up, un)
+    v_norm = np.where(pos, vp, vn)
+    scale_w = np.sqrt(s * lam) / np.maximum(u_norm, EPS)
+    v_part = np.where(pos[:, None], np.maximum(vt, 0), np.maximum(-vt, 0))
+    h = np.sqrt(s * lam)[:, None] * v_part / np.maximum(v_norm, EPS)[:, None]
+    fill = mean if init == "nndsvda" else 0.0
+    if fill:
+        h = np.where(h == 0, fill, h)
+    w = da.map_blocks(_nndsvd_block, u, scale_w, pos, fill, a.dtype, dtype=a.dtype, meta=a._meta)
+    blocks = w.to_delayed()[:, 0].tolist()
+    return NMFState(blocks, h)
+
+
+def nmf(
+    a: da.Array,
+    rank: int,
+    *,
+    solver: str = "hals",
+    init: str = "nndsvda",
+    max_iter: int = 200,
+    tol: float = 1e-4,
+    seed: int = 0,
+    state: NMFState | None = None,
+    svd: Callable[..., Any] | None = None,
+    on_iteration: Callable[[NMFState, da.Array], None] | None = None,
+) -> NMFResult:
+    """Factorize a non-negative row-blocked dask array ``a ≈ W H``.
+
+    Parameters
+    ----------
+    a : dask array (m, n), non-negative floats, row blocks spanning all columns
+    rank : k, 1 ≤ k ≤ min(m, n)
+    solver : ``"hals"`` or ``"mu"``
+    init : ``"nndsvda"``, ``"nndsvd"`` or ``"random"`` (ignored when ``state`` is given)
+    max_iter, tol : stopping rule (see the module docstring)
+    seed : seeds the initialisation
+    state : continue from this state (a checkpoint) instead of initialising
+    svd : ``svd(a, rank, seed) -> (u, s, vt)`` for the NNDSVD inits
+    on_iteration : called after each iteration with the state and the new lazy W (for
+        progress and checkpoints)
+
+    Raises
+    ------
+    InputError
+        Negative or non-finite entries, bad rank or options.
+    """
+    m, n = a.shape
+    if not 1 <= rank <= min(m, n):
+        raise InputError(
+            f"rank must be between 1 and {min(m, n)} (the smaller dimension of A, shape "
+            f"{(m, n)}); got {rank}"
+        )
+    if solver not in ("hals", "mu"):
+        raise InputError(f"solver must be 'hals' or 'mu'; got {solver!r}")
+    sumsq, minimum, mean = input_stats(a)
+    if minimum < 0:
+        raise InputError(f"NMF needs a non-negative input; the smallest entry is {minimum:g}")
+    if state is None:
+        state = initialize(a, rank, init, seed, mean, svd)
+    (state.w_blocks,) = dask.persist(state.w_blocks)
+    blocks = a.to_delayed(optimize_graph=False)[:, 0].tolist()
+    norm = np.sqrt(sumsq) if sumsq > 0 else 1.0
+    while state.iteration < max_iter and not state.converged:
+        t0 = time.perf_counter()
+        h = state.h
+        hd, hhtd = delayed(h, pure=True), delayed(h @ h.T, pure=True)
+        steps = [
+            delayed(block_step, nout=3, pure=True)(b, w, hd, hhtd, solver)
+            for b, w in zip(blocks, state.w_blocks, strict=True)
+        ]
+        new_w = [s[0] for s in steps]
+        wta = _tree_sum([s[1] for s in steps])
+        wtw = _tree_sum([s[2] for s in steps])
+        new_w, wta, wtw = dask.persist(new_w, wta, wtw)
+        wta, wtw = dask.compute(wta, wtw)
+        h = _hals_rows(h, wta, wtw) if solver == "hals" else _mu(h.T, wta.T, wtw).T
+        obj = _objective(sumsq, h, wta, wtw)
+        prev = state.history[-1] ** 2 * sumsq if state.history else None
+        state.w_blocks, state.h = new_w, h
+        state.iteration += 1
+        state.history.append(float(np.sqrt(obj) / norm))
+        if prev is not None and prev > 0 and (prev - obj) / prev < tol:
+            state.converged = True
+        log.debug(
+            "nmf: iteration %d, relative error %.6f, %.2f s",
+            state.iteration,
+            state.history[-1],
+            time.perf_counter() - t0,
+        )
+        if on_iteration is not None:
+            on_iteration(state, _w_array(state.w_blocks, a, rank))
+    return NMFResult(
+        w=_w_array(state.w_blocks, a, rank),
+        h=state.h,
+        iterations=state.iteration,
+        converged=state.converged,
+        history=state.history,
+        sumsq=sumsq,
+        a=a,
+    )
+
+
+def _w_array(w_blocks: list[Any], a: da.Array, rank: int) -> da.Array:
+    return da.concatenate(
+        [
+            da.from_delayed(w, shape=(rows, rank), dtype=a.dtype, meta=a._meta)
+            for w, rows in zip(w_blocks, a.chunks[0], strict=True)
+        ],
+        axis=0,
+    )
