@@ -11,16 +11,23 @@ never persisted in memory):
 5. dask Q+R    ``dask.array.linalg.tsqr(x)``, storing ``q`` to Zarr and computing ``r`` in
                the same graph.
 
-Each timing runs twice after a warm-up and the best is reported. The bars checked are
-ours Q+R / dask Q+R ≤ 0.7 and ours R / read-once ≤ 2.0. Correctness is checked cheaply:
-our ``R`` against dask's up to row signs, and ``‖QᵀQ − I‖_F`` of the stored ``Q``.
+After a warm-up, the methods run in rounds (each method once per round, ``--repeats``
+rounds, default 2); best and median are reported. Before every timed run the file system
+is synced (untimed), so dirty pages of the generated input or of an earlier ``Q`` are not
+written back during the next run; ``Q`` writes are timed until they reach the page cache.
+Per run, worker time is broken down by task prefix from the task stream.
+
+The bars checked are ours Q+R / dask Q+R ≤ 0.7 and ours R / read-once ≤ 2.0.
+Correctness is checked cheaply: our ``R`` against dask's up to row signs, and
+``‖QᵀQ − I‖_F`` of the stored ``Q``.
 
 An out-of-core run follows on a second cluster whose total ``memory_limit`` is a quarter of
-the input (with a floor so that worker processes can start at all; the ratio used is
-printed): ours Q+R once, with peak cluster memory, worker restarts and memory warnings.
+the input (floored at what a worker process needs to start; the ratio used is printed):
+ours Q+R once, with peak cluster memory, worker restarts and memory warnings. When that
+attempt does not finish cleanly, larger limits are tried until one does.
 
-Finally one block is profiled in this process (BLAS limited to one thread): read, our
-per-block kernels, and ``numpy.linalg.qr`` of the same block.
+Finally one block is profiled in this process (BLAS limited to one thread): read, write,
+our per-block kernels, and ``numpy.linalg.qr`` of the same block.
 
 Usage::
 
@@ -36,8 +43,10 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import logging
+import os
 import shutil
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,7 +57,8 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr
-from distributed import Client, LocalCluster
+from dask.utils import key_split
+from distributed import Client, LocalCluster, get_task_stream
 from distributed.diagnostics import MemorySampler
 
 from pipeline.cluster import local_defaults
@@ -61,12 +71,15 @@ from pipeline.metrics import gram, orthogonality_from_gram
 FULL_SHAPE = (4_000_000, 64)
 SMALL_SHAPE = (400_000, 64)
 CHUNK_ROWS = 65_536  # 32 MiB float64 storage chunks spanning all 64 columns
-REPEATS = 2
 BAR_QR_VS_DASK = 0.7
 BAR_R_VS_READ = 2.0
 OOC_FRACTION = 0.25  # out-of-core cluster: total memory_limit / input size
-OOC_FLOOR = 192 * 2**20  # a worker process with numpy/dask/zarr imported needs ~150 MiB
+OOC_FLOOR = 192 * 2**20  # a worker process with numpy/dask/zarr imported takes ~150 MiB
+OOC_LARGER = (320, 384, 512, 768)  # MiB per worker, tried when an attempt fails
+OOC_MAX_RESTARTS = 8  # give an out-of-core attempt up after this many worker restarts
 MiB = 2**20
+
+Phases = dict[str, float]  # phase name → seconds, as returned by the methods
 
 
 # --------------------------------------------------------------------------- data
@@ -107,10 +120,7 @@ def fresh_output(path: Path, like: da.Array) -> zarr.Array:
 
 
 # --------------------------------------------------------------------------- methods
-
-
-# Each returns ``(R or None, {phase: seconds})``.
-Phases = dict[str, float]
+# Each takes the input path and a scratch output path and returns (R or None, phases).
 
 
 def read_once(src: Path, out: Path) -> tuple[None, Phases]:
@@ -128,7 +138,7 @@ def ours_qr(src: Path, out: Path) -> tuple[np.ndarray, Phases]:
     t1 = time.perf_counter()
     da.store(res.q, fresh_output(out, res.q), lock=False)
     t2 = time.perf_counter()
-    return res.r, {"tsqr() incl. R pass": t1 - t0, "store Q": t2 - t1}
+    return res.r, {"tsqr()": t1 - t0, "store Q": t2 - t1}
 
 
 def dask_r(src: Path, out: Path) -> tuple[np.ndarray, Phases]:
@@ -143,10 +153,6 @@ def dask_qr(src: Path, out: Path) -> tuple[np.ndarray, Phases]:
     return r, {}
 
 
-def format_phases(phases: Phases) -> str:
-    return ", ".join(f"{k} {v:.2f} s" for k, v in phases.items())
-
-
 METHODS: dict[str, Callable[[Path, Path], tuple[Any, Phases]]] = {
     "read-once": read_once,
     "ours R": ours_r,
@@ -156,19 +162,53 @@ METHODS: dict[str, Callable[[Path, Path], tuple[Any, Phases]]] = {
 }
 
 
+def format_phases(phases: Phases) -> str:
+    return ", ".join(f"{k} {v:.2f} s" for k, v in phases.items())
+
+
 # --------------------------------------------------------------------------- timing
 
 
 @dataclass
+class Run:
+    seconds: float
+    peak_mem: float  # cluster-wide process memory, bytes
+    phases: Phases
+    tasks: dict[str, tuple[int, float]]  # task prefix → (count, worker seconds)
+    result: Any = None
+
+
+@dataclass
 class Timing:
-    times: list[float] = field(default_factory=list)
-    peak_mem: list[float] = field(default_factory=list)  # cluster process memory, bytes
-    phases: list[Phases] = field(default_factory=list)
+    runs: list[Run] = field(default_factory=list)
     result: Any = None
 
     @property
-    def best(self) -> float:
-        return min(self.times)
+    def best(self) -> Run:
+        return min(self.runs, key=lambda r: r.seconds)
+
+    @property
+    def median(self) -> float:
+        return float(np.median([r.seconds for r in self.runs]))
+
+
+def task_breakdown(stream: list[dict]) -> dict[str, tuple[int, float]]:
+    """Worker compute time per task prefix (fused tasks are named after all their parts).
+
+    The task stream can list one execution twice (seen for the input reads of ``tsqr``'s
+    persisted pass), so executions are counted once per (key, worker, start).
+    """
+    out: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    seen = set()
+    for task in stream:
+        for span in task["startstops"]:
+            ident = (str(task["key"]), task.get("worker"), span["start"])
+            if span["action"] == "compute" and ident not in seen:
+                seen.add(ident)
+                entry = out[key_split(task["key"])]
+                entry[0] += 1
+                entry[1] += span["stop"] - span["start"]
+    return {k: (n, s) for k, (n, s) in out.items()}
 
 
 def peak(sampler: MemorySampler, label: str) -> float:
@@ -176,22 +216,16 @@ def peak(sampler: MemorySampler, label: str) -> float:
     return float(max(v for _, v in samples))
 
 
-def time_method(
-    fn: Callable[[Path, Path], tuple[Any, Phases]], src: Path, out: Path, repeats: int
-) -> Timing:
-    """Run ``fn`` ``repeats`` times; record wall time and peak cluster memory."""
-    timing = Timing()
+def timed_run(fn: Callable[[Path, Path], tuple[Any, Phases]], src: Path, out: Path) -> Run:
+    """One run of ``fn`` from a synced file system; its Q output is deleted afterwards."""
+    os.sync()
     sampler = MemorySampler()
-    for i in range(repeats):
-        label = f"run{i}"
-        with sampler.sample(label, measure="process", interval=0.25):
-            t0 = time.perf_counter()
-            timing.result, phases = fn(src, out)
-            timing.times.append(time.perf_counter() - t0)
-        timing.phases.append(phases)
-        timing.peak_mem.append(peak(sampler, label))
-        shutil.rmtree(out, ignore_errors=True)
-    return timing
+    with sampler.sample("run", measure="process", interval=0.25), get_task_stream() as ts:
+        t0 = time.perf_counter()
+        result, phases = fn(src, out)
+        seconds = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    return Run(seconds, peak(sampler, "run"), phases, task_breakdown(ts.data), result)
 
 
 def warm_up(src: Path, out: Path) -> None:
@@ -199,7 +233,7 @@ def warm_up(src: Path, out: Path) -> None:
     x = da.random.default_rng(1).standard_normal((20_000, 64), chunks=(5_000, 64))
     tiny = out.with_name("warmup.zarr")
     x.to_zarr(str(tiny), overwrite=True)
-    for fn in (read_once, ours_r, ours_qr, dask_r, dask_qr):
+    for fn in METHODS.values():
         fn(tiny, out)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(tiny, ignore_errors=True)
@@ -236,10 +270,8 @@ def blas_threads(client: Client) -> set[int]:
 
 @contextmanager
 def cluster(memory_limit: str | int = "auto") -> Iterator[Client]:
-    kwargs = local_defaults(
-        ClusterSpec(n_workers=2, threads_per_worker=1, memory_limit=memory_limit)
-    )
-    with LocalCluster(**kwargs) as lc, Client(lc) as client:
+    spec = ClusterSpec(n_workers=2, threads_per_worker=1, memory_limit=memory_limit)
+    with LocalCluster(**local_defaults(spec)) as lc, Client(lc) as client:
         yield client
 
 
@@ -253,20 +285,28 @@ class WarningLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(f"[{record.name}] {record.getMessage()}")
 
+    def count(self, text: str) -> int:
+        return sum(text in m for m in self.messages)
+
 
 def worker_warnings(client: Client) -> list[str]:
+    """WARNING+ lines in the logs of the workers alive now (restarted ones are gone)."""
     try:
         logs = client.get_worker_logs()
-    except Exception as exc:  # workers may be gone
+    except Exception as exc:
         return [f"(could not fetch worker logs: {exc!r})"]
-    return [f"[{addr}] {msg}" for addr, recs in logs.items() for lvl, msg in recs if lvl != "INFO"]
+    return [
+        f"[worker] {msg[msg.find(' - ') + 3 :]}"
+        for recs in logs.values()
+        for _, msg in recs
+        if " - WARNING - " in msg or " - ERROR - " in msg
+    ]
 
 
-def summarize_messages(messages: list[str], limit: int = 12) -> None:
-    counts: dict[str, int] = {}
+def summarize_messages(messages: list[str], limit: int = 10) -> None:
+    counts: dict[str, int] = defaultdict(int)
     for msg in messages:
-        key = msg.split("\n")[0][:160]
-        counts[key] = counts.get(key, 0) + 1
+        counts[msg.split("\n")[0][:150]] += 1
     for key, c in list(counts.items())[:limit]:
         print(f"    {c:4d} × {key}")
     if len(counts) > limit:
@@ -276,7 +316,7 @@ def summarize_messages(messages: list[str], limit: int = 12) -> None:
 # --------------------------------------------------------------------------- runs
 
 
-def main_benchmark(src: Path, work: Path, input_bytes: int) -> dict[str, Timing]:
+def main_benchmark(src: Path, work: Path, input_bytes: int, repeats: int) -> None:
     out = work / "q_out.zarr"
     with cluster() as client:
         mem = sum(w["memory_limit"] for w in client.scheduler_info()["workers"].values())
@@ -287,46 +327,64 @@ def main_benchmark(src: Path, work: Path, input_bytes: int) -> dict[str, Timing]
         t0 = time.perf_counter()
         warm_up(src, out)
         print(f"warm-up: {time.perf_counter() - t0:.1f} s")
-        timings = {}
-        for name, fn in METHODS.items():
-            timings[name] = time_method(fn, src, out, REPEATS)
-            t = timings[name]
-            runs = "  ".join(f"{s:7.2f} s" for s in t.times)
-            detail = " | ".join(format_phases(p) for p in t.phases if p)
-            print(f"  {name:10s} {runs}  {detail}", flush=True)
+        timings = {name: Timing() for name in METHODS}
+        for i in range(repeats):
+            for name, fn in METHODS.items():
+                run = timed_run(fn, src, out)
+                timings[name].runs.append(run)
+                timings[name].result = run.result
+                print(
+                    f"  round {i + 1}  {name:10s} {run.seconds:7.2f} s  "
+                    f"{format_phases(run.phases)}",
+                    flush=True,
+                )
         ours_qr(src, out)
         orth = stored_orthogonality(out)
         shutil.rmtree(out, ignore_errors=True)
         blocks = row_blocks(da.from_zarr(str(src))).chunks[0]
-    report(timings, input_bytes, orth, blocks)
-    return timings
+    report(timings, input_bytes, orth, blocks, repeats)
 
 
-def report(timings: dict[str, Timing], input_bytes: int, orth: float, blocks: tuple) -> None:
+def report(
+    timings: dict[str, Timing], input_bytes: int, orth: float, blocks: tuple, repeats: int
+) -> None:
     gib = input_bytes / 2**30
     print(
-        f"\nResults (best of {REPEATS}; input {gib:.2f} GiB, {len(blocks)} row blocks "
+        f"\nResults (best of {repeats}; input {gib:.2f} GiB, {len(blocks)} row blocks "
         f"of {blocks[0]} rows for ours)"
     )
-    print(f"  {'method':10s} {'best s':>8s} {'all runs s':>18s} {'GiB/s':>7s} {'peak mem':>10s}")
+    print(
+        f"  {'method':10s} {'best s':>8s} {'median s':>9s} {'all runs s':>20s} {'GiB/s':>6s} "
+        f"{'peak mem':>10s}"
+    )
     for name, t in timings.items():
-        runs = ", ".join(f"{s:.2f}" for s in t.times)
+        runs = ", ".join(f"{r.seconds:.2f}" for r in t.runs)
         print(
-            f"  {name:10s} {t.best:8.2f} {runs:>18s} {gib / t.best:7.2f} "
-            f"{max(t.peak_mem) / 2**30:8.2f} GiB"
+            f"  {name:10s} {t.best.seconds:8.2f} {t.median:9.2f} {runs:>20s} "
+            f"{gib / t.best.seconds:6.2f} {max(r.peak_mem for r in t.runs) / 2**30:6.2f} GiB"
         )
-    best = {k: v.best for k, v in timings.items()}
+    best = {k: v.best.seconds for k, v in timings.items()}
+    median = {k: v.median for k, v in timings.items()}
     ratios = [
-        ("ours Q+R / dask Q+R", best["ours Q+R"] / best["dask Q+R"], BAR_QR_VS_DASK),
-        ("ours R / read-once", best["ours R"] / best["read-once"], BAR_R_VS_READ),
-        ("ours R / dask R", best["ours R"] / best["dask R"], None),
-        ("dask Q+R / read-once", best["dask Q+R"] / best["read-once"], None),
-        ("ours Q+R / read-once", best["ours Q+R"] / best["read-once"], None),
+        ("ours Q+R / dask Q+R", "ours Q+R", "dask Q+R", BAR_QR_VS_DASK),
+        ("ours R / read-once", "ours R", "read-once", BAR_R_VS_READ),
+        ("ours R / dask R", "ours R", "dask R", None),
+        ("ours Q+R / read-once", "ours Q+R", "read-once", None),
+        ("dask Q+R / read-once", "dask Q+R", "read-once", None),
     ]
-    print("\nRatios")
-    for label, value, bar in ratios:
+    print(f"\nRatios {'best':>22s} {'median':>7s}")
+    for label, num, den, bar in ratios:
+        value, value_med = best[num] / best[den], median[num] / median[den]
         verdict = "" if bar is None else f"  bar ≤ {bar}: {'MET' if value <= bar else 'NOT MET'}"
-        print(f"  {label:22s} {value:6.3f}{verdict}")
+        print(f"  {label:22s} {value:6.3f} {value_med:7.3f}{verdict}")
+
+    print("\nWorker time by task prefix (best run; 2 workers, so ideal wall ≈ sum / 2)")
+    for name, t in timings.items():
+        tasks = sorted(t.best.tasks.items(), key=lambda kv: -kv[1][1])
+        total = sum(s for _, s in t.best.tasks.values())
+        parts = ", ".join(f"{k} {n}× {1e3 * s / n:.0f} ms" for k, (n, s) in tasks[:3] if s > 0.05)
+        print(f"  {name:10s} busy {total / (2 * t.best.seconds):4.0%}  {parts}")
+
     diag, full = r_difference(timings["ours Q+R"].result, timings["dask Q+R"].result)
     r_only = float(np.max(np.abs(timings["ours R"].result - timings["ours Q+R"].result)))
     print("\nCorrectness")
@@ -336,67 +394,89 @@ def report(timings: dict[str, Timing], input_bytes: int, orth: float, blocks: tu
     print(f"  ‖QᵀQ − I‖_F of stored ours Q            {orth:.2e}")
 
 
-def ooc_ladder(input_bytes: int) -> list[int]:
-    """Per-worker limits to try: a quarter of the input in total (floored), then larger."""
-    first = max(int(input_bytes * OOC_FRACTION / 2), OOC_FLOOR)
-    return [first] + [m * MiB for m in (384, 512, 768, 1024) if m * MiB > first]
-
-
 def out_of_core(src: Path, work: Path, input_bytes: int, timeout: float) -> None:
-    """Ours Q+R on small-memory clusters: the quarter-of-input one first, then larger ones
-    until a run finishes without worker restarts."""
-    for per_worker in ooc_ladder(input_bytes):
+    """Ours Q+R on a cluster with a quarter of the input as total memory_limit; when that
+    does not finish cleanly, on larger ones until one does."""
+    first = max(int(input_bytes * OOC_FRACTION / 2), OOC_FLOOR)
+    limits = [first] + [m * MiB for m in OOC_LARGER if m * MiB > first]
+    for per_worker in limits:
         if ooc_attempt(src, work, input_bytes, per_worker, timeout):
             return
     print("  no out-of-core attempt finished cleanly")
 
 
+def wait_watching(
+    future: concurrent.futures.Future, client: Client, log: WarningLog, timeout: float
+) -> str:
+    """Wait for ``future``; give up on timeout, too many restarts, or no workers for 30 s."""
+    start = last_seen = time.perf_counter()
+    while True:
+        try:
+            future.result(timeout=1.0)
+            return "finished"
+        except concurrent.futures.TimeoutError:
+            pass
+        except Exception as exc:
+            return f"FAILED: {type(exc).__name__}: {str(exc)[:200]}"
+        now = time.perf_counter()
+        if client.scheduler_info()["workers"]:
+            last_seen = now
+        if now - start > timeout:
+            return f"GAVE UP: not finished after {timeout:.0f} s"
+        if log.count("Restarting worker") >= OOC_MAX_RESTARTS:
+            return f"GAVE UP: {OOC_MAX_RESTARTS} worker restarts"
+        if now - last_seen > 30:
+            return "GAVE UP: no workers left for 30 s (computation hung)"
+
+
 def ooc_attempt(src: Path, work: Path, input_bytes: int, per_worker: int, timeout: float) -> bool:
-    """One ours Q+R run on 2 workers × ``per_worker`` bytes; True when clean."""
+    """One ours Q+R run on 2 workers × ``per_worker`` bytes; True when it ran clean."""
     ratio = 2 * per_worker / input_bytes
     print(
         f"\nOut-of-core run: 2 workers × {per_worker / MiB:.0f} MiB memory_limit "
         f"(total = {ratio:.3f} × input of {input_bytes / MiB:.0f} MiB)"
     )
     out = work / "q_ooc.zarr"
-    handler = WarningLog()
-    logging.getLogger("distributed").addHandler(handler)
+    log = WarningLog()
+    logging.getLogger("distributed").addHandler(log)
     status, replaced = "cluster did not start", 0
+    pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
         with cluster(per_worker) as client:
+            os.sync()
             before = set(client.scheduler_info()["workers"])
             sampler = MemorySampler()
-            pool = concurrent.futures.ThreadPoolExecutor(1)
             t0 = time.perf_counter()
             with sampler.sample("ooc", measure="process", interval=0.25):
                 future = pool.submit(ours_qr, src, out)
-                try:
-                    _, phases = future.result(timeout=timeout)
-                    status = "finished (" + format_phases(phases) + ")"
-                except concurrent.futures.TimeoutError:
-                    status = f"DID NOT FINISH within {timeout:.0f} s"
-                except Exception as exc:
-                    status = f"FAILED: {type(exc).__name__}: {str(exc)[:200]}"
+                status = wait_watching(future, client, log, timeout)
             elapsed = time.perf_counter() - t0
+            if status == "finished":
+                status += f" ({format_phases(future.result()[1])})"
             after = set(client.scheduler_info()["workers"])
-            print(
-                f"  status: {status}\n  time {elapsed:.2f} s; "
-                f"peak cluster process memory {peak(sampler, 'ooc') / MiB:.0f} MiB "
-                f"(limit {2 * per_worker / MiB:.0f} MiB)"
-            )
             replaced = len(before - after)
-            print(f"  workers replaced: {replaced} (before {len(before)}, after {len(after)})")
+            print(
+                f"  status: {status}\n  time {elapsed:.2f} s; peak cluster process memory "
+                f"{peak(sampler, 'ooc') / MiB:.0f} MiB (limit {2 * per_worker / MiB:.0f} MiB)"
+            )
+            print(
+                f"  worker restarts: {log.count('Restarting worker')}; workers replaced: "
+                f"{replaced} (before {len(before)}, after {len(after)})"
+            )
             if status.startswith("finished"):
                 print(f"  ‖QᵀQ − I‖_F of stored Q: {stored_orthogonality(out):.2e}")
-            messages = handler.messages + worker_warnings(client)
-            print(f"  warnings logged (nanny/scheduler, plus surviving workers): {len(messages)}")
+            messages = log.messages + worker_warnings(client)
+            print(f"  warnings (nanny/scheduler, plus workers alive at the end): {len(messages)}")
             summarize_messages(messages)
-            pool.shutdown(wait=False, cancel_futures=True)
     finally:
-        logging.getLogger("distributed").removeHandler(handler)
+        pool.shutdown(wait=False, cancel_futures=True)
+        logging.getLogger("distributed").removeHandler(log)
         shutil.rmtree(out, ignore_errors=True)
-    restarts = sum("Restarting worker" in m for m in handler.messages)
-    return status.startswith("finished") and replaced == 0 and restarts == 0
+    clean = log.count("Restarting worker") == 0 and replaced == 0
+    return status.startswith("finished") and clean
+
+
+# --------------------------------------------------------------------------- per block
 
 
 def _best_of(fn: Callable[[], Any], repeats: int = 5) -> float:
@@ -409,47 +489,54 @@ def _best_of(fn: Callable[[], Any], repeats: int = 5) -> float:
 
 
 def profile_block(src: Path, work: Path) -> None:
-    """Per-block kernel times in this process with one BLAS thread, as on the workers."""
+    """Per-block kernel times in this process with one BLAS thread, as on the workers.
+
+    Single process on an otherwise idle machine with the block hot in cache: a lower bound
+    for the per-task times on the cluster, where two workers share cores and memory bandwidth.
+    """
     from threadpoolctl import threadpool_limits
 
     z = zarr.open_array(str(src), mode="r")
-    n = z.shape[1]
     print("\nPer-block profile (this process, 1 BLAS thread, best of 5)")
     with threadpool_limits(1):
         for rows in (CHUNK_ROWS, 2 * CHUNK_ROWS):
-            t_read = _best_of(lambda rows=rows: z[:rows])
-            a = np.ascontiguousarray(z[:rows])
-            f = kernels.factor_block(a)
-            target = zarr.create_array(
-                store=str(work / "profile.zarr"),
-                shape=a.shape,
-                dtype=a.dtype,
-                chunks=a.shape,
-                overwrite=True,
-            )
-            t = {
-                "zarr read": t_read,
-                "zarr write": _best_of(lambda a=a, target=target: target.__setitem__(..., a)),
-                "a.sum()": _best_of(lambda a=a: a.sum()),
-                "isfinite(a).all()": _best_of(lambda a=a: np.isfinite(a).all()),
-                "a.T @ a": _best_of(lambda a=a: a.T @ a),
-                "factor_block": _best_of(lambda a=a: kernels.factor_block(a)),
-                "apply_q (block_q)": _best_of(lambda a=a, f=f: kernels.apply_q(a, f, None)),
-                "apply_q (+transform)": _best_of(lambda a=a, f=f: kernels.apply_q(a, f, np.eye(n))),
-                "np.linalg.qr(a, 'r')": _best_of(lambda a=a: np.linalg.qr(a, mode="r")),
-                "np.linalg.qr(a)": _best_of(lambda a=a: np.linalg.qr(a)),
-            }
-            print(f"  block {rows} × {n} ({a.nbytes / MiB:.0f} MiB), method {f.method}")
-            for name, s in t.items():
-                print(f"    {name:22s} {s * 1e3:8.1f} ms")
+            profile_rows(z, rows, work / "profile.zarr")
+
+
+def profile_rows(z: zarr.Array, rows: int, scratch: Path) -> None:
+    a = np.ascontiguousarray(z[:rows])
+    n = a.shape[1]
+    f = kernels.factor_block(a)
+    m_small = np.triu(np.random.default_rng(0).standard_normal((n, n))) + n * np.eye(n)
+    target = zarr.create_array(
+        store=str(scratch), shape=a.shape, dtype=a.dtype, chunks=a.shape, overwrite=True
+    )
+    cases = {
+        "zarr read": lambda: z[:rows],
+        "zarr write": lambda: target.__setitem__(..., a),
+        "a.copy()": lambda: a.copy(),
+        "isfinite(a).all()": lambda: np.isfinite(a).all(),
+        "a.T @ a": lambda: a.T @ a,
+        "a @ (n×n)": lambda: a @ m_small,
+        "factor_block": lambda: kernels.factor_block(a),
+        "block_q": lambda: kernels.block_q(a, f),
+        "apply_q (+transform)": lambda: kernels.apply_q(a, f, m_small),
+        "np.linalg.qr(a, 'r')": lambda: np.linalg.qr(a, mode="r"),
+        "np.linalg.qr(a)": lambda: np.linalg.qr(a),
+    }
+    print(f"  block {rows} × {n} ({a.nbytes / MiB:.0f} MiB), method {f.method}")
+    for name, fn in cases.items():
+        print(f"    {name:22s} {_best_of(fn) * 1e3:8.1f} ms")
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="400,000 × 64 instead of 4M × 64")
     parser.add_argument("--data-dir", type=Path, default=Path("data/bench"))
-    parser.add_argument("--ooc-timeout", type=float, default=900.0, help="seconds")
-    parser.add_argument("--skip-ooc", action="store_true")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of timed runs")
+    parser.add_argument("--ooc-timeout", type=float, default=600.0, help="seconds per attempt")
+    parser.add_argument("--skip-ooc", action="store_true", help="no out-of-core run")
     args = parser.parse_args()
 
     shape = SMALL_SHAPE if args.small else FULL_SHAPE
@@ -464,7 +551,7 @@ def main() -> None:
     try:
         with cluster():  # writes the input in parallel when it is missing
             src = ensure_input(args.data_dir, shape)
-        main_benchmark(src, work, input_bytes)
+        main_benchmark(src, work, input_bytes, args.repeats)
         if not args.skip_ooc:
             out_of_core(src, work, input_bytes, args.ooc_timeout)
         profile_block(src, work)

@@ -26,13 +26,14 @@ def array_module(x: Any) -> Any:
     return np
 
 
-def solve_right_upper(a: Any, r: Any) -> Any:
+def solve_right_upper(a: Any, r: Any, *, overwrite: bool = False) -> Any:
     """Return ``a @ inv(r)`` for upper-triangular ``r`` by a triangular solve (TRSM).
 
     Parameters
     ----------
     a : (m, n) array
     r : (n, n) upper-triangular array, nonsingular
+    overwrite : the solve may reuse ``a``'s memory (pass only arrays you own)
 
     Returns
     -------
@@ -41,15 +42,27 @@ def solve_right_upper(a: Any, r: Any) -> Any:
     if is_cupy(a):
         from cupyx.scipy.linalg import solve_triangular
 
-        return solve_triangular(r, a.T, trans="T", lower=False).T
+        return solve_triangular(r, a.T, trans="T", lower=False, overwrite_b=overwrite).T
     from scipy.linalg import get_blas_funcs
 
-    # X r = a  <=>  r^T X^T = a^T; a^T is a Fortran-ordered view, so BLAS works in place
-    # on a copy of a without a layout change.
-    at = np.array(a, order="C", copy=True).T
+    # X r = a  <=>  r^T X^T = a^T; a^T of a C-ordered block is a Fortran-ordered view, so
+    # BLAS solves in place without a layout change (on a copy unless overwrite is allowed).
+    own = overwrite and a.flags.c_contiguous and a.flags.writeable
+    at = (a if own else np.array(a, order="C", copy=True)).T
     (trsm,) = get_blas_funcs(("trsm",), (r, at))
     xt = trsm(1.0, np.asarray(r, dtype=at.dtype), at, side=0, lower=0, trans_a=1, overwrite_b=1)
     return xt.T
+
+
+def solve_upper(r: Any, b: Any) -> Any:
+    """Return ``inv(r) @ b`` for a small upper-triangular ``r`` (dispatching to cupy)."""
+    if is_cupy(r):
+        from cupyx.scipy.linalg import solve_triangular
+
+        return solve_triangular(r, b, lower=False)
+    from scipy.linalg import solve_triangular
+
+    return solve_triangular(r, b, lower=False)
 
 
 def eye_like(n: int, like: Any) -> Any:

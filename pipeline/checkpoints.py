@@ -102,7 +102,7 @@ class Checkpoints:
         )
         w = da.from_zarr(zarr.open_array(store=store, mode="r"), chunks=(a.chunks[0], spec.rank))
         return NMFState(
-            w_blocks=w.to_delayed()[:, 0].tolist(),
+            w_blocks=w.to_delayed(optimize_graph=False)[:, 0].tolist(),
             h=h,
             iteration=int(payload["iteration"]),
             history=list(payload["history"]),

@@ -34,6 +34,7 @@ from dask.delayed import Delayed, delayed
 
 from pipeline.backend import array_module, random_state, to_host
 from pipeline.errors import InputError
+from pipeline.linalg._graph import fetch, persist
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,7 @@ def initialize(
             delayed(_random_block, pure=True)((rows, rank), scale, [seed, 1, i], like)
             for i, rows in enumerate(a.chunks[0])
         ]
+        (blocks,) = persist(blocks)
         return NMFState(blocks, h.astype(np.float64))
     assert svd is not None
     u, s, vt = svd(a, rank, seed)
@@ -213,7 +215,8 @@ def initialize(
     if fill:
         h = np.where(h == 0, fill, h)
     w = da.map_blocks(_nndsvd_block, u, scale_w, pos, fill, a.dtype, dtype=a.dtype, meta=a._meta)
-    blocks = w.to_delayed()[:, 0].tolist()
+    # Persist while u (and the sketch futures under it) is still referenced here.
+    (blocks,) = persist(w.to_delayed(optimize_graph=False)[:, 0].tolist())
     return NMFState(blocks, h)
 
 
@@ -263,7 +266,8 @@ def nmf(
         raise InputError(f"NMF needs a non-negative input; the smallest entry is {minimum:g}")
     if state is None:
         state = initialize(a, rank, init, seed, mean, svd)
-    (state.w_blocks,) = dask.persist(state.w_blocks)
+    else:
+        (state.w_blocks,) = persist(state.w_blocks)
     blocks = a.to_delayed(optimize_graph=False)[:, 0].tolist()
     norm = np.sqrt(sumsq) if sumsq > 0 else 1.0
     while state.iteration < max_iter and not state.converged:
@@ -277,8 +281,9 @@ def nmf(
         new_w = [s[0] for s in steps]
         wta = _tree_sum([s[1] for s in steps])
         wtw = _tree_sum([s[2] for s in steps])
+        # Plain persist: the inputs (previous W, A) stay referenced until compute returns.
         new_w, wta, wtw = dask.persist(new_w, wta, wtw)
-        wta, wtw = dask.compute(wta, wtw)
+        wta, wtw = fetch(wta, wtw)
         h = _hals_rows(h, wta, wtw) if solver == "hals" else _mu(h.T, wta.T, wtw).T
         obj = _objective(sumsq, h, wta, wtw)
         prev = state.history[-1] ** 2 * sumsq if state.history else None

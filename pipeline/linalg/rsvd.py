@@ -31,7 +31,8 @@ from dask.delayed import delayed
 
 from pipeline.backend import array_module, random_state, to_host
 from pipeline.errors import InputError
-from pipeline.linalg.tsqr import row_blocks, tsqr
+from pipeline.linalg._graph import persist
+from pipeline.linalg.tsqr import UNOPTIMIZED, row_blocks, tsqr
 
 
 @dataclass
@@ -134,7 +135,7 @@ def _stacked(a: da.Array, func: Any, piece: tuple[int, int], **kw: Any) -> da.Ar
 
 def _orthonormal_rows(y: da.Array) -> da.Array:
     """Orthonormal basis of the range of a tall in-memory sketch, kept on the cluster."""
-    (q,) = dask.persist(tsqr(y).q)
+    (q,) = persist(tsqr(y).q)
     return q
 
 
@@ -204,15 +205,17 @@ def rsvd(
     if single_pass:
         return _single_pass(a, y, colsum, sumsq, rank, width, center, seed)
 
-    y, colsum, sumsq = dask.persist(y, colsum, sumsq)  # pass 1
-    colsum, input_sumsq = (to_host(v) for v in dask.compute(colsum, sumsq))
+    y, colsum, sumsq = persist(y, colsum, sumsq, **UNOPTIMIZED)  # pass 1
+    colsum, input_sumsq = (to_host(v) for v in dask.compute(colsum, sumsq, **UNOPTIMIZED))
     mean = colsum / m if center else None
     if center:  # (A − 1μᵀ)Ω = Y − 1 (μᵀΩ), and μᵀΩ is the column mean of Y
         y = y - y.mean(axis=0, dtype=np.float64).astype(a.dtype)
     q = _orthonormal_rows(y)
     passes = 1
     for _ in range(power_iters):
-        z, qsum = dask.compute(a.T @ q, q.sum(axis=0, dtype=np.float64) if center else None)
+        z, qsum = dask.compute(
+            a.T @ q, q.sum(axis=0, dtype=np.float64) if center else None, **UNOPTIMIZED
+        )
         z = to_host(z).astype(np.float64)
         if center:
             z -= np.outer(mean, to_host(qsum))
@@ -245,7 +248,9 @@ def rsvd(
         else None
     )
     qsum = q.sum(axis=0, dtype=np.float64) if center else None
-    b, total, qsum = (None if v is None else to_host(v) for v in dask.compute(b, total, qsum))
+    b, total, qsum = (
+        None if v is None else to_host(v) for v in dask.compute(b, total, qsum, **UNOPTIMIZED)
+    )
     passes += 1
     if center:
         b = b - np.outer(qsum, mean)
@@ -267,9 +272,10 @@ def _single_pass(
     width2 = min(2 * width + 1, m)  # co-range sketch size recommended by Tropp et al.
     w = _stacked(a, _psi_times, (width2, n), seed=seed, width=width2)
     psi1 = _stacked(a, _psi_ones, (width2, 1), seed=seed, width=width2) if center else None
-    y, w, colsum, sumsq, psi1 = dask.persist(y, w, colsum, sumsq, psi1)  # the one pass
+    y, w, colsum, sumsq, psi1 = persist(y, w, colsum, sumsq, psi1, **UNOPTIMIZED)  # the one pass
     w, colsum, input_sumsq, psi1 = (
-        None if v is None else to_host(v) for v in dask.compute(w, colsum, sumsq, psi1)
+        None if v is None else to_host(v)
+        for v in dask.compute(w, colsum, sumsq, psi1, **UNOPTIMIZED)
     )
     mean = colsum / m if center else None
     if center:

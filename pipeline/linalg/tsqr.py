@@ -26,8 +26,14 @@ from dask.delayed import Delayed, delayed
 
 from pipeline.errors import InputError
 from pipeline.linalg import _kernels as k
+from pipeline.linalg._graph import persist
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
+
+# Keyword for dask.compute/persist of anything that reads ``a`` again after tsqr() (its Q,
+# metrics on ``TSQRResult.a``): graph optimization would fuse ``a``'s keys into new task
+# definitions that conflict with the ones the scheduler remembers from the R pass.
+UNOPTIMIZED = {"optimize_graph": False}
 
 
 @dataclass
@@ -147,6 +153,9 @@ def tsqr(
         raise InputError(f"TSQR needs a tall matrix (rows ≥ columns); got shape {a.shape}")
     a = row_blocks(a, block_rows)
     offsets = np.concatenate([[0], np.cumsum(a.chunks[0])[:-1]]).tolist()
+    # Unoptimized blocks: the scheduler keeps these keys as the lineage of the persisted
+    # factors, so every later pass over ``a`` must define them the same way — compute Q
+    # with ``optimize_graph=False`` (see UNOPTIMIZED).
     blocks = a.to_delayed(optimize_graph=False)[:, 0].tolist()
     factors = [
         delayed(k.factor_block, pure=True)(b, off) for b, off in zip(blocks, offsets, strict=True)
@@ -160,7 +169,7 @@ def tsqr(
         return TSQRResult(None, r, a, info["sumsq"], info["block_methods"])
 
     # Keep the small per-block state on the cluster; Q re-reads A block by block.
-    root_r, summary, factors, transforms = dask.persist(root_r, summary, factors, transforms)
+    root_r, summary, factors, transforms = persist(root_r, summary, factors, transforms)
     r, info = dask.compute(root_r, summary)
     n = a.shape[1]
     q_blocks = [

@@ -1,0 +1,186 @@
+"""NMF against scikit-learn on real data, exact-rank recovery, one pass per iteration,
+checkpoint/resume, and bad input — on the session LocalCluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+from sklearn.datasets import load_digits
+from sklearn.decomposition import NMF
+
+from pipeline import run_job
+from pipeline.errors import InputError
+from pipeline.linalg import nmf, row_blocks, rsvd
+from tests.conftest import REPO, job_dict, write_array, write_job
+
+
+def svd(a, k, seed):
+    res = rsvd(a, k, seed=seed)
+    return res.u, res.s, res.vt
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits().data.astype(np.float64)  # 1797 × 64 pixel counts, real data
+
+
+def sklearn_error(x, solver, init, max_iter):
+    model = NMF(10, init=init, solver=solver, max_iter=max_iter, tol=1e-4, random_state=0)
+    w = model.fit_transform(x)
+    return np.linalg.norm(x - w @ model.components_) / np.linalg.norm(x)
+
+
+@pytest.mark.parametrize(
+    "solver,sk_solver,init",
+    [
+        ("hals", "cd", "nndsvda"),
+        ("hals", "cd", "nndsvd"),
+        ("mu", "mu", "nndsvda"),
+        ("hals", "cd", "random"),
+    ],
+)
+def test_matches_sklearn_on_digits(client, digits, solver, sk_solver, init):
+    a = row_blocks(da.from_array(digits, chunks=(400, 64)), min_rows=20)
+    res = nmf(a, 10, solver=solver, init=init, max_iter=100, tol=1e-4, svd=svd)
+    w = res.w.compute()
+    assert w.shape == (1797, 10) and res.h.shape == (10, 64)
+    assert w.min() >= 0 and res.h.min() >= 0
+    err = np.linalg.norm(digits - w @ res.h) / np.linalg.norm(digits)
+    assert res.history[-1] == pytest.approx(err, rel=1e-6)  # objective from the pass is exact
+    assert np.all(np.diff(res.history) <= 1e-12), "objective must not increase"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn's ConvergenceWarning at the same budget
+        ref = sklearn_error(digits, sk_solver, init, 100)
+    assert err <= ref * 1.03, (err, ref)
+
+
+@pytest.mark.parametrize("solver,max_iter,bound", [("hals", 150, 1e-6), ("mu", 300, 2e-2)])
+def test_exact_low_rank_is_recovered(client, solver, max_iter, bound):
+    """Sparse (hence identifiable) exact rank-5 data is recovered to small error."""
+    rng = np.random.default_rng(0)
+    w0, h0 = rng.random((3000, 5)), rng.random((5, 120))
+    w0[w0 < 0.5], h0[h0 < 0.5] = 0, 0
+    x = w0 @ h0
+    a = da.from_array(x, chunks=(500, 120))
+    res = nmf(a, 5, solver=solver, max_iter=max_iter, tol=1e-12, svd=svd)
+    err = np.linalg.norm(x - res.w.compute() @ res.h) / np.linalg.norm(x)
+    assert err < bound
+
+
+def test_negative_input_is_refused(client):
+    x = np.ones((100, 10))
+    x[57, 3] = -0.5
+    with pytest.raises(InputError, match=r"non-negative.*-0\.5"):
+        nmf(da.from_array(x, chunks=(20, 10)), 3)
+
+
+def test_graph_does_not_grow_with_iterations(client):
+    """Per-iteration time stays flat: the state is persisted, the graph rebuilt small."""
+    x = np.random.default_rng(1).random((20000, 50))
+    a = da.from_array(x, chunks=(2500, 50)).persist()
+    stamps = []
+    nmf(
+        a,
+        5,
+        init="random",
+        max_iter=60,
+        tol=0,
+        on_iteration=lambda st, w: stamps.append(time.perf_counter()),
+    )
+    steps = np.diff(stamps)
+    early, late = np.median(steps[2:12]), np.median(steps[-10:])
+    assert late < 2.0 * early + 0.02, (early, late)
+
+
+def test_nmf_job_end_to_end_and_negative_job(tmp_path, client):
+    rng = np.random.default_rng(2)
+    x = rng.random((4000, 6)) @ rng.random((6, 90)) + 0.01 * rng.random((4000, 90))
+    write_array(tmp_path / "in.zarr", x.astype(np.float32), chunks=(1000, 90))
+    job = job_dict(
+        tmp_path, str(tmp_path / "in.zarr"), methods=[{"method": "nmf", "rank": 6, "max_iter": 300}]
+    )
+    report = run_job(job, client=client)
+    out = tmp_path / "out" / "job"
+    r = json.loads((out / "metrics.json").read_text())["methods"]["nmf"]
+    assert r["converged"] and r["iterations"] == len(r["history"]) < 300
+    ds = xr.open_zarr(out / "factors.zarr", group="nmf")
+    w, h = ds["W"].values.astype(np.float64), ds["H"].values.astype(np.float64)
+    assert ds["W"].dims == ("row", "component") and ds["H"].dims == ("component", "col")
+    assert r["residual_rel"] == pytest.approx(
+        np.linalg.norm(x - w @ h) / np.linalg.norm(x), rel=1e-4
+    )
+    assert r["residual_rel"] < 0.01 and report["methods"]["nmf"]["converged"]
+    assert (out / "nmf_convergence.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list((tmp_path / "out").glob(".job.checkpoint*"))
+
+    x[123, 4] = -1.0
+    write_array(tmp_path / "neg.zarr", x, chunks=(1000, 90))
+    bad = job_dict(
+        tmp_path, str(tmp_path / "neg.zarr"), name="neg", methods=[{"method": "nmf", "rank": 3}]
+    )
+    with pytest.raises(InputError, match="non-negative"):
+        run_job(bad, client=client)
+    assert not (tmp_path / "out" / "neg").exists()
+    assert not list((tmp_path / "out").glob(".neg*"))
+
+
+RUN_SCRIPT = """
+import sys
+from pipeline import run_job
+if __name__ == "__main__":
+    run_job(sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, client):
+    rng = np.random.default_rng(3)
+    x = (rng.random((30000, 8)) @ rng.random((8, 200))).astype(np.float32)
+    write_array(tmp_path / "in.zarr", x, chunks=(5000, 200))
+    method = {"method": "nmf", "rank": 8, "max_iter": 400, "tol": 0, "checkpoint_every": 5}
+    base = dict(
+        input={"url": str(tmp_path / "in.zarr")}, cluster={"n_workers": 1, "threads_per_worker": 1}
+    )
+    # reference: uninterrupted, same seed, on the session cluster
+    ref = job_dict(tmp_path, "", name="ref", methods=[method], **base)
+    run_job(ref, client=client)
+    ref_ds = xr.open_zarr(tmp_path / "out" / "ref" / "factors.zarr", group="nmf")
+
+    job = job_dict(tmp_path, "", name="killed", methods=[method], **base)
+    path = write_job(tmp_path, job)
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(path)], cwd=REPO, start_new_session=True
+    )
+    state = tmp_path / "out" / ".killed.checkpoint" / "state.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run finished before it could be killed"
+        if state.exists() and json.loads(state.read_text())["iteration"] >= 15:
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out" / "killed").exists()
+    killed_at = json.loads(state.read_text())["iteration"]
+    assert 15 <= killed_at < 400
+
+    job["methods"][0]["resume"] = True
+    report = run_job(job, client=client)
+    r = report["methods"]["nmf"]
+    assert r["resumed_from"] == killed_at and r["iterations"] == 400
+    ds = xr.open_zarr(tmp_path / "out" / "killed" / "factors.zarr", group="nmf")
+    np.testing.assert_allclose(ds["H"].values, ref_ds["H"].values, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(ds["W"].values, ref_ds["W"].values, rtol=1e-6, atol=1e-9)
+    assert not (tmp_path / "out" / ".killed.checkpoint").exists()
