@@ -269,8 +269,8 @@ def blas_threads(client: Client) -> set[int]:
 
 
 @contextmanager
-def cluster(memory_limit: str | int = "auto") -> Iterator[Client]:
-    spec = ClusterSpec(n_workers=2, threads_per_worker=1, memory_limit=memory_limit)
+def cluster(memory_limit: str | int = "auto", n_workers: int = 2) -> Iterator[Client]:
+    spec = ClusterSpec(n_workers=n_workers, threads_per_worker=1, memory_limit=memory_limit)
     with LocalCluster(**local_defaults(spec)) as lc, Client(lc) as client:
         yield client
 
@@ -395,12 +395,14 @@ def report(
 
 
 def out_of_core(src: Path, work: Path, input_bytes: int, timeout: float) -> None:
-    """Ours Q+R on a cluster with a quarter of the input as total memory_limit; when that
-    does not finish cleanly, on larger ones until one does."""
-    first = max(int(input_bytes * OOC_FRACTION / 2), OOC_FLOOR)
-    limits = [first] + [m * MiB for m in OOC_LARGER if m * MiB > first]
-    for per_worker in limits:
-        if ooc_attempt(src, work, input_bytes, per_worker, timeout):
+    """Ours Q+R on a cluster with a quarter of the input as total memory_limit — first as one
+    worker (each worker process costs ~170 MiB before any data), then as two; when neither
+    finishes cleanly, on larger two-worker clusters until one does."""
+    quarter = int(input_bytes * OOC_FRACTION)
+    attempts = [(1, max(quarter, OOC_FLOOR)), (2, max(quarter // 2, OOC_FLOOR))]
+    attempts += [(2, m * MiB) for m in OOC_LARGER if m * MiB > attempts[-1][1]]
+    for n_workers, per_worker in attempts:
+        if ooc_attempt(src, work, input_bytes, per_worker, timeout, n_workers):
             return
     print("  no out-of-core attempt finished cleanly")
 
@@ -429,11 +431,13 @@ def wait_watching(
             return "GAVE UP: no workers left for 30 s (computation hung)"
 
 
-def ooc_attempt(src: Path, work: Path, input_bytes: int, per_worker: int, timeout: float) -> bool:
-    """One ours Q+R run on 2 workers × ``per_worker`` bytes; True when it ran clean."""
-    ratio = 2 * per_worker / input_bytes
+def ooc_attempt(
+    src: Path, work: Path, input_bytes: int, per_worker: int, timeout: float, n_workers: int = 2
+) -> bool:
+    """One ours Q+R run on ``n_workers`` × ``per_worker`` bytes; True when it ran clean."""
+    ratio = n_workers * per_worker / input_bytes
     print(
-        f"\nOut-of-core run: 2 workers × {per_worker / MiB:.0f} MiB memory_limit "
+        f"\nOut-of-core run: {n_workers} worker(s) × {per_worker / MiB:.0f} MiB memory_limit "
         f"(total = {ratio:.3f} × input of {input_bytes / MiB:.0f} MiB)"
     )
     out = work / "q_ooc.zarr"
@@ -442,7 +446,7 @@ def ooc_attempt(src: Path, work: Path, input_bytes: int, per_worker: int, timeou
     status, replaced = "cluster did not start", 0
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
-        with cluster(per_worker) as client:
+        with cluster(per_worker, n_workers) as client:
             os.sync()
             before = set(client.scheduler_info()["workers"])
             sampler = MemorySampler()
@@ -457,7 +461,8 @@ def ooc_attempt(src: Path, work: Path, input_bytes: int, per_worker: int, timeou
             replaced = len(before - after)
             print(
                 f"  status: {status}\n  time {elapsed:.2f} s; peak cluster process memory "
-                f"{peak(sampler, 'ooc') / MiB:.0f} MiB (limit {2 * per_worker / MiB:.0f} MiB)"
+                f"{peak(sampler, 'ooc') / MiB:.0f} MiB "
+                f"(limit {n_workers * per_worker / MiB:.0f} MiB)"
             )
             print(
                 f"  worker restarts: {log.count('Restarting worker')}; workers replaced: "

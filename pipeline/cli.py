@@ -14,7 +14,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from pipeline.config import SyntheticSpec, json_schema, load_config
+from pipeline.config import (
+    PACKAGED_KINDS,
+    SYNTHETIC_KINDS,
+    SyntheticSpec,
+    json_schema,
+    load_config,
+)
 from pipeline.errors import FactorizeError, UserError
 
 log = logging.getLogger("pipeline")
@@ -46,9 +52,10 @@ def _validate(args: argparse.Namespace) -> int:
         if missing:
             check_cluster_available(cfg.cluster)
             spec = cfg.input.create_if_missing
+            size = f" {spec.shape[0]}×{spec.shape[1]}" if spec.shape else ""
             print(
                 f"{path}: ok — input {cfg.input.url} does not exist yet and will be created "
-                f"({spec.kind} {spec.shape[0]}×{spec.shape[1]} {spec.dtype})"
+                f"({spec.kind}{size} {spec.dtype})"
             )
             continue
         m = inspect_job(cfg)
@@ -119,7 +126,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         spec = SyntheticSpec(
             kind=args.kind,
-            shape=tuple(args.shape),
+            shape=tuple(args.shape) if args.shape else None,
             chunks=tuple(args.chunks) if args.chunks else None,
             dtype=args.dtype,
             seed=args.seed,
@@ -127,7 +134,7 @@ def _generate(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, "generate")) from None
     write_synthetic(args.url, spec, array=args.array)
-    print(f"wrote {spec.kind} {spec.shape[0]}×{spec.shape[1]} {spec.dtype} to {args.url}")
+    print(f"wrote {spec.kind} {spec.dtype} matrix to {args.url}")
     return 0
 
 
@@ -153,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="write a synthetic matrix to a Zarr store")
     p.add_argument("url", help="target store (path or fsspec URL); replaced if it exists")
-    p.add_argument("--shape", nargs=2, type=int, required=True, metavar=("ROWS", "COLS"))
+    p.add_argument("--shape", nargs=2, type=int, metavar=("ROWS", "COLS"))
     p.add_argument("--chunks", nargs=2, type=int, metavar=("ROWS", "COLS"))
-    p.add_argument("--kind", default="gaussian", choices=["gaussian", "lowrank", "vandermonde"])
+    p.add_argument("--kind", default="gaussian", choices=[*SYNTHETIC_KINDS, *PACKAGED_KINDS])
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--array", help="write into a group under this array name")

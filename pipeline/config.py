@@ -26,22 +26,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SyntheticSpec(_Strict):
-    """Recipe for a synthetic matrix, written to ``input.url`` when the store is missing."""
+SYNTHETIC_KINDS = ("gaussian", "lowrank", "vandermonde", "nonnegative")
+PACKAGED_KINDS = ("digits", "sample-image")
 
-    kind: Literal["gaussian", "lowrank", "vandermonde"] = Field(
-        "gaussian",
-        description="gaussian: i.i.d. N(0,1); lowrank: decaying spectrum; "
-        "vandermonde: ill-conditioned columns x**j",
+
+class SyntheticSpec(_Strict):
+    """Recipe for a matrix written to ``input.url`` when the store is missing."""
+
+    kind: Literal["gaussian", "lowrank", "vandermonde", "nonnegative", "digits", "sample-image"] = (
+        Field(
+            "gaussian",
+            description="gaussian: i.i.d. N(0,1); lowrank: decaying spectrum; vandermonde: "
+            "ill-conditioned columns x**j; nonnegative: rank-10 W₀H₀ plus noise; digits: "
+            "scikit-learn's 1797 × 64 handwritten digits; sample-image: scikit-learn's "
+            "427 × 640 sample photo in grey levels (the last two need scikit-learn)",
+        )
     )
-    shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = Field(
-        description="(rows, columns) of the matrix"
+    shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="(rows, columns); required for synthetic kinds, fixed for packaged data"
     )
     chunks: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
         None, description="storage chunks; default: row blocks of about 32 MiB"
     )
     dtype: Literal["float32", "float64"] = "float64"
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _shape_matches_kind(self) -> SyntheticSpec:
+        if self.kind in SYNTHETIC_KINDS and self.shape is None:
+            raise ValueError(f"shape is required for kind {self.kind!r}")
+        if self.kind in PACKAGED_KINDS and self.shape is not None:
+            raise ValueError(f"kind {self.kind!r} has a fixed shape; remove shape")
+        return self
 
 
 class InputSpec(_Strict):

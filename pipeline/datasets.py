@@ -14,6 +14,7 @@ import numpy as np
 import zarr
 
 from pipeline.config import SyntheticSpec
+from pipeline.errors import InputError
 from pipeline.io.stores import zarr_store
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ def _block(
     elif kind == "vandermonde":
         x = (start + np.arange(m)) / max(1, extra["rows"] - 1)
         out = x[:, None] ** np.arange(n_total)[None, block_id[1] * extra["cols"] :][:, :n]
+    elif kind == "nonnegative":  # W₀H₀ + noise, W₀ per block, H₀ shared
+        h0 = np.random.default_rng([seed, 2**31]).random((10, n_total))
+        w0 = rng.random((m, 10))
+        out = w0 @ h0[:, block_id[1] * extra["cols"] :][:, :n] + 0.1 * rng.random((m, n))
     else:  # lowrank: A = U diag(s) Vᵀ + 1e-3 noise, U ~ Gaussian/√m
         vt, s = extra["vt"], extra["s"]
         u = rng.standard_normal((m, len(s))) / np.sqrt(extra["rows"])
@@ -59,9 +64,27 @@ def _block(
     return out.astype(dtype, copy=False)
 
 
+def packaged_matrix(kind: str) -> np.ndarray:
+    """A real matrix that ships with scikit-learn (no download)."""
+    try:
+        from sklearn import datasets
+    except ImportError:
+        raise InputError(
+            f"input.create_if_missing.kind: {kind!r} needs scikit-learn; "
+            "pip install scikit-learn (it is in the test extra)"
+        ) from None
+    if kind == "digits":
+        return datasets.load_digits().data.astype(np.float64)
+    image = datasets.load_sample_image("china.jpg").astype(np.float64)
+    return image @ np.array([0.299, 0.587, 0.114])  # grey levels, 427 × 640
+
+
 def synthetic_array(spec: SyntheticSpec) -> da.Array:
     """A lazy dask array of the recipe, chunked like the store it will be written to."""
     dtype = np.dtype(spec.dtype)
+    if spec.shape is None:  # packaged data
+        data = packaged_matrix(spec.kind).astype(dtype)
+        return da.from_array(data, chunks=spec.chunks or data.shape)
     m, n = spec.shape
     chunks = spec.chunks or _default_chunks(spec.shape, dtype.itemsize)
     if spec.kind == "lowrank" and chunks[1] != n:
@@ -96,5 +119,5 @@ def write_synthetic(
         target = zarr.create_array(
             store=store, shape=x.shape, dtype=x.dtype, chunks=x.chunksize, overwrite=True
         )
-    log.info("writing synthetic %s matrix %s to %s", spec.kind, spec.shape, url)
+    log.info("writing %s matrix %s to %s", spec.kind, x.shape, url)
     da.store(x, target, lock=False)

@@ -1,0 +1,45 @@
+"""The example jobs in configs/ that use small packaged data run end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import run_job
+from tests.conftest import REPO
+
+
+def _localised(name: str, tmp_path, client) -> dict:
+    job = yaml.safe_load((REPO / "configs" / name).read_text())
+    job["input"]["url"] = str(tmp_path / "in.zarr")
+    job["output"]["url"] = str(tmp_path / "out")
+    job["cluster"] = {"kind": "address", "address": client.scheduler.address}
+    return job
+
+
+def test_image_compression_example(tmp_path, client):
+    report = run_job(_localised("image-compression.yaml", tmp_path, client), client=client)
+    r = report["methods"]["rsvd"]
+    assert report["input"]["shape"] == [427, 640]
+    assert r["energy_retained"] > 0.99 and r["residual_rel"] < 0.1
+    from sklearn.datasets import load_sample_image
+
+    grey = load_sample_image("china.jpg").astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    s = np.linalg.svd(grey, compute_uv=False)
+    np.testing.assert_allclose(r["singular_values"], s[:40], rtol=1e-3)
+
+
+def test_digits_nmf_example(tmp_path, client):
+    report = run_job(_localised("digits-nmf.yaml", tmp_path, client), client=client)
+    r = report["methods"]["nmf"]
+    assert report["input"]["shape"] == [1797, 64]
+    assert r["residual_rel"] < 0.3 and r["history"] == sorted(r["history"], reverse=True)
+
+
+@pytest.mark.parametrize("kind", ["digits", "sample-image"])
+def test_packaged_kinds_refuse_a_shape(kind):
+    from pipeline.config import SyntheticSpec
+
+    with pytest.raises(ValueError, match="fixed shape"):
+        SyntheticSpec(kind=kind, shape=(3, 3))
