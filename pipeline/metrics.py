@@ -12,15 +12,12 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from pipeline.backend import array_module, to_host
+from pipeline.backend import array_module, sum_squares_f64, to_host
 
 
 def _block_residual_sq(a: Any, q: Any, r: Any, shift: Any | None = None) -> Any:
-    xp = array_module(a)
-    d = a.astype(xp.float64) - q.astype(xp.float64) @ xp.asarray(r, dtype=xp.float64)
-    if shift is not None:
-        d -= xp.asarray(shift, dtype=xp.float64)[None, :]
-    return xp.reshape(xp.sum(d * d), (1, 1))
+    total, _ = sum_squares_f64(a, shift=shift, q=q, r=r)
+    return array_module(a).full((1, 1), total)
 
 
 def _block_gram(q: Any) -> Any:
@@ -29,9 +26,8 @@ def _block_gram(q: Any) -> Any:
 
 
 def _block_sumsq(a: Any) -> Any:
-    xp = array_module(a)
-    a64 = a.astype(xp.float64)
-    return xp.reshape(xp.sum(a64 * a64), (1, 1))
+    total, _ = sum_squares_f64(a)
+    return array_module(a).full((1, 1), total)
 
 
 def residual_sq(a: da.Array, q: da.Array, r: Any, shift: Any | None = None) -> da.Array:

@@ -73,6 +73,26 @@ def _bad_cases(tmp_path):
         ("empty", on("empty", tmp_path / "empty.zarr"), ["is empty"]),
         ("wide", on("wide", tmp_path / "wide.zarr"), ["methods[0]", "transpose: true"]),
         ("no cuda", job("cuda", cluster={"kind": "local-cuda"}), ["local-cuda", "[gpu]"]),
+        (
+            "rsvd rank 0",
+            job("rank0", methods=[{"method": "rsvd", "rank": 0}]),
+            ["methods[0].rank: must be ≥ 1, got 0"],
+        ),
+        (
+            "rsvd rank too big",
+            job("rankbig", methods=[{"method": "rsvd", "rank": 9}]),
+            ["methods[0].rank: must be between 1 and 4", "got 9"],
+        ),
+        (
+            "rsvd bad option",
+            job("iters", methods=[{"method": "rsvd", "rank": 2, "power_iters": -1}]),
+            ["methods[0].power_iters: must be ≥ 0"],
+        ),
+        (
+            "nmf bad solver",
+            job("solver", methods=[{"method": "nmf", "rank": 2, "solver": "als"}]),
+            ["methods[0].solver"],
+        ),
     ]
 
 
@@ -142,30 +162,56 @@ def test_schema_and_generate(tmp_path):
 
 @pytest.mark.slow
 def test_run_end_to_end_with_embedded_cluster_and_prefect(tmp_path):
-    """The README path: a job file, an embedded LocalCluster, Prefect's ephemeral API."""
+    """The README path: a job file, an embedded LocalCluster, Prefect's ephemeral API; all
+    three methods on one non-negative input."""
     job = job_dict(
         tmp_path,
         "data/in.zarr",
         name="e2e",
         input={
             "url": "data/in.zarr",
-            "create_if_missing": {"kind": "lowrank", "shape": [30000, 20], "chunks": [4000, 20]},
+            "create_if_missing": {
+                "kind": "nonnegative",
+                "shape": [30000, 20],
+                "chunks": [4000, 20],
+            },
         },
         cluster={"kind": "local", "n_workers": 2, "threads_per_worker": 1},
+        methods=[
+            {"method": "tsqr"},
+            {"method": "rsvd", "rank": 5, "center": True},
+            {"method": "nmf", "rank": 5, "max_iter": 100},
+        ],
         output={"url": "results"},
     )
     path = write_job(tmp_path, job)
     proc = run_cli("run", path, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "e2e: completed" in proc.stdout and "residual_rel" in proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "e2e: completed" in proc.stdout and "orthogonality_u" in proc.stdout
     assert "Beginning flow run" in proc.stdout  # it really ran as a Prefect flow
-    metrics = json.loads((tmp_path / "results" / "e2e" / "metrics.json").read_text())
+    out = tmp_path / "results" / "e2e"
+    metrics = json.loads((out / "metrics.json").read_text())
     a = zarr.open_array(str(tmp_path / "data" / "in.zarr"))[...]
-    ds = xr.open_zarr(tmp_path / "results" / "e2e" / "factors.zarr", group="tsqr")
-    q, r = ds["Q"].values, ds["R"].values
+    assert metrics["input"]["fro_norm"] == pytest.approx(np.linalg.norm(a), rel=1e-12)
+
+    qr = xr.open_zarr(out / "factors.zarr", group="tsqr")
+    q, r = qr["Q"].values, qr["R"].values
     assert np.linalg.norm(a - q @ r) / np.linalg.norm(a) < 1e-14
     assert metrics["methods"]["tsqr"]["orthogonality"] < 1e-13
-    assert metrics["input"]["fro_norm"] == pytest.approx(np.linalg.norm(a), rel=1e-12)
+
+    sv = xr.open_zarr(out / "factors.zarr", group="rsvd")
+    ac = a - a.mean(axis=0)
+    np.testing.assert_allclose(sv["mean"].values, a.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(sv["S"].values, np.linalg.svd(ac, compute_uv=False)[:5], rtol=1e-6)
+    assert len(metrics["methods"]["rsvd"]["explained_variance_ratio"]) == 5
+    assert (out / "rsvd_spectrum.png").exists()
+
+    nm = xr.open_zarr(out / "factors.zarr", group="nmf")
+    w, h = nm["W"].values, nm["H"].values
+    assert w.min() >= 0 and h.min() >= 0
+    err = np.linalg.norm(a - w @ h) / np.linalg.norm(a)
+    assert metrics["methods"]["nmf"]["residual_rel"] == pytest.approx(err, rel=1e-6)
+    assert (out / "nmf_convergence.png").exists()
 
 
 @pytest.mark.slow
@@ -180,4 +226,20 @@ def test_nan_in_input_exits_2_after_first_pass_and_leaves_nothing(tmp_path, clie
     )
     proc = run_cli("run", write_job(tmp_path, job))
     assert_one_line_error(proc, "NaN or Inf", "row 1500")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_negative_input_to_nmf_exits_2_and_leaves_nothing(tmp_path, client):
+    a = np.ones((2000, 5))
+    a[10, 1] = -3.0
+    write_array(tmp_path / "neg.zarr", a, chunks=(250, 5))
+    job = job_dict(
+        tmp_path,
+        str(tmp_path / "neg.zarr"),
+        methods=[{"method": "nmf", "rank": 2}],
+        cluster={"kind": "address", "address": client.scheduler.address},
+    )
+    proc = run_cli("run", write_job(tmp_path, job))
+    assert_one_line_error(proc, "non-negative", "-3")
     assert list((tmp_path / "out").iterdir()) == []

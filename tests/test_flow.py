@@ -65,3 +65,26 @@ def test_bad_config_parameter_fails_the_run(prefect_harness):
     assert state.is_failed()
     with pytest.raises(Exception, match="input: required key is missing"):
         state.result()
+
+
+def test_flow_runs_rsvd_and_nmf_with_metrics_table(tmp_path, client, prefect_harness):
+    from flows import factorize
+
+    rng = np.random.default_rng(1)
+    a = rng.random((2000, 6)) @ rng.random((6, 40))
+    write_array(tmp_path / "in.zarr", a, chunks=(500, 40))
+    job = job_dict(
+        tmp_path,
+        str(tmp_path / "in.zarr"),
+        name="two-methods",
+        cluster={"kind": "address", "address": client.scheduler.address},
+        methods=[{"method": "rsvd", "rank": 6}, {"method": "nmf", "rank": 6, "max_iter": 50}],
+    )
+    state = factorize(config=job, return_state=True)
+    assert state.is_completed(), state.message
+    report = state.result()
+    assert report["methods"]["rsvd"]["residual_rel"] < 1e-6  # exact rank 6
+    assert report["methods"]["nmf"]["iterations"] <= 50
+    (art,) = _artifacts("metrics-two-methods")
+    text = json.dumps(art.data)
+    assert "orthogonality_u" in text and "iterations" in text

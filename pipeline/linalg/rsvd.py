@@ -29,7 +29,7 @@ import dask.array as da
 import numpy as np
 from dask.delayed import delayed
 
-from pipeline.backend import array_module, random_state, to_host
+from pipeline.backend import array_module, random_state, sum_squares_f64, to_host
 from pipeline.errors import InputError
 from pipeline.linalg._graph import persist
 from pipeline.linalg.tsqr import UNOPTIMIZED, row_blocks, tsqr
@@ -104,9 +104,15 @@ def _psi_ones(a: Any, seed: int, width: int, block_info: Any = None) -> Any:
 
 
 def _block_sumsq_centred(a: Any, mean: Any) -> Any:
+    total, _ = sum_squares_f64(a, shift=mean)
+    return array_module(a).full((1, 1), total)
+
+
+def _block_stats(a: Any, _salt: Any = None) -> Any:
+    """``[column sums…, ‖A_i‖²]`` of a block as one (1, n + 1) float64 row."""
     xp = array_module(a)
-    d = a.astype(xp.float64) - xp.asarray(mean, dtype=xp.float64)[None, :]
-    return xp.reshape(xp.sum(d * d), (1, 1))
+    total, colsum = sum_squares_f64(a)
+    return xp.concatenate([colsum, xp.full((1,), total)])[None, :]
 
 
 def _block_extremes(u: Any) -> Any:
@@ -124,6 +130,18 @@ def _small_qr(z: np.ndarray) -> np.ndarray:
     return q
 
 
+def _block_cross(x: Any, y: Any) -> Any:
+    """``X_iᵀ Y_i`` for aligned row blocks (BLAS reads the transpose in place)."""
+    return x.T @ y
+
+
+def _cross(x: da.Array, y: da.Array) -> da.Array:
+    """Lazy ``XᵀY`` (float64) for arrays with the same row chunks, one product per block."""
+    nb, (p, q) = x.numblocks[0], (x.shape[1], y.shape[1])
+    parts = da.map_blocks(_block_cross, x, y, chunks=((p,) * nb, (q,)), dtype=x.dtype, meta=x._meta)
+    return parts.reshape(nb, p, q).sum(axis=0, dtype=np.float64)
+
+
 def _stacked(a: da.Array, func: Any, piece: tuple[int, int], **kw: Any) -> da.Array:
     """Apply ``func`` to each row block giving a ``piece``-shaped array; sum the pieces."""
     nb, (rows, cols) = a.numblocks[0], piece
@@ -133,9 +151,15 @@ def _stacked(a: da.Array, func: Any, piece: tuple[int, int], **kw: Any) -> da.Ar
     return parts.reshape(nb, rows, cols).sum(axis=0, dtype=np.float64)
 
 
-def _orthonormal_rows(y: da.Array) -> da.Array:
-    """Orthonormal basis of the range of a tall in-memory sketch, kept on the cluster."""
-    (q,) = persist(tsqr(y).q)
+def _orthonormal_rows(y: da.Array, keep: bool = True) -> da.Array:
+    """Orthonormal basis of the range of a tall in-memory sketch.
+
+    ``keep`` persists it on the cluster (for a basis used more than once); otherwise it is
+    recomputed from the kept sketch by the one pass that uses it.
+    """
+    q = tsqr(y).q
+    if keep:
+        (q,) = persist(q, **UNOPTIMIZED)
     return q
 
 
@@ -197,8 +221,14 @@ def rsvd(
     m, n = a.shape
     width = min(rank + oversample, m, n)
     a = row_blocks(a, block_rows, min_rows=width)
-    colsum = a.sum(axis=0, dtype=np.float64)
-    sumsq = (a.astype(np.float64) ** 2).sum()
+    stats = da.map_blocks(
+        _block_stats,
+        a,
+        chunks=((1,) * a.numblocks[0], (n + 1,)),
+        dtype=np.float64,
+        meta=a._meta.astype(np.float64),
+    ).sum(axis=0)
+    colsum, sumsq = stats[:n], stats[n]
     y = da.map_blocks(
         _times_omega, a, seed, width, chunks=(a.chunks[0], (width,)), dtype=a.dtype, meta=a._meta
     )
@@ -210,11 +240,11 @@ def rsvd(
     mean = colsum / m if center else None
     if center:  # (A − 1μᵀ)Ω = Y − 1 (μᵀΩ), and μᵀΩ is the column mean of Y
         y = y - y.mean(axis=0, dtype=np.float64).astype(a.dtype)
-    q = _orthonormal_rows(y)
+    q = _orthonormal_rows(y, keep=power_iters == 0)
     passes = 1
-    for _ in range(power_iters):
+    for i in range(power_iters):
         z, qsum = dask.compute(
-            a.T @ q, q.sum(axis=0, dtype=np.float64) if center else None, **UNOPTIMIZED
+            _cross(a, q), q.sum(axis=0, dtype=np.float64) if center else None, **UNOPTIMIZED
         )
         z = to_host(z).astype(np.float64)
         if center:
@@ -231,10 +261,11 @@ def rsvd(
             dtype=a.dtype,
             meta=a._meta,
         )
-        q = _orthonormal_rows(y)
+        (y,) = persist(y, **UNOPTIMIZED)  # one pass over A; Q is formed from it in memory
+        q = _orthonormal_rows(y, keep=i == power_iters - 1)
         passes += 2
     # Last pass: B = Qᵀ(A − 1μᵀ) and, μ now known, the exact ‖A − 1μᵀ‖².
-    b = (q.T @ a).astype(np.float64)
+    b = _cross(q, a)
     total = (
         da.map_blocks(
             _block_sumsq_centred,
