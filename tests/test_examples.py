@@ -22,12 +22,16 @@ def test_image_compression_example(tmp_path, client):
     report = run_job(_localised("image-compression.yaml", tmp_path, client), client=client)
     r = report["methods"]["rsvd"]
     assert report["input"]["shape"] == [427, 640]
-    assert r["energy_retained"] > 0.99 and r["residual_rel"] < 0.1
     from sklearn.datasets import load_sample_image
 
     grey = load_sample_image("china.jpg").astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     s = np.linalg.svd(grey, compute_uv=False)
-    np.testing.assert_allclose(r["singular_values"], s[:40], rtol=1e-3)
+    # A photo's spectrum decays slowly: the leading values are exact, the tail within 3 %.
+    np.testing.assert_allclose(r["singular_values"][:10], s[:10], rtol=1e-5)
+    np.testing.assert_allclose(r["singular_values"], s[:40], rtol=3e-2)
+    assert r["energy_retained"] == pytest.approx(np.sum(s[:40] ** 2) / np.sum(s**2), rel=1e-3)
+    optimal = np.sqrt(np.sum(s[40:] ** 2) / np.sum(s**2))
+    assert optimal <= r["residual_rel"] <= 1.01 * optimal
 
 
 def test_digits_nmf_example(tmp_path, client):
