@@ -37,7 +37,8 @@ from distributed import Client, LocalCluster
 
 from pipeline.cluster import keep_in_memory, local_defaults
 from pipeline.config import ClusterSpec
-from pipeline.linalg import nmf, row_blocks, rsvd
+from pipeline.linalg import nmf, row_blocks
+from pipeline.methods import _svd_for_init
 
 RANK, N_COLS, CHUNK_ROWS = 20, 1000, 10_000
 FULL_ROWS, SMALL_ROWS = 100_000, 20_000
@@ -61,11 +62,6 @@ def ensure_data(data_dir: Path, rows: int) -> Path:
     return path
 
 
-def svd(a: da.Array, k: int, seed: int):
-    res = rsvd(a, k, seed=seed)
-    return res.u, res.s, res.vt
-
-
 def ours(path: Path, client: Client, solver: str) -> dict[str, Any]:
     """A job's path: row blocks, kept in memory, NNDSVDa init, iterations with time stamps."""
     t0 = time.perf_counter()
@@ -78,7 +74,7 @@ def ours(path: Path, client: Client, solver: str) -> dict[str, Any]:
         init="nndsvda",
         max_iter=200,
         tol=1e-4,
-        svd=svd,
+        svd=_svd_for_init,
         on_iteration=lambda st, w: stamps.append(time.perf_counter() - t0),
     )
     res.w.persist()
