@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TextIO
 
 from pipeline.config import (
     PACKAGED_KINDS,
@@ -43,14 +43,12 @@ def _setup_logging(level: str) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from pipeline.cluster import check_cluster_available
-    from pipeline.jobs import inspect_job
+    from pipeline.jobs import precheck
 
     for path in args.configs:
         cfg = load_config(path)
-        missing = cfg.input.create_if_missing is not None and not _exists(cfg)
-        if missing:
-            check_cluster_available(cfg.cluster)
+        m = precheck(cfg)
+        if m is None:
             spec = cfg.input.create_if_missing
             size = f" {spec.shape[0]}×{spec.shape[1]}" if spec.shape else ""
             print(
@@ -58,7 +56,6 @@ def _validate(args: argparse.Namespace) -> int:
                 f"({spec.kind}{size} {spec.dtype})"
             )
             continue
-        m = inspect_job(cfg)
         arr = f" array {m.array}" if m.array else ""
         print(
             f"{path}: ok — input {m.url}{arr}: shape {m.shape[0]}×{m.shape[1]}, "
@@ -68,25 +65,12 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exists(cfg: Any) -> bool:
-    from pipeline.io.stores import split_url
-
-    fs, path = split_url(cfg.input.url, cfg.input.storage_options)
-    return bool(fs.exists(path))
-
-
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.cluster import check_cluster_available
-    from pipeline.io.artifacts import check_output_free
-    from pipeline.jobs import inspect_job, summary_table
+    from pipeline.jobs import precheck, summary_table
 
     configs = [load_config(p) for p in args.configs]
     for cfg in configs:  # refuse bad input before starting Prefect or a cluster
-        if cfg.input.create_if_missing is None or _exists(cfg):
-            inspect_job(cfg)
-        else:
-            check_cluster_available(cfg.cluster)
-            check_output_free(cfg.output, cfg.name)
+        precheck(cfg)
     from flows import factorize
 
     _logs_to_stdout()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -44,14 +43,33 @@ def versions() -> dict[str, str]:
     return out
 
 
+def input_will_be_created(config: JobConfig) -> bool:
+    """True when the input store is absent and ``input.create_if_missing`` will write it."""
+    spec = config.input
+    if spec.create_if_missing is None:
+        return False
+    fs, path = split_url(spec.url, spec.storage_options)
+    return not fs.exists(path)
+
+
 def ensure_input(config: JobConfig) -> None:
     """Create the synthetic input of ``input.create_if_missing`` when the store is absent."""
     spec = config.input
-    if spec.create_if_missing is None:
-        return
-    fs, path = split_url(spec.url, spec.storage_options)
-    if not fs.exists(path):
+    if input_will_be_created(config):
         write_synthetic(spec.url, spec.create_if_missing, spec.storage_options, spec.array)
+
+
+def precheck(config: JobConfig) -> InputManifest | None:
+    """Everything that can be refused before a cluster or Prefect starts.
+
+    Returns the input's manifest, or ``None`` when the input will be created by the run
+    (then only the cluster kind and the output are checked).
+    """
+    if not input_will_be_created(config):
+        return inspect_job(config)
+    check_cluster_available(config.cluster)
+    check_output_free(config.output, config.name)
+    return None
 
 
 def inspect_job(config: JobConfig) -> InputManifest:
@@ -175,12 +193,7 @@ def run_job(config: Any, client: Client | None = None) -> dict[str, Any]:
 
 
 def _run_methods(cfg: JobConfig, staging: str) -> dict[str, dict[str, Any]]:
-    results = {}
-    for i, spec in enumerate(cfg.methods):
-        t0 = time.perf_counter()
-        results[spec.method] = run_method(cfg, i, staging)
-        log.debug("%s took %.2f s", spec.method, time.perf_counter() - t0)
-    return results
+    return {spec.method: run_method(cfg, i, staging) for i, spec in enumerate(cfg.methods)}
 
 
 TABLE_KEYS = (

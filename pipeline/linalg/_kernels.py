@@ -181,11 +181,6 @@ def child_transform(node_q: Any, index: int, parent: Any | None) -> Any:
     return piece if parent is None else piece @ parent
 
 
-def apply_q(a: Any, factor: BlockFactor, transform: Any | None) -> Any:
-    """Final ``Q`` rows of one block: the block's own ``Q_i`` times its tree transform."""
-    return block_q(a, factor, transform)
-
-
 def summarize(*factors: BlockFactor) -> dict[str, Any]:
     """Total ``‖A‖²_F`` and how many blocks took each path."""
     counts: dict[str, int] = {}

@@ -26,7 +26,7 @@ from dask.delayed import Delayed, delayed
 
 from pipeline.errors import InputError
 from pipeline.linalg import _kernels as k
-from pipeline.linalg._graph import persist
+from pipeline.linalg._graph import fetch, persist
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 
@@ -164,17 +164,16 @@ def tsqr(
     summary = delayed(k.summarize, pure=True)(*factors)
 
     if not compute_q:
-        r, info = dask.compute(root_r, summary)
-        r = k._positive_diagonal(r)[0] if len(factors) == 1 else r
+        r, info = dask.compute(root_r, summary)  # leaf and root R have a non-negative diagonal
         return TSQRResult(None, r, a, info["sumsq"], info["block_methods"])
 
     # Keep the small per-block state on the cluster; Q re-reads A block by block.
     root_r, summary, factors, transforms = persist(root_r, summary, factors, transforms)
-    r, info = dask.compute(root_r, summary)
+    r, info = fetch(root_r, summary)
     n = a.shape[1]
     q_blocks = [
         da.from_delayed(
-            delayed(k.apply_q, pure=True)(b, f, t),
+            delayed(k.block_q, pure=True)(b, f, t),
             shape=(rows, n),
             dtype=a.dtype,
             meta=a._meta,
