@@ -149,6 +149,12 @@ class NMFSpec(_Strict):
         "hals", description="hals: fast coordinate descent; mu: Lee–Seung multiplicative updates"
     )
     init: Literal["nndsvd", "nndsvda", "random"] = "nndsvda"
+    inner_sweeps: int = Field(
+        5,
+        ge=1,
+        description="most updates of W (and H) per pass over A (Gillis–Glineur acceleration; "
+        "1 = plain HALS/MU)",
+    )
     max_iter: int = Field(200, ge=1)
     tol: float = Field(
         1e-4,

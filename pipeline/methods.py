@@ -24,7 +24,7 @@ from pipeline.cluster import keep_in_memory
 from pipeline.config import MethodSpec, NMFSpec, RSVDSpec, TSQRSpec
 from pipeline.errors import InputError
 from pipeline.io.artifacts import RunOutput
-from pipeline.linalg import NMFState, nmf, row_blocks, rsvd, tsqr
+from pipeline.linalg import NMFState, nmf, row_blocks, rsvd, rsvd_passes, tsqr
 from pipeline.linalg.tsqr import UNOPTIMIZED
 from pipeline.plots import convergence_png, spectrum_png
 
@@ -127,7 +127,7 @@ def run_rsvd(spec: RSVDSpec, a: da.Array, out: RunOutput, client: Client | None)
     m, n = a.shape
     width = min(spec.rank + spec.oversample, m, n)
     a = row_blocks(a, spec.block_rows, min_rows=width)
-    passes = 1 if spec.single_pass else 2 * spec.power_iters + 2
+    passes = rsvd_passes(spec.power_iters, spec.single_pass)
     persisted = False
     if passes > 1 or spec.measure_residual:
         a, persisted = keep_in_memory(a, client)
@@ -214,7 +214,7 @@ def _check_nmf(spec: NMFSpec, shape: tuple[int, int], index: int) -> None:
 
 
 def _svd_for_init(a: da.Array, rank: int, seed: int) -> tuple[da.Array, np.ndarray, np.ndarray]:
-    # NNDSVD needs only the dominant directions: one power iteration (4 passes) suffices.
+    # NNDSVD needs only the dominant directions: one power iteration (2 passes) suffices.
     res = rsvd(a, rank, seed=seed, power_iters=INIT_POWER_ITERS)
     return res.u, res.s, res.vt
 
@@ -267,6 +267,7 @@ def run_nmf(spec: NMFSpec, a: da.Array, out: RunOutput, client: Client | None) -
         state=state,
         svd=_svd_for_init,
         on_iteration=on_iteration,
+        inner_sweeps=spec.inner_sweeps,
     )
     if not res.converged:
         log.warning(
@@ -283,7 +284,7 @@ def run_nmf(spec: NMFSpec, a: da.Array, out: RunOutput, client: Client | None) -
         dask.compute(store)
         residual, method = res.history[-1] if res.history else None, "objective"
     out.write_bytes("nmf_convergence.png", convergence_png(res.history, spec.solver))
-    init_passes = 0 if state is not None or spec.init == "random" else 2 * INIT_POWER_ITERS + 2
+    init_passes = 0 if state is not None or spec.init == "random" else rsvd_passes(INIT_POWER_ITERS)
     passes = 1 + init_passes + (res.iterations - start_iteration)
     return {
         "rank": spec.rank,

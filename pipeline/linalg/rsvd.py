@@ -1,19 +1,32 @@
 """Randomized SVD and PCA of a dask array (Halko, Martinsson & Tropp 2011).
 
-Range finder with a Gaussian sketch and ``power_iters`` subspace iterations, each product
-re-orthonormalised (TSQR for the tall side, a small QR for the short side): the accurate
-default that dask's ``svd_compressed(iterator='power')`` is not. ``center=True`` is PCA:
+Range finder with a Gaussian sketch and ``power_iters`` subspace iterations, normalised
+every iteration (the accurate default that dask's ``svd_compressed(iterator='power')`` is
+not). ``center=True`` is PCA:
 every product with ``A`` is corrected for the column mean ``μ`` instead of forming
 ``A − 1μᵀ`` — ``(A − 1μᵀ)X = AX − 1(μᵀX)`` and ``(A − 1μᵀ)ᵀQ = AᵀQ − μ(1ᵀQ)``.
 
-Passes over ``A`` (each pass is one read when ``A`` is not kept in memory):
+Passes over ``A`` (each pass is one read when ``A`` is not kept in memory): one per power
+iteration plus one, where dask's ``svd_compressed`` makes two per iteration plus two. Each
+pass forms ``Y_i = A_i Z`` and ``A_iᵀ Y_i`` from the same block, so one pass applies ``AᵀA``:
 
-1. ``Y = AΩ`` together with the column sums (``μ``) and ``‖A‖²_F``;
-2. ``2 × power_iters`` passes: ``Z = AᵀQ`` then ``Y = AZ``;
-3. ``B = QᵀA`` together with ``‖A − 1μᵀ‖²_F`` (exact total variance, now that μ is known).
+1. column sums (``μ``), ``‖A‖²_F`` and ``W = AᵀAΩ``;
+2. ``power_iters − 1`` passes ``W = AᵀAZ``, ``Z`` the leading left singular vectors of the
+   previous ``W`` (rotating onto singular directions grades the columns of ``AZ`` by σ, so
+   their round-off scales with their own σ and the sketch need not be re-orthonormalised
+   between ``A`` and ``Aᵀ``);
+3. ``Y = AZ`` kept, ``C = AᵀY``, ``YᵀY`` and ``‖A − 1μᵀ‖²_F``: ``Y = QR`` from the
+   column-scaled Gram, and ``B = QᵀA = R⁻ᵀCᵀ`` needs no further pass. When ``Y`` is not
+   graded (σ spanning more than the working precision) it is orthonormalised by TSQR and
+   ``B`` costs one more pass.
 
-The tall ``m × l`` sketches (``l = rank + oversample``) are kept on the cluster between
-passes; they are ``l / n`` of the input's size. ``single_pass=True`` is the sketch of Tropp,
+``power_iters = 0`` is the plain range finder (``Q = orth(AΩ)``, then ``B = QᵀA``). The
+first pass squares the range of the spectrum (``AᵀAΩ`` before any normalisation): with
+``power_iters = 1`` directions below ``√ε·σ₁`` converge less than in the classic scheme;
+from the default ``power_iters = 2`` on, the later passes restore full accuracy.
+
+The final tall ``m × l`` sketch (``l = rank + oversample``) is kept on the cluster; it is
+``l / n`` of the input's size. ``single_pass=True`` is the sketch of Tropp,
 Yurtsever, Udell & Cevher (2017): ``Y = AΩ`` and ``W = ΨA`` from one read, then
 ``A ≈ Q (ΨQ)⁺ W``; it reads ``A`` once but is less accurate (no power iterations, and the
 error of the co-range sketch adds to that of the range).
@@ -28,6 +41,7 @@ import dask
 import dask.array as da
 import numpy as np
 from dask.delayed import delayed
+from scipy.linalg import solve_triangular
 
 from pipeline.backend import array_module, random_state, sum_squares_f64, to_host
 from pipeline.errors import InputError
@@ -125,9 +139,48 @@ def _block_extremes(u: Any) -> Any:
 # --------------------------------------------------------------------------- helpers
 
 
-def _small_qr(z: np.ndarray) -> np.ndarray:
-    q, _ = np.linalg.qr(z)
-    return q
+def _leading_basis(w: np.ndarray) -> np.ndarray:
+    """Left singular vectors of the small ``W`` (n × l), as a float64 basis.
+
+    Rotating the basis onto singular directions (not any orthonormal basis of ``W``) makes
+    the next product's columns graded, ``‖A z_j‖ ≈ σ_j``: the round-off of a product
+    column then scales with its own σ_j, not with σ_1, so tail directions keep their
+    digits although the sketch is not re-orthonormalised between ``A`` and ``Aᵀ``.
+    """
+    z, _, _ = np.linalg.svd(w, full_matrices=False)
+    return z
+
+
+def _times_basis(a: da.Array, z: np.ndarray, mean: np.ndarray | None) -> da.Array:
+    """Lazy ``(A − 1μᵀ)Z`` with the small ``Z`` shipped once (μ = None: no centring)."""
+    shift = mean @ z if mean is not None else None
+    return da.map_blocks(
+        _times_small,
+        a,
+        delayed(z, pure=True),
+        shift,
+        chunks=(a.chunks[0], (z.shape[1],)),
+        dtype=a.dtype,
+        meta=a._meta,
+    )
+
+
+def _centred_cross(c: np.ndarray, ysum: np.ndarray | None, mean: np.ndarray | None) -> Any:
+    """``(A − 1μᵀ)ᵀY = AᵀY − μ(1ᵀY)`` from ``AᵀY`` and the column sums of ``Y``."""
+    c = np.asarray(c, dtype=np.float64)
+    return c if mean is None else c - np.outer(mean, ysum)
+
+
+def _centred_sumsq(a: da.Array, mean: np.ndarray) -> da.Array:
+    """Lazy ``‖A − 1μᵀ‖²_F`` (float64, block by block)."""
+    return da.map_blocks(
+        _block_sumsq_centred,
+        a,
+        mean,
+        chunks=((1,) * a.numblocks[0], (1,)),
+        dtype=np.float64,
+        meta=a._meta.astype(np.float64),
+    ).sum()
 
 
 def _block_cross(x: Any, y: Any) -> Any:
@@ -161,6 +214,14 @@ def _orthonormal_rows(y: da.Array, keep: bool = True) -> da.Array:
     if keep:
         (q,) = persist(q, **UNOPTIMIZED)
     return q
+
+
+GRAM_MAX_COND = 100.0  # above it, the final sketch is orthonormalised by TSQR
+
+
+def rsvd_passes(power_iters: int, single_pass: bool = False) -> int:
+    """Passes over ``A`` that :func:`rsvd` makes (``power_iters + 1``, at least 2)."""
+    return 1 if single_pass else max(power_iters + 1, 2)
 
 
 def _check(a: da.Array, rank: int, oversample: int, power_iters: int) -> None:
@@ -235,58 +296,104 @@ def rsvd(
     if single_pass:
         return _single_pass(a, y, colsum, sumsq, rank, width, center, seed)
 
-    y, colsum, sumsq = persist(y, colsum, sumsq, **UNOPTIMIZED)  # pass 1
+    if power_iters == 0:
+        return _no_power_iters(a, y, colsum, sumsq, rank, center)
+
+    # Pass 1: the statistics and W = AᵀAΩ, centred afterwards (μ is known only at its end):
+    # (A − 1μᵀ)ᵀ(A − 1μᵀ)Ω = AᵀY − μ(1ᵀY) with Y = AΩ, since Aᵀ1 = mμ.
+    w, ysum, colsum, input_sumsq = (
+        to_host(v)
+        for v in dask.compute(
+            _cross(a, y), y.sum(axis=0, dtype=np.float64), colsum, sumsq, **UNOPTIMIZED
+        )
+    )
+    mean = colsum / m if center else None
+    w = _centred_cross(w, ysum, mean)
+    # Passes 2 … power_iters: W = (A − 1μᵀ)ᵀ(A − 1μᵀ)Z in one pass each.
+    for _ in range(power_iters - 1):
+        y = _times_basis(a, _leading_basis(w), mean)
+        w, ysum = dask.compute(_cross(a, y), y.sum(axis=0, dtype=np.float64), **UNOPTIMIZED)
+        w = _centred_cross(to_host(w), to_host(ysum), mean)
+    # Last pass: Y = (A − 1μᵀ)Z kept, with C = (A − 1μᵀ)ᵀY, YᵀY and the exact ‖A − 1μᵀ‖².
+    # With Y = QR, B = QᵀA = R⁻ᵀCᵀ: no further pass over A.
+    y = _times_basis(a, _leading_basis(w), mean)
+    parts = (
+        _cross(a, y),
+        _cross(y, y),
+        y.sum(axis=0, dtype=np.float64) if center else None,
+        _centred_sumsq(a, mean) if center else None,
+    )
+    y, *parts = persist(y, *parts, **UNOPTIMIZED)  # one graph: Y is formed once
+    c, gram, ysum, total = (
+        None if v is None else to_host(v) for v in dask.compute(*parts, **UNOPTIMIZED)
+    )
+    c = _centred_cross(c, ysum, mean)
+    total_sumsq = float(total) if center else float(input_sumsq)
+    input_sumsq, passes = float(input_sumsq), power_iters + 1
+    basis = _gram_basis(gram)
+    if basis is not None:  # Q = Y T with R = T⁻¹ from the Gram; B = QᵀA = R⁻ᵀCᵀ
+        transform, r = basis
+        b = solve_triangular(r, c.T, trans="T")
+        return _finish(y, b, rank, mean, total_sumsq, input_sumsq, passes, True, a, transform)
+    # Y not graded (a spectrum beyond the working precision): R⁻ᵀCᵀ would amplify the
+    # round-off of C, so orthonormalise Y with TSQR and project with one more pass.
+    (q,) = persist(tsqr(y).q, **UNOPTIMIZED)
+    b, _ = _project(a, q, mean)
+    return _finish(q, b, rank, mean, total_sumsq, input_sumsq, passes + 1, True, a)
+
+
+def _project(a: da.Array, q: da.Array, mean: np.ndarray | None) -> tuple[np.ndarray, float | None]:
+    """``B = Qᵀ(A − 1μᵀ) = QᵀA − (Qᵀ1)μᵀ`` and, with μ, ``‖A − 1μᵀ‖²``: one pass over A."""
+    centred = mean is not None
+    b, qsum, total = dask.compute(
+        _cross(q, a),
+        q.sum(axis=0, dtype=np.float64) if centred else None,
+        _centred_sumsq(a, mean) if centred else None,
+        **UNOPTIMIZED,
+    )
+    b = to_host(b)
+    if not centred:
+        return b, None
+    return b - np.outer(to_host(qsum), mean), float(to_host(total))
+
+
+def _gram_basis(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(T, R)`` with ``Y T`` orthonormal and ``Y = (Y T) R``, from ``G = YᵀY``.
+
+    Cholesky of the column-scaled Gram (``D⁻¹GD⁻¹ = LLᵀ``, ``R = LᵀD``): its round-off
+    grows with the condition of the *scaled* ``Y``, which is close to 1 here because the
+    sketch's columns are near-orthogonal with graded norms (the basis was rotated onto
+    singular directions). ``None`` when that condition exceeds ``GRAM_MAX_COND`` or
+    Cholesky fails — the caller falls back to TSQR.
+    """
+    d = np.sqrt(np.diag(gram))
+    if not np.all(d > 0):
+        return None
+    scaled = gram / np.outer(d, d)
+    if np.linalg.cond(scaled) > GRAM_MAX_COND:
+        return None
+    try:
+        lower = np.linalg.cholesky(scaled)
+    except np.linalg.LinAlgError:
+        return None
+    r = lower.T * d[None, :]
+    return solve_triangular(r, np.eye(len(d))), r
+
+
+def _no_power_iters(
+    a: da.Array, y: da.Array, colsum: da.Array, sumsq: da.Array, rank: int, center: bool
+) -> RSVDResult:
+    """Plain range finder: ``Q = orth(AΩ)`` (pass 1), ``B = QᵀA`` (pass 2)."""
+    m = a.shape[0]
+    y, colsum, sumsq = persist(y, colsum, sumsq, **UNOPTIMIZED)
     colsum, input_sumsq = (to_host(v) for v in dask.compute(colsum, sumsq, **UNOPTIMIZED))
     mean = colsum / m if center else None
     if center:  # (A − 1μᵀ)Ω = Y − 1 (μᵀΩ), and μᵀΩ is the column mean of Y
         y = y - y.mean(axis=0, dtype=np.float64).astype(a.dtype)
-    q = _orthonormal_rows(y, keep=power_iters == 0)
-    passes = 1
-    for i in range(power_iters):
-        z, qsum = dask.compute(
-            _cross(a, q), q.sum(axis=0, dtype=np.float64) if center else None, **UNOPTIMIZED
-        )
-        z = to_host(z).astype(np.float64)
-        if center:
-            z -= np.outer(mean, to_host(qsum))
-        z = _small_qr(z)
-        shift = mean @ z if center else None
-        zd = delayed(z, pure=True)
-        y = da.map_blocks(
-            _times_small,
-            a,
-            zd,
-            shift,
-            chunks=(a.chunks[0], (width,)),
-            dtype=a.dtype,
-            meta=a._meta,
-        )
-        (y,) = persist(y, **UNOPTIMIZED)  # one pass over A; Q is formed from it in memory
-        q = _orthonormal_rows(y, keep=i == power_iters - 1)
-        passes += 2
-    # Last pass: B = Qᵀ(A − 1μᵀ) and, μ now known, the exact ‖A − 1μᵀ‖².
-    b = _cross(q, a)
-    total = (
-        da.map_blocks(
-            _block_sumsq_centred,
-            a,
-            mean,
-            chunks=((1,) * a.numblocks[0], (1,)),
-            dtype=np.float64,
-            meta=a._meta.astype(np.float64),
-        ).sum()
-        if center
-        else None
-    )
-    qsum = q.sum(axis=0, dtype=np.float64) if center else None
-    b, total, qsum = (
-        None if v is None else to_host(v) for v in dask.compute(b, total, qsum, **UNOPTIMIZED)
-    )
-    passes += 1
-    if center:
-        b = b - np.outer(qsum, mean)
-    total_sumsq = float(total) if center else float(input_sumsq)
-    return _finish(q, b, rank, mean, total_sumsq, float(input_sumsq), passes, True, a)
+    (q,) = persist(tsqr(y).q, **UNOPTIMIZED)
+    b, total = _project(a, q, mean)  # pass 2, with the exact centred total now μ is known
+    total_sumsq = total if total is not None else float(input_sumsq)
+    return _finish(q, b, rank, mean, total_sumsq, float(input_sumsq), 2, True, a)
 
 
 def _single_pass(
@@ -335,10 +442,16 @@ def _finish(
     passes: int,
     projection: bool,
     a: da.Array,
+    transform: np.ndarray | None = None,
 ) -> RSVDResult:
-    """SVD of the small ``B``, rotate ``Q``, fix signs (largest |·| of each U column > 0)."""
+    """SVD of the small ``B``, rotate ``Q``, fix signs (largest |·| of each U column > 0).
+
+    The basis is ``q`` itself or, with ``transform``, ``q @ transform``.
+    """
     ub, s, vt = np.linalg.svd(b, full_matrices=False)
     ub, s, vt = ub[:, :rank], s[:rank], vt[:rank]
+    if transform is not None:
+        ub = transform @ ub
     u = _times_small_lazy(q, ub)
     nb = u.numblocks[0]
     ext = da.map_blocks(
