@@ -16,6 +16,6 @@ OFFLINE_ENV = {
 for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
 
-from flows.factorize import factorize  # noqa: E402
+from flows.factorize import factorize, factorize_batch  # noqa: E402
 
-__all__ = ["OFFLINE_ENV", "factorize"]
+__all__ = ["OFFLINE_ENV", "factorize", "factorize_batch"]

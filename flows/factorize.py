@@ -1,4 +1,6 @@
-"""The ``factorize`` flow: prepare → one task per method → publish, plus a metrics table.
+"""Flows: ``factorize`` (one job: prepare → one task per method → publish, with a metrics
+table, a Markdown report and a link as artifacts) and ``factorize-batch`` (several jobs as
+concurrent flow runs sharing one Dask cluster).
 
 Tasks take and return small values (the config model, a manifest, a staging path, metric
 dicts); the Dask client lives in the flow's cluster context and tasks use it as the
@@ -11,15 +13,29 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
 from prefect.logging import get_run_logger
 
 from pipeline.cluster import cluster_from_spec
-from pipeline.config import JobConfig, config_from_any
-from pipeline.errors import UserError
+from pipeline.config import ClusterSpec, JobConfig, config_from_any
+from pipeline.errors import ConfigError, UserError
 from pipeline.io.source import InputManifest
-from pipeline.jobs import TABLE_KEYS, abort_job, now_iso, prepare_job, publish_job, run_method
+from pipeline.jobs import (
+    TABLE_KEYS,
+    abort_job,
+    completed_result,
+    now_iso,
+    prepare_job,
+    publish_job,
+    run_method,
+)
+from pipeline.reports import report_markdown
 
 
 def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -69,6 +85,12 @@ def publish(
     return publish_job(config, manifest, staging, results, started)
 
 
+@task(name="check-complete", cache_policy=NO_CACHE)
+def check_complete(config: JobConfig) -> dict[str, Any] | None:
+    """With ``skip_if_complete``: the published report when it still answers this job."""
+    return completed_result(config)
+
+
 def _metrics_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {"method": method, "metric": key, "value": res[key]}
@@ -78,9 +100,35 @@ def _metrics_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _artifact_key(name: str) -> str:
+def _artifact_key(kind: str, name: str) -> str:
     key = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    return f"metrics-{key}"[:100]
+    return f"{kind}-{key}"[:100]
+
+
+def _link(url: str) -> str:
+    """A clickable link for a result location (local paths become file:// URLs)."""
+    return url if "://" in url else Path(url).resolve().as_uri()
+
+
+def publish_artifacts(report: dict[str, Any]) -> None:
+    """Metrics table, Markdown report and a link to the result, keyed by the job name."""
+    name = report["name"]
+    create_table_artifact(
+        key=_artifact_key("metrics", name),
+        table=_metrics_table(report),
+        description=f"Metrics of {name}; factors at {report['output']}",
+    )
+    create_markdown_artifact(
+        key=_artifact_key("report", name),
+        markdown=report_markdown(report),
+        description=f"Report of {name}",
+    )
+    create_link_artifact(
+        key=_artifact_key("result", name),
+        link=_link(report["output"]),
+        link_text=f"{name}: factors.zarr, metrics.json, report.md",
+        description=f"Where {name}'s result is",
+    )
 
 
 def _run_name() -> str:
@@ -106,12 +154,20 @@ def factorize(config: dict[str, Any] | str) -> dict[str, Any]:
 
     Returns
     -------
-    The job's ``metrics.json`` content.
+    The job's ``metrics.json`` content (with ``"skipped": true`` when ``skip_if_complete``
+    found the published result unchanged).
     """
     logger = get_run_logger()
     cfg = config_from_any(config)
     started = now_iso()
     logger.info("job %s: %d method(s) on %s", cfg.name, len(cfg.methods), cfg.input.url)
+    done = check_complete(cfg)
+    if done is not None:
+        logger.info(
+            "job %s: skipped — result at %s is complete and unchanged", cfg.name, done["output"]
+        )
+        publish_artifacts(done)
+        return done
     manifest, staging = prepare(cfg)
     try:
         with cluster_from_spec(cfg.cluster):
@@ -123,10 +179,56 @@ def factorize(config: dict[str, Any] | str) -> dict[str, Any]:
     except BaseException:
         abort_job(cfg, staging)
         raise
-    create_table_artifact(
-        key=_artifact_key(cfg.name),
-        table=_metrics_table(report),
-        description=f"Metrics of {cfg.name}; factors at {report['output']}",
-    )
+    publish_artifacts(report)
     logger.info("job %s: completed; result at %s", cfg.name, report["output"])
     return report
+
+
+@task(name="job", cache_policy=NO_CACHE)
+def _job_in_batch(config: dict[str, Any]) -> dict[str, Any]:
+    """One job of a batch, as its own (nested) flow run."""
+    return factorize(config=config)
+
+
+@flow(name="factorize-batch", validate_parameters=True)
+def factorize_batch(
+    configs: list[dict[str, Any] | str], cluster: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run several jobs concurrently, each as its own flow run, on one shared Dask cluster.
+
+    Parameters
+    ----------
+    configs : jobs, each as ``factorize`` accepts it (mapping, YAML text or path)
+    cluster : the shared cluster (a ``cluster:`` section); default: the first job's
+
+    Returns
+    -------
+    ``{job name: its metrics.json content}``. The batch fails, naming the failed jobs,
+    when any job fails; the others still run to the end.
+    """
+    logger = get_run_logger()
+    cfgs = [config_from_any(c) for c in configs]
+    names = [c.name for c in cfgs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"configs: job names must be unique in a batch; got {names}")
+    spec = ClusterSpec(**cluster) if cluster else cfgs[0].cluster
+    with cluster_from_spec(spec) as client:
+        shared = ClusterSpec(kind="address", address=client.scheduler.address)
+        logger.info("batch of %d jobs on %s", len(cfgs), shared.address)
+        futures = [
+            _job_in_batch.with_options(name=f"job-{c.name}").submit(
+                c.model_copy(update={"cluster": shared}).model_dump(mode="json")
+            )
+            for c in cfgs
+        ]
+        wait(futures)
+    reports, failed = {}, []
+    for cfg, fut in zip(cfgs, futures, strict=True):
+        state = fut.state
+        if state.is_completed():
+            reports[cfg.name] = fut.result()
+        else:
+            failed.append(f"{cfg.name} ({state.message or state.name})")
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(cfgs)} jobs failed: " + "; ".join(failed))
+    return reports

@@ -17,11 +17,12 @@ from typing import TextIO
 from pipeline.config import (
     PACKAGED_KINDS,
     SYNTHETIC_KINDS,
+    JobConfig,
     SyntheticSpec,
     json_schema,
     load_config,
 )
-from pipeline.errors import FactorizeError, UserError
+from pipeline.errors import ConfigError, FactorizeError, UserError
 
 log = logging.getLogger("pipeline")
 
@@ -69,15 +70,67 @@ def _run(args: argparse.Namespace) -> int:
     from pipeline.jobs import precheck, summary_table
 
     configs = [load_config(p) for p in args.configs]
+    _unique_names(configs)
     for cfg in configs:  # refuse bad input before starting Prefect or a cluster
         precheck(cfg)
-    from flows import factorize
+    from flows import factorize, factorize_batch
 
     _logs_to_stdout()
-    for cfg in configs:
-        report = factorize(config=cfg.model_dump(mode="json"))
-        print(f"\n{cfg.name}: completed — {report['output']}")
+    if len(configs) == 1:
+        reports = {configs[0].name: factorize(config=configs[0].model_dump(mode="json"))}
+    else:  # concurrent flow runs on one shared cluster
+        reports = factorize_batch(configs=[c.model_dump(mode="json") for c in configs])
+    for name, report in reports.items():
+        verdict = "skipped (complete, unchanged)" if report.get("skipped") else "completed"
+        print(f"\n{name}: {verdict} — {report['output']}")
         print(summary_table(report))
+    return 0
+
+
+def _unique_names(configs: Sequence[JobConfig]) -> None:
+    names = [c.name for c in configs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"name: jobs run together need distinct names; repeated: {dupes}")
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pipeline.jobs import precheck
+
+    configs = [load_config(p) for p in args.configs]
+    if args.check_input:
+        for cfg in configs:  # bad input → exit 2 before anything is submitted
+            precheck(cfg)
+    from flows.operations import flow_run_url, follow, submit
+
+    runs = []
+    for path, cfg in zip(args.configs, configs, strict=True):
+        run = submit(cfg, args.deployment)
+        runs.append(run)
+        print(f"{path}: submitted flow run {run.name} ({run.id}) — {flow_run_url(run.id)}")
+    if not args.wait:
+        return 0
+    failed = []
+    for run in runs:
+        final = follow(run.id, on_state=lambda s, n=run.name: print(f"{n}: {s}", flush=True))
+        if not final.state.is_completed():
+            failed.append(f"{final.name} {final.state.name}: {final.state.message}")
+    if failed:
+        _say("factorize: failed: " + "; ".join(failed))
+        return 1
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pipeline.jobs import precheck
+
+    configs = [load_config(p) for p in args.configs]
+    _unique_names(configs)
+    for cfg in configs:
+        precheck(cfg)
+    from flows.operations import serve_jobs
+
+    serve_jobs(configs, cron=args.cron, interval=args.interval, timezone=args.timezone)
     return 0
 
 
@@ -105,7 +158,6 @@ def _generate(args: argparse.Namespace) -> int:
 
     from pipeline.config import format_validation_error
     from pipeline.datasets import write_synthetic
-    from pipeline.errors import ConfigError
 
     try:
         spec = SyntheticSpec(
@@ -131,13 +183,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run job files now (Prefect flow, embedded cluster)")
+    p = sub.add_parser(
+        "run", help="run job files now (Prefect flow; several files: concurrently, one cluster)"
+    )
     p.add_argument("configs", nargs="+", metavar="CONFIG.yaml")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("validate", help="check job files and open their input; compute nothing")
     p.add_argument("configs", nargs="+", metavar="CONFIG.yaml")
     p.set_defaults(func=_validate)
+
+    p = sub.add_parser(
+        "submit", help="create flow runs of a deployment on a Prefect server (PREFECT_API_URL)"
+    )
+    p.add_argument("configs", nargs="+", metavar="CONFIG.yaml")
+    p.add_argument(
+        "--deployment",
+        default="factorize/submit",
+        help="deployment to run, FLOW/NAME or NAME of the factorize flow (default: %(default)s)",
+    )
+    p.add_argument("--wait", action="store_true", help="follow the runs; exit 1 if one fails")
+    p.add_argument(
+        "--no-check-input",
+        dest="check_input",
+        action="store_false",
+        help="validate the file only; do not open the input here (workers see other paths)",
+    )
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("serve", help="serve the jobs as scheduled deployments (no work pool)")
+    p.add_argument("configs", nargs="+", metavar="CONFIG.yaml")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--cron", help="cron schedule, e.g. '0 2 * * *'")
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS")
+    p.add_argument("--timezone", default="UTC", help="of the schedule (default: %(default)s)")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("schema", help="print the job file's JSON Schema")
     p.set_defaults(func=_schema)

@@ -79,6 +79,11 @@ def cluster_from_spec(spec: ClusterSpec) -> Iterator[Client]:
         When the scheduler cannot be reached, or ``local-cuda`` lacks dask-cuda.
     """
     if spec.kind == "address":
+        shared = _client_for(spec.address)
+        if shared is not None:  # a batch in this process already holds one: share it
+            log.info("using this process's client of scheduler %s", spec.address)
+            yield shared
+            return
         try:
             client = Client(spec.address, timeout=spec.connect_timeout, set_as_default=True)
         except (OSError, TimeoutError) as exc:
@@ -88,7 +93,8 @@ def cluster_from_spec(spec: ClusterSpec) -> Iterator[Client]:
             ) from None
         log.info("connected to scheduler %s; dashboard: %s", spec.address, client.dashboard_link)
         try:
-            yield client
+            with client.as_current():  # wins over an enclosing client's context
+                yield client
         finally:
             client.close()
         return
@@ -129,6 +135,23 @@ def cluster_from_spec(spec: ClusterSpec) -> Iterator[Client]:
             yield client
     finally:
         cluster.close()
+
+
+def _client_for(address: str | None) -> Client | None:
+    """This process's open default client when it talks to ``address``, else ``None``.
+
+    Jobs of a batch run in threads of one process against one cluster; they must share
+    one client — a second client's ``close()`` would release futures the other job holds.
+    """
+    from distributed import default_client
+
+    try:
+        client = default_client()
+    except ValueError:
+        return None
+    if client.status != "running" or address is None:
+        return None
+    return client if client.scheduler.address == address else None
 
 
 def cluster_memory(client: Client | None) -> int:

@@ -126,7 +126,9 @@ class RSVDSpec(_Strict):
     oversample: int = Field(
         10, ge=0, description="extra sketch columns (rank + oversample is capped at min(m, n))"
     )
-    power_iters: int = Field(2, ge=0, le=100, description="subspace iterations, two passes each")
+    power_iters: int = Field(
+        2, ge=0, le=100, description="subspace iterations, one pass over A each"
+    )
     center: bool = Field(False, description="PCA: subtract column means (never materialised)")
     seed: int = Field(0, ge=0, description="seed of the Gaussian test matrices")
     single_pass: bool = Field(
@@ -189,6 +191,11 @@ class JobConfig(_Strict):
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     methods: list[MethodSpec] = Field(min_length=1)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    skip_if_complete: bool = Field(
+        False,
+        description="do nothing when the output holds a complete result of this same config "
+        "and unchanged input (fingerprint of the config, input shape/chunks/dtype and store)",
+    )
 
     @field_validator("methods")
     @classmethod

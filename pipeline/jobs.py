@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -19,12 +20,16 @@ from pipeline.checkpoints import Checkpoints
 from pipeline.cluster import check_cluster_available
 from pipeline.config import JobConfig, NMFSpec, config_from_any, redact, redacted_dump
 from pipeline.datasets import write_synthetic
+from pipeline.fingerprint import job_fingerprint, published_report
 from pipeline.io.artifacts import RunOutput, check_output_free
 from pipeline.io.source import InputManifest, open_matrix
 from pipeline.io.stores import split_url
 from pipeline.methods import RUNNERS, check_applicable
+from pipeline.reports import report_markdown
 
 log = logging.getLogger(__name__)
+
+REPORT = "report.md"  # next to metrics.json: the Markdown report of the run
 
 
 def now_iso() -> str:
@@ -63,13 +68,16 @@ def precheck(config: JobConfig) -> InputManifest | None:
     """Everything that can be refused before a cluster or Prefect starts.
 
     Returns the input's manifest, or ``None`` when the input will be created by the run
-    (then only the cluster kind and the output are checked).
+    (then only the cluster kind and the output are checked). A job that
+    ``skip_if_complete`` will skip passes (its output exists, and that is fine).
     """
-    if not input_will_be_created(config):
-        return inspect_job(config)
-    check_cluster_available(config.cluster)
-    check_output_free(config.output, config.name)
-    return None
+    if input_will_be_created(config):
+        check_cluster_available(config.cluster)
+        check_output_free(config.output, config.name)
+        return None
+    if completed_result(config) is not None:
+        return open_matrix(config.input)[1]
+    return inspect_job(config)
 
 
 def inspect_job(config: JobConfig) -> InputManifest:
@@ -87,6 +95,29 @@ def inspect_job(config: JobConfig) -> InputManifest:
     return manifest
 
 
+def completed_result(config: JobConfig) -> dict[str, Any] | None:
+    """With ``skip_if_complete``: the published report when it answers this very job.
+
+    That is, a complete result exists at ``<output.url>/<name>/`` and its fingerprint (config,
+    input manifest and store, see :mod:`pipeline.fingerprint`) equals the current one.
+    """
+    if not config.skip_if_complete or input_will_be_created(config):
+        return None
+    report = published_report(config)
+    if report is None:
+        return None
+    _, manifest = open_matrix(config.input)
+    if report.get("input", {}).get("fingerprint") != job_fingerprint(config, manifest):
+        log.info("%s: the config or the input changed since the published result", config.name)
+        return None
+    log.info(
+        "%s: skipped — the result at %s is complete and config and input are unchanged",
+        config.name,
+        report.get("output"),
+    )
+    return {**report, "skipped": True}
+
+
 def prepare_job(config: JobConfig) -> tuple[InputManifest, str]:
     """Create the input if asked, validate everything, open the staging folder.
 
@@ -96,6 +127,7 @@ def prepare_job(config: JobConfig) -> tuple[InputManifest, str]:
     """
     ensure_input(config)
     manifest = inspect_job(config)
+    manifest = replace(manifest, fingerprint=job_fingerprint(config, manifest))
     out = RunOutput(config.output, config.name)
     out.begin()
     log.info(
@@ -123,7 +155,15 @@ def run_method(config: JobConfig, index: int, staging: str) -> dict[str, Any]:
     spec = config.methods[index]
     a, _ = open_matrix(config.input)
     out = RunOutput(config.output, config.name, staging=staging)
-    result = RUNNERS[spec.method](spec, a, out, _current_client())
+    client = _current_client()
+    result = RUNNERS[spec.method](spec, a, out, client)
+    if client is not None:  # provenance: which cluster computed it
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        result["dask"] = {
+            "scheduler": redact(client.scheduler.address),
+            "workers": len(workers),
+            "threads": sum(w.get("nthreads", 0) for w in workers),
+        }
     log.info("%s: %s finished in %.1f s", config.name, spec.method, result["seconds"])
     return result
 
@@ -149,6 +189,7 @@ def publish_job(
     }
     out = RunOutput(config.output, config.name, staging=staging)
     report["output"] = redact(out.final_url)
+    out.write_bytes(REPORT, report_markdown(report).encode())
     out.publish(report)
     if any(isinstance(spec, NMFSpec) for spec in config.methods):
         Checkpoints(config.output, config.name).remove()  # the result supersedes it
@@ -178,6 +219,9 @@ def run_job(config: Any, client: Client | None = None) -> dict[str, Any]:
 
     cfg = config_from_any(config)
     started = now_iso()
+    done = completed_result(cfg)
+    if done is not None:
+        return done
     manifest, staging = prepare_job(cfg)
     try:
         if client is None:
@@ -226,6 +270,7 @@ def summary_table(report: dict[str, Any]) -> str:
 
 __all__ = [
     "abort_job",
+    "completed_result",
     "inspect_job",
     "prepare_job",
     "publish_job",

@@ -162,8 +162,9 @@ def test_schema_and_generate(tmp_path):
 
 @pytest.mark.slow
 def test_run_end_to_end_with_embedded_cluster_and_prefect(tmp_path):
-    """The README path: a job file, an embedded LocalCluster, Prefect's ephemeral API; all
-    three methods on one non-negative input."""
+    """The README path: job files, an embedded LocalCluster, Prefect's ephemeral API; all
+    three methods on one non-negative input, and a second job in the same command (a batch:
+    concurrent flow runs on one shared cluster)."""
     job = job_dict(
         tmp_path,
         "data/in.zarr",
@@ -185,14 +186,27 @@ def test_run_end_to_end_with_embedded_cluster_and_prefect(tmp_path):
         output={"url": "results"},
     )
     path = write_job(tmp_path, job)
-    proc = run_cli("run", path, cwd=tmp_path)
+    second = job_dict(
+        tmp_path,
+        "data/b.zarr",
+        name="e2e-b",
+        input={"url": "data/b.zarr", "create_if_missing": {"kind": "gaussian", "shape": [5000, 8]}},
+        output={"url": "results"},
+    )
+    path_b = write_job(tmp_path, second, "b.yaml")
+    proc = run_cli("run", path, path_b, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert "e2e: completed" in proc.stdout and "orthogonality_u" in proc.stdout
-    assert "Beginning flow run" in proc.stdout  # it really ran as a Prefect flow
+    assert "e2e-b: completed" in proc.stdout
+    assert "Beginning flow run" in proc.stdout  # it really ran as Prefect flows
+    b = json.loads((tmp_path / "results" / "e2e-b" / "metrics.json").read_text())
+    assert b["methods"]["tsqr"]["residual_rel"] < 1e-14
     out = tmp_path / "results" / "e2e"
     metrics = json.loads((out / "metrics.json").read_text())
     a = zarr.open_array(str(tmp_path / "data" / "in.zarr"))[...]
     assert metrics["input"]["fro_norm"] == pytest.approx(np.linalg.norm(a), rel=1e-12)
+    dask_info = metrics["methods"]["tsqr"]["dask"]
+    assert dask_info == b["methods"]["tsqr"]["dask"] and dask_info["workers"] == 2  # shared
 
     qr = xr.open_zarr(out / "factors.zarr", group="tsqr")
     q, r = qr["Q"].values, qr["R"].values

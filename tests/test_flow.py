@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -88,3 +89,52 @@ def test_flow_runs_rsvd_and_nmf_with_metrics_table(tmp_path, client, prefect_har
     (art,) = _artifacts("metrics-two-methods")
     text = json.dumps(art.data)
     assert "orthogonality_u" in text and "iterations" in text
+
+
+def _batch_jobs(tmp_path, names, bad=()):
+    """tsqr + a few seconds of NMF iterations per job (long enough to see them overlap)."""
+    jobs = []
+    methods = [{"method": "tsqr"}, {"method": "nmf", "rank": 3, "max_iter": 80, "tol": 0}]
+    for i, name in enumerate(names):
+        shape = (30, 300) if name in bad else (8000, 12)  # wide: tsqr refuses it
+        write_array(tmp_path / f"{name}.zarr", np.random.default_rng(i).random(shape))
+        jobs.append(job_dict(tmp_path, str(tmp_path / f"{name}.zarr"), name=name, methods=methods))
+    return jobs
+
+
+def _runs_named(names):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as c:
+        return c.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names)))
+
+
+def test_batch_runs_jobs_as_concurrent_flow_runs_on_one_cluster(tmp_path, client, prefect_harness):
+    from flows import factorize_batch
+
+    names = ["batch_a", "batch_b", "batch_c"]
+    shared = {"kind": "address", "address": client.scheduler.address}
+    state = factorize_batch(configs=_batch_jobs(tmp_path, names), cluster=shared, return_state=True)
+    assert state.is_completed(), state.message
+    reports = state.result()
+    assert sorted(reports) == names
+    assert {r["methods"]["tsqr"]["dask"]["scheduler"] for r in reports.values()} == {
+        client.scheduler.address
+    }
+    runs = _runs_named(names)
+    assert sorted(r.name for r in runs) == names and all(r.state.is_completed() for r in runs)
+    spans = sorted((r.start_time, r.end_time) for r in runs)
+    overlaps = [b[0] < a[1] for a, b in pairwise(spans)]
+    assert any(overlaps), f"the flow runs ran one after another: {spans}"
+
+
+def test_batch_reports_failed_jobs_and_finishes_the_others(tmp_path, client, prefect_harness):
+    from flows import factorize_batch
+
+    shared = {"kind": "address", "address": client.scheduler.address}
+    jobs = _batch_jobs(tmp_path, ["fine", "wide"], bad=("wide",))
+    state = factorize_batch(configs=jobs, cluster=shared, return_state=True)
+    assert state.is_failed()
+    assert "1 of 2 jobs failed: wide" in state.message and "transpose" in state.message
+    assert (tmp_path / "out" / "fine" / "metrics.json").exists()

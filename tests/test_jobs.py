@@ -142,3 +142,72 @@ def test_killed_run_leaves_no_complete_looking_result(tmp_path):
     proc.wait()
     assert not (out / "job").exists()
     assert all(p.name.startswith(".job.partial-") for p in out.iterdir())
+
+
+def test_skip_if_complete_follows_config_and_input(tmp_path, client):
+    a = np.random.default_rng(5).standard_normal((2000, 6))
+    write_array(tmp_path / "in.zarr", a, chunks=(500, 6))
+    job = job_dict(tmp_path, str(tmp_path / "in.zarr"), skip_if_complete=True)
+    first = run_job(job, client=client)
+    assert "skipped" not in first and first["input"]["fingerprint"]
+    again = run_job(job, client=client)
+    assert again["skipped"] and again["finished"] == first["finished"]
+    # rewriting one chunk's data (same shape, chunks and dtype) is noticed
+    time.sleep(0.05)
+    b = a.copy()
+    b[:500] *= 2.0
+    write_array(tmp_path / "in.zarr", b, chunks=(500, 6))
+    with pytest.raises(ArtifactExistsError, match="overwrite"):
+        run_job(job, client=client)  # changed, and overwrite is false: refused, untouched
+    job["output"]["overwrite"] = True
+    redone = run_job(job, client=client)
+    assert "skipped" not in redone
+    assert redone["input"]["fro_norm"] == pytest.approx(np.linalg.norm(b), rel=1e-12)
+    # a changed method option is a different job
+    job["methods"] = [{"method": "tsqr", "q": False}]
+    assert "skipped" not in run_job(job, client=client)
+    assert run_job(job, client=client)["skipped"]
+
+
+def test_job_on_an_external_dask_scheduler_and_worker(tmp_path):
+    """`dask scheduler` + `dask worker` started here; the job connects by address."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_dir = os.path.dirname(sys.executable)
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler_cmd = ["scheduler", "--host", "127.0.0.1", "--port", str(port)]
+    scheduler = subprocess.Popen(
+        [f"{bin_dir}/dask", *scheduler_cmd, "--dashboard-address", ":0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    worker_cmd = ["worker", address, "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1"]
+    worker = subprocess.Popen(
+        [f"{bin_dir}/dask", *worker_cmd, "--dashboard-address", ":0", "--memory-limit", "2GiB"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        a = np.random.default_rng(6).standard_normal((3000, 7))
+        write_array(tmp_path / "in.zarr", a, chunks=(800, 7))
+        job = job_dict(
+            tmp_path,
+            str(tmp_path / "in.zarr"),
+            cluster={"kind": "address", "address": address, "connect_timeout": 60},
+            methods=[{"method": "rsvd", "rank": 3}],
+        )
+        report = run_job(job)  # no client given: the job's cluster section is used
+        r = report["methods"]["rsvd"]
+        assert r["dask"] == {"scheduler": address, "workers": 1, "threads": 1}
+        np.testing.assert_allclose(
+            r["singular_values"], np.linalg.svd(a, compute_uv=False)[:3], rtol=1e-6
+        )
+    finally:
+        for proc in (worker, scheduler):
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)

@@ -24,6 +24,7 @@ class InputManifest:
     chunks: tuple[int, int]
     dtype: str
     zarr_format: int
+    fingerprint: str | None = None  # set by the run (see pipeline.fingerprint)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""

@@ -1,0 +1,101 @@
+"""Human-readable run reports (Markdown) from a job's ``metrics.json`` content.
+
+The same text is written as ``report.md`` next to ``metrics.json`` and published as a
+Prefect Markdown artifact by the flow. Formatting only: every number comes from the report.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PLOTS = {"rsvd": "rsvd_spectrum.png", "nmf": "nmf_convergence.png"}
+_HEADLINE = (
+    "residual_rel",
+    "residual_method",
+    "orthogonality",
+    "orthogonality_u",
+    "orthogonality_v",
+    "norm_consistency",
+    "energy_retained",
+    "iterations",
+    "converged",
+    "passes",
+    "reads_from_storage",
+    "seconds",
+)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower() if isinstance(value, bool) else "—"
+    if isinstance(value, float):
+        return f"{value:.4g}" if 1e-3 <= abs(value) < 1e4 else f"{value:.3e}"
+    return str(value)
+
+
+def _options(config: dict[str, Any], method: str) -> str:
+    spec = next((m for m in config.get("methods", []) if m.get("method") == method), {})
+    opts = [f"`{k}: {_fmt(v)}`" for k, v in spec.items() if k != "method" and v is not None]
+    return ", ".join(opts) or "defaults"
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """A Markdown report of a completed (or skipped) job.
+
+    Parameters
+    ----------
+    report : the content of ``metrics.json`` (plus ``"output"``; ``"skipped"`` when the run
+        found its result complete and unchanged)
+
+    Returns
+    -------
+    Markdown text: input, methods with options, headline metrics, passes, timings, plots
+    and where the factors are.
+    """
+    inp = report.get("input", {})
+    config = report.get("config", {})
+    output = report.get("output", "")
+    lines = [f"# {report.get('name', 'job')}: {report.get('status', 'unknown')}", ""]
+    if report.get("skipped"):
+        lines += [
+            "**Skipped**: the published result below is complete and neither the config nor "
+            "the input changed since it was computed.",
+            "",
+        ]
+    shape = "×".join(map(str, inp.get("shape", [])))
+    chunks = "×".join(map(str, inp.get("chunks", [])))
+    lines += [
+        "## Input",
+        "",
+        "| url | array | shape | chunks | dtype | ‖A‖_F |",
+        "|---|---|---|---|---|---|",
+        f"| `{inp.get('url')}` | {inp.get('array') or '—'} | {shape} | {chunks} | "
+        f"{inp.get('dtype')} | {_fmt(inp.get('fro_norm'))} |",
+        "",
+        "## Methods",
+        "",
+    ]
+    for method, res in report.get("methods", {}).items():
+        lines += [f"### {method}", "", f"Options: {_options(config, method)}", ""]
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(res[k])} |" for k in _HEADLINE if k in res]
+        if res.get("singular_values"):
+            top = ", ".join(_fmt(float(s)) for s in res["singular_values"][:10])
+            more = " …" if len(res["singular_values"]) > 10 else ""
+            lines.append(f"| singular values | {top}{more} |")
+        if res.get("explained_variance_ratio"):
+            total = sum(res["explained_variance_ratio"])
+            lines.append(f"| explained variance (sum of ratios) | {_fmt(float(total))} |")
+        lines.append("")
+        if method in PLOTS:
+            lines += [f"Plot: `{output.rstrip('/')}/{PLOTS[method]}`", ""]
+    lines += [
+        "## Result",
+        "",
+        f"Factors: `{output.rstrip('/')}/factors.zarr` (one group per method); metrics: "
+        f"`{output.rstrip('/')}/metrics.json`.",
+        "",
+        f"Started {report.get('started')}, finished {report.get('finished')}.",
+        "",
+    ]
+    return "\n".join(lines)
