@@ -84,7 +84,8 @@ def row_blocks(a: da.Array, block_rows: int | None = None, min_rows: int | None 
         step = max(floor, (target // step) * step)
         sizes = [step] * (m // step) + ([m % step] if m % step else [])
     if len(sizes) > 1 and sizes[-1] < floor:
-        sizes[-2] += sizes.pop()
+        short = sizes.pop()  # (not `sizes[-2] += sizes.pop()`: the store would miss by one)
+        sizes[-1] += short
     if tuple(sizes) == a.chunks[0] and len(a.chunks[1]) == 1:
         return a
     return a.rechunk((tuple(sizes), (n,)))
