@@ -36,7 +36,8 @@ import numpy as np
 from distributed import Client, LocalCluster
 
 from pipeline.cluster import keep_in_memory, local_defaults
-from pipeline.config import ClusterSpec
+from pipeline.config import ClusterSpec, InputSpec
+from pipeline.io import open_matrix
 from pipeline.linalg import nmf, row_blocks
 from pipeline.methods import _svd_for_init
 
@@ -66,7 +67,8 @@ def ours(path: Path, client: Client, solver: str) -> dict[str, Any]:
     """A job's path: row blocks, kept in memory, NNDSVDa init, iterations with time stamps."""
     t0 = time.perf_counter()
     stamps: list[float] = []
-    x, _ = keep_in_memory(row_blocks(da.from_zarr(str(path)), min_rows=RANK + 10), client)
+    x, _ = open_matrix(InputSpec(url=str(path)))  # as a job reads it (direct chunk reads)
+    x, _ = keep_in_memory(row_blocks(x, min_rows=RANK + 10), client)
     res = nmf(
         x,
         RANK,

@@ -11,6 +11,7 @@ import zarr
 
 from pipeline.config import InputSpec, redact
 from pipeline.errors import InputError
+from pipeline.io.fastread import plan, read_array
 from pipeline.io.stores import split_url, zarr_store
 
 
@@ -98,7 +99,8 @@ def open_matrix(spec: InputSpec) -> tuple[da.Array, InputManifest]:
     """Open and validate the input, without reading its values.
 
     Integers are cast to float64, float16 to float32; float32 and float64 stay as stored.
-    The dask chunks are the storage chunks.
+    The dask chunks are the storage chunks, read directly where the layout allows it
+    (:mod:`pipeline.io.fastread`), else through zarr.
 
     Returns
     -------
@@ -111,7 +113,9 @@ def open_matrix(spec: InputSpec) -> tuple[da.Array, InputManifest]:
     """
     arr = _open_node(spec)
     _check_array(arr, spec)
-    x = da.from_zarr(arr)
+    fs, root = split_url(spec.url, spec.storage_options)
+    reader = plan(arr, fs, f"{root.rstrip('/')}/{spec.array}" if spec.array else root)
+    x = read_array(reader, tuple(arr.shape)) if reader else da.from_zarr(arr)
     dtype = np.dtype(arr.dtype)
     if dtype.kind in "iu":
         x = x.astype(np.float64)
