@@ -257,3 +257,12 @@ def test_negative_input_to_nmf_exits_2_and_leaves_nothing(tmp_path, client):
     proc = run_cli("run", write_job(tmp_path, job))
     assert_one_line_error(proc, "non-negative", "-3")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_submit_without_a_reachable_server_exits_2(tmp_path, monkeypatch):
+    write_array(tmp_path / "in.zarr", np.ones((20, 3)))
+    path = write_job(tmp_path, job_dict(tmp_path, str(tmp_path / "in.zarr")))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert_one_line_error(run_cli("submit", path), "set PREFECT_API_URL")
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens there
+    assert_one_line_error(run_cli("submit", path), "cannot reach the Prefect API")

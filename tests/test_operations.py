@@ -229,6 +229,9 @@ def test_bad_file_is_refused_before_submission(tmp_path, worker: Server):
     (tmp_path / "gone.zarr").rename(tmp_path / "moved.zarr")
     r = _submit(worker, str(missing))
     assert r.returncode == 2 and "does not exist" in r.stderr
+    good = _job(tmp_path, "nowhere", np.ones((10, 2)))
+    r = _submit(worker, str(good), "--deployment", "no-such-deployment")
+    assert r.returncode == 2 and "'factorize/no-such-deployment' does not exist" in r.stderr
     assert len(worker.flow_runs()) == before
 
 
