@@ -23,11 +23,10 @@ from prefect.futures import wait
 from prefect.logging import get_run_logger
 
 from pipeline.cluster import cluster_from_spec
-from pipeline.config import ClusterSpec, JobConfig, config_from_any
-from pipeline.errors import ConfigError, UserError
+from pipeline.config import ClusterSpec, JobConfig, check_unique_names, config_from_any
+from pipeline.errors import UserError
 from pipeline.io.source import InputManifest
 from pipeline.jobs import (
-    TABLE_KEYS,
     abort_job,
     completed_result,
     now_iso,
@@ -35,7 +34,7 @@ from pipeline.jobs import (
     publish_job,
     run_method,
 )
-from pipeline.reports import report_markdown
+from pipeline.reports import headline, report_markdown
 
 
 def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -92,12 +91,7 @@ def check_complete(config: JobConfig) -> dict[str, Any] | None:
 
 
 def _metrics_table(report: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        {"method": method, "metric": key, "value": res[key]}
-        for method, res in report["methods"].items()
-        for key in TABLE_KEYS
-        if res.get(key) is not None
-    ]
+    return [{"method": m, "metric": k, "value": v} for m, k, v in headline(report)]
 
 
 def _artifact_key(kind: str, name: str) -> str:
@@ -208,9 +202,7 @@ def factorize_batch(
     """
     logger = get_run_logger()
     cfgs = [config_from_any(c) for c in configs]
-    names = [c.name for c in cfgs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"configs: job names must be unique in a batch; got {names}")
+    check_unique_names(cfgs)
     spec = ClusterSpec(**cluster) if cluster else cfgs[0].cluster
     with cluster_from_spec(spec) as client:
         shared = ClusterSpec(kind="address", address=client.scheduler.address)

@@ -75,9 +75,7 @@ def submit(config: JobConfig, deployment: str = DEFAULT_DEPLOYMENT) -> FlowRun:
             f"--deployment: {name!r} does not exist on {url}; deploy it with "
             "`prefect deploy --all` from the repository root"
         ) from None
-    except (httpx.ConnectError, httpx.TimeoutException, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and "connect" not in str(exc).lower():
-            raise
+    except (httpx.ConnectError, httpx.TimeoutException) as exc:
         raise ServerError(f"cannot reach the Prefect API at {url}: {exc}") from None
 
 

@@ -19,6 +19,7 @@ from pipeline.config import (
     SYNTHETIC_KINDS,
     JobConfig,
     SyntheticSpec,
+    check_unique_names,
     json_schema,
     load_config,
 )
@@ -66,13 +67,26 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    from pipeline.jobs import precheck, summary_table
+def _load(paths: Sequence[str], together: bool = True, check_input: bool = True) -> list[JobConfig]:
+    """Parse job files and refuse bad ones before Prefect or a cluster starts (exit 2).
 
-    configs = [load_config(p) for p in args.configs]
-    _unique_names(configs)
-    for cfg in configs:  # refuse bad input before starting Prefect or a cluster
-        precheck(cfg)
+    ``together``: the jobs run side by side, so their names (result folders) must differ.
+    """
+    from pipeline.jobs import precheck
+
+    configs = [load_config(p) for p in paths]
+    if together:
+        check_unique_names(configs)
+    if check_input:
+        for cfg in configs:
+            precheck(cfg)
+    return configs
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.reports import summary_table
+
+    configs = _load(args.configs)
     from flows import factorize, factorize_batch
 
     _logs_to_stdout()
@@ -87,20 +101,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unique_names(configs: Sequence[JobConfig]) -> None:
-    names = [c.name for c in configs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(f"name: jobs run together need distinct names; repeated: {dupes}")
-
-
 def _submit(args: argparse.Namespace) -> int:
-    from pipeline.jobs import precheck
-
-    configs = [load_config(p) for p in args.configs]
-    if args.check_input:
-        for cfg in configs:  # bad input → exit 2 before anything is submitted
-            precheck(cfg)
+    configs = _load(args.configs, together=False, check_input=args.check_input)
     from flows.operations import flow_run_url, follow, submit
 
     runs = []
@@ -122,12 +124,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pipeline.jobs import precheck
-
-    configs = [load_config(p) for p in args.configs]
-    _unique_names(configs)
-    for cfg in configs:
-        precheck(cfg)
+    configs = _load(args.configs)
     from flows.operations import serve_jobs
 
     serve_jobs(configs, cron=args.cron, interval=args.interval, timezone=args.timezone)

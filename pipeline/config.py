@@ -336,6 +336,19 @@ def config_from_any(config: str | os.PathLike[str] | dict[str, Any] | JobConfig)
     return load_config(text)
 
 
+def check_unique_names(configs: list[JobConfig]) -> None:
+    """Jobs run together (a batch, one ``serve``) must write to distinct result folders.
+
+    Raises
+    ------
+    ConfigError
+    """
+    names = [c.name for c in configs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"name: jobs run together need distinct names; repeated: {repeated}")
+
+
 def json_schema() -> str:
     """The job config's JSON Schema, pretty-printed."""
     schema = JobConfig.model_json_schema()

@@ -16,7 +16,6 @@ import json
 from typing import Any
 
 from pipeline.config import JobConfig, redacted_dump
-from pipeline.io.artifacts import METRICS
 from pipeline.io.source import InputManifest
 from pipeline.io.stores import split_url
 
@@ -57,14 +56,3 @@ def job_fingerprint(config: JobConfig, manifest: InputManifest) -> str:
         "store": store_fingerprint(config.input.url, config.input.storage_options),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def published_report(config: JobConfig) -> dict[str, Any] | None:
-    """The ``metrics.json`` of a complete result at ``<output.url>/<name>/``, if any."""
-    fs, root = split_url(config.output.url, config.output.storage_options)
-    path = f"{root.rstrip('/')}/{config.name}/{METRICS}"
-    try:
-        report = json.loads(fs.cat_file(path))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return report if report.get("status") == "completed" else None

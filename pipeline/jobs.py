@@ -20,8 +20,8 @@ from pipeline.checkpoints import Checkpoints
 from pipeline.cluster import check_cluster_available
 from pipeline.config import JobConfig, NMFSpec, config_from_any, redact, redacted_dump
 from pipeline.datasets import write_synthetic
-from pipeline.fingerprint import job_fingerprint, published_report
-from pipeline.io.artifacts import RunOutput, check_output_free
+from pipeline.fingerprint import job_fingerprint
+from pipeline.io.artifacts import RunOutput, check_output_free, read_published
 from pipeline.io.source import InputManifest, open_matrix
 from pipeline.io.stores import split_url
 from pipeline.methods import RUNNERS, check_applicable
@@ -103,7 +103,7 @@ def completed_result(config: JobConfig) -> dict[str, Any] | None:
     """
     if not config.skip_if_complete or input_will_be_created(config):
         return None
-    report = published_report(config)
+    report = read_published(config.output, config.name)
     if report is None:
         return None
     _, manifest = open_matrix(config.input)
@@ -240,34 +240,6 @@ def _run_methods(cfg: JobConfig, staging: str) -> dict[str, dict[str, Any]]:
     return {spec.method: run_method(cfg, i, staging) for i, spec in enumerate(cfg.methods)}
 
 
-TABLE_KEYS = (
-    "residual_rel",
-    "orthogonality",
-    "orthogonality_u",
-    "orthogonality_v",
-    "norm_consistency",
-    "energy_retained",
-    "iterations",
-    "converged",
-    "passes",
-    "seconds",
-)
-
-
-def summary_table(report: dict[str, Any]) -> str:
-    """A plain-text table of the headline metrics of a report."""
-    rows = [("method", "metric", "value")]
-    for method, res in report["methods"].items():
-        for key in TABLE_KEYS:
-            if res.get(key) is not None:
-                v = res[key]
-                rows.append((method, key, f"{v:.3e}" if isinstance(v, float) else str(v)))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 __all__ = [
     "abort_job",
     "completed_result",
@@ -276,5 +248,4 @@ __all__ = [
     "publish_job",
     "run_job",
     "run_method",
-    "summary_table",
 ]

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 PLOTS = {"rsvd": "rsvd_spectrum.png", "nmf": "nmf_convergence.png"}
-_HEADLINE = (
+# The headline metrics (CLI table, Prefect table artifact); the Markdown report adds more.
+TABLE_KEYS = (
     "residual_rel",
-    "residual_method",
     "orthogonality",
     "orthogonality_u",
     "orthogonality_v",
@@ -20,9 +20,30 @@ _HEADLINE = (
     "iterations",
     "converged",
     "passes",
-    "reads_from_storage",
     "seconds",
 )
+REPORT_KEYS = (*TABLE_KEYS, "residual_method", "reads_from_storage")
+
+
+def headline(report: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """``(method, metric, value)`` for every headline metric a report has."""
+    return [
+        (method, key, res[key])
+        for method, res in report["methods"].items()
+        for key in TABLE_KEYS
+        if res.get(key) is not None
+    ]
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """A plain-text table of the headline metrics of a report."""
+    rows = [("method", "metric", "value")]
+    for method, key, v in headline(report):
+        rows.append((method, key, f"{v:.3e}" if isinstance(v, float) else str(v)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def _fmt(value: Any) -> str:
@@ -78,7 +99,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     for method, res in report.get("methods", {}).items():
         lines += [f"### {method}", "", f"Options: {_options(config, method)}", ""]
         lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(res[k])} |" for k in _HEADLINE if k in res]
+        lines += [f"| {k} | {_fmt(res[k])} |" for k in REPORT_KEYS if k in res]
         if res.get("singular_values"):
             top = ", ".join(_fmt(float(s)) for s in res["singular_values"][:10])
             more = " …" if len(res["singular_values"]) > 10 else ""

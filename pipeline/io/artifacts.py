@@ -51,6 +51,16 @@ def check_output_free(spec: OutputSpec, name: str) -> None:
         )
 
 
+def read_published(spec: OutputSpec, name: str) -> dict[str, Any] | None:
+    """The ``metrics.json`` of a complete result at ``<url>/<name>/``, else ``None``."""
+    fs, root = split_url(spec.url, spec.storage_options)
+    try:
+        metrics = json.loads(fs.cat_file(_join(root, name, METRICS)))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return metrics if metrics.get("status") == "completed" else None
+
+
 class RunOutput:
     """The staging folder of one run, published atomically by :meth:`publish`.
 

@@ -122,7 +122,7 @@ def _block_sumsq_centred(a: Any, mean: Any) -> Any:
     return array_module(a).full((1, 1), total)
 
 
-def _block_stats(a: Any, _salt: Any = None) -> Any:
+def _block_stats(a: Any) -> Any:
     """``[column sums…, ‖A_i‖²]`` of a block as one (1, n + 1) float64 row."""
     xp = array_module(a)
     total, colsum = sum_squares_f64(a)
@@ -262,15 +262,9 @@ def _stacked(a: da.Array, func: Any, piece: tuple[int, int], **kw: Any) -> da.Ar
     return parts.reshape(nb, rows, cols).sum(axis=0, dtype=np.float64)
 
 
-def _orthonormal_rows(y: da.Array, keep: bool = True) -> da.Array:
-    """Orthonormal basis of the range of a tall in-memory sketch.
-
-    ``keep`` persists it on the cluster (for a basis used more than once); otherwise it is
-    recomputed from the kept sketch by the one pass that uses it.
-    """
-    q = tsqr(y).q
-    if keep:
-        (q,) = persist(q, **UNOPTIMIZED)
+def _orthonormal_rows(y: da.Array) -> da.Array:
+    """Orthonormal basis of the range of a tall in-memory sketch (TSQR), kept on the cluster."""
+    (q,) = persist(tsqr(y).q, **UNOPTIMIZED)
     return q
 
 
@@ -319,7 +313,7 @@ def rsvd(
         ``n × (rank + oversample)`` sketches are formed on the client)
     rank : number of singular triplets, ``1 ≤ rank ≤ min(m, n)``
     oversample : extra sketch columns; ``rank + oversample`` is capped at ``min(m, n)``
-    power_iters : subspace iterations (each costs two passes over ``a``)
+    power_iters : subspace iterations (one pass over ``a`` each, plus one final pass)
     center : subtract the column means implicitly (PCA)
     seed : seed of the Gaussian test matrices (drawn on the data's backend)
     single_pass : one read of ``a`` (Tropp et al. 2017 sketch); ignores ``power_iters``
@@ -340,22 +334,10 @@ def rsvd(
     m, n = a.shape
     width = min(rank + oversample, m, n)
     a = row_blocks(a, block_rows, min_rows=width)
-    stats = da.map_blocks(
-        _block_stats,
-        a,
-        chunks=((1,) * a.numblocks[0], (n + 1,)),
-        dtype=np.float64,
-        meta=a._meta.astype(np.float64),
-    ).sum(axis=0)
-    colsum, sumsq = stats[:n], stats[n]
-    y = da.map_blocks(
-        _times_omega, a, seed, width, chunks=(a.chunks[0], (width,)), dtype=a.dtype, meta=a._meta
-    )
     if single_pass:
-        return _single_pass(a, y, colsum, sumsq, rank, width, center, seed)
-
+        return _single_pass(a, rank, width, center, seed)
     if power_iters == 0:
-        return _no_power_iters(a, y, colsum, sumsq, rank, center)
+        return _no_power_iters(a, rank, width, center, seed)
 
     # Pass 1: the statistics and W = AᵀAΩ, centred afterwards (μ is known only at its end):
     # (A − 1μᵀ)ᵀ(A − 1μᵀ)Ω = AᵀY − μ(1ᵀY) with Y = AΩ, since Aᵀ1 = mμ.
@@ -381,8 +363,8 @@ def rsvd(
         return _finish(y, b, rank, mean, total_sumsq, input_sumsq, passes, True, a, transform)
     # Y not graded (a spectrum beyond the working precision): R⁻ᵀCᵀ would amplify the
     # round-off of C, so orthonormalise Y with TSQR and project with one more pass.
-    (q,) = persist(tsqr(y).q, **UNOPTIMIZED)
-    b, _ = _project(a, q, mean)
+    q = _orthonormal_rows(y)
+    b, _ = _project(a, q, mean, with_total=False)
     return _finish(q, b, rank, mean, total_sumsq, input_sumsq, passes + 1, True, a)
 
 
@@ -397,19 +379,22 @@ def _stack_blocks(blocks: list[Any], a: da.Array, width: int) -> da.Array:
     )
 
 
-def _project(a: da.Array, q: da.Array, mean: np.ndarray | None) -> tuple[np.ndarray, float | None]:
-    """``B = Qᵀ(A − 1μᵀ) = QᵀA − (Qᵀ1)μᵀ`` and, with μ, ``‖A − 1μᵀ‖²``: one pass over A."""
+def _project(
+    a: da.Array, q: da.Array, mean: np.ndarray | None, with_total: bool = True
+) -> tuple[np.ndarray, float | None]:
+    """``B = Qᵀ(A − 1μᵀ) = QᵀA − (Qᵀ1)μᵀ`` in one pass over A, with ``‖A − 1μᵀ‖²`` from the
+    same pass when centred and ``with_total`` (``None`` otherwise)."""
     centred = mean is not None
     b, qsum, total = dask.compute(
         _cross(q, a),
         q.sum(axis=0, dtype=np.float64) if centred else None,
-        _centred_sumsq(a, mean) if centred else None,
+        _centred_sumsq(a, mean) if centred and with_total else None,
         **UNOPTIMIZED,
     )
     b = to_host(b)
-    if not centred:
-        return b, None
-    return b - np.outer(to_host(qsum), mean), float(to_host(total))
+    if centred:
+        b = b - np.outer(to_host(qsum), mean)
+    return b, None if total is None else float(to_host(total))
 
 
 def _gram_basis(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -435,33 +420,40 @@ def _gram_basis(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return solve_triangular(r, np.eye(len(d))), r
 
 
-def _no_power_iters(
-    a: da.Array, y: da.Array, colsum: da.Array, sumsq: da.Array, rank: int, center: bool
-) -> RSVDResult:
+def _sketch_and_stats(a: da.Array, seed: int, width: int) -> tuple[da.Array, ...]:
+    """Lazy ``Y = AΩ``, column sums and ``‖A‖²`` (one pass when computed together)."""
+    n = a.shape[1]
+    stats = da.map_blocks(
+        _block_stats,
+        a,
+        chunks=((1,) * a.numblocks[0], (n + 1,)),
+        dtype=np.float64,
+        meta=a._meta.astype(np.float64),
+    ).sum(axis=0)
+    y = da.map_blocks(
+        _times_omega, a, seed, width, chunks=(a.chunks[0], (width,)), dtype=a.dtype, meta=a._meta
+    )
+    return y, stats[:n], stats[n]
+
+
+def _no_power_iters(a: da.Array, rank: int, width: int, center: bool, seed: int) -> RSVDResult:
     """Plain range finder: ``Q = orth(AΩ)`` (pass 1), ``B = QᵀA`` (pass 2)."""
     m = a.shape[0]
+    y, colsum, sumsq = _sketch_and_stats(a, seed, width)
     y, colsum, sumsq = persist(y, colsum, sumsq, **UNOPTIMIZED)
     colsum, input_sumsq = (to_host(v) for v in dask.compute(colsum, sumsq, **UNOPTIMIZED))
     mean = colsum / m if center else None
     if center:  # (A − 1μᵀ)Ω = Y − 1 (μᵀΩ), and μᵀΩ is the column mean of Y
         y = y - y.mean(axis=0, dtype=np.float64).astype(a.dtype)
-    (q,) = persist(tsqr(y).q, **UNOPTIMIZED)
+    q = _orthonormal_rows(y)
     b, total = _project(a, q, mean)  # pass 2, with the exact centred total now μ is known
     total_sumsq = total if total is not None else float(input_sumsq)
     return _finish(q, b, rank, mean, total_sumsq, float(input_sumsq), 2, True, a)
 
 
-def _single_pass(
-    a: da.Array,
-    y: da.Array,
-    colsum: da.Array,
-    sumsq: da.Array,
-    rank: int,
-    width: int,
-    center: bool,
-    seed: int,
-) -> RSVDResult:
+def _single_pass(a: da.Array, rank: int, width: int, center: bool, seed: int) -> RSVDResult:
     m, n = a.shape
+    y, colsum, sumsq = _sketch_and_stats(a, seed, width)
     width2 = min(2 * width + 1, m)  # co-range sketch size recommended by Tropp et al.
     w = _stacked(a, _psi_times, (width2, n), seed=seed, width=width2)
     psi1 = _stacked(a, _psi_ones, (width2, 1), seed=seed, width=width2) if center else None
