@@ -4,6 +4,7 @@ checkpoint/resume, and bad input — on the session LocalCluster."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -11,10 +12,12 @@ import sys
 import time
 import warnings
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 from sklearn.datasets import load_digits
 from sklearn.decomposition import NMF
 
@@ -141,6 +144,67 @@ def test_graph_does_not_grow_with_iterations(client):
     steps = np.diff(stamps)
     early, late = np.median(steps[2:12]), np.median(steps[-10:])
     assert late < 2.0 * early + 0.02, (early, late)
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_no_run_spec_collisions_across_iterations_and_checkpoints(client, tmp_path):
+    """Keys are unique per iteration: the scheduler (in this process) never sees a key
+    redefined, across iterations, checkpoint writes (optimized graphs), a resume from the
+    re-read W and the final unoptimized compute — the "Detected different `run_spec`"
+    warning of distributed (dask/dask#9888) would otherwise be logged."""
+    handler = _Messages()
+    loggers = [logging.getLogger("distributed.scheduler"), logging.getLogger("distributed")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        x = np.random.default_rng(4).random((2000, 40)).astype(np.float32)
+        a = row_blocks(da.from_array(x, chunks=(500, 40)), min_rows=15).persist()
+        saved = {}
+
+        def checkpoint(st, w):  # what Checkpoints.save does: an optimized store of W
+            path = str(tmp_path / f"w{st.iteration}.zarr")
+            target = zarr.create_array(
+                store=path,
+                shape=w.shape,
+                dtype=w.dtype,
+                chunks=(max(w.chunks[0]), w.shape[1]),
+                overwrite=True,
+            )
+            da.store(w.rechunk((max(w.chunks[0]), w.shape[1])), target, lock=False)
+            saved[st.iteration] = (path, st.h.copy(), list(st.history))
+
+        first = nmf(a, 5, max_iter=4, tol=0, on_iteration=checkpoint)
+        w_first = first.w.compute()  # optimized
+        # Resume from the checkpoint of iteration 3, as Checkpoints.load does.
+        path, h, history = saved[3]
+        w = da.from_zarr(zarr.open_array(path, mode="r"), chunks=(a.chunks[0], 5))
+        state = NMFState(w.to_delayed(optimize_graph=False)[:, 0].tolist(), h, 3, history)
+        res = nmf(a, 5, max_iter=6, tol=0, state=state, on_iteration=checkpoint)
+        store = da.store(
+            res.w,
+            zarr.create_array(str(tmp_path / "final.zarr"), shape=res.w.shape, dtype=res.w.dtype),
+            lock=False,
+            compute=False,
+        )
+        _, rsq = dask.compute(store, ((res.a - res.w @ res.h) ** 2).sum(), optimize_graph=False)
+        res.w.compute()
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    collisions = [m for m in handler.messages if "run_spec" in m]
+    assert not collisions, collisions[0]
+    assert res.iterations == 6 and first.iterations == 4
+    np.testing.assert_allclose(res.history[:4], first.history, rtol=1e-5)
+    assert w_first.dtype == np.float32 and res.h.dtype == np.float32
+    assert float(rsq) == pytest.approx(res.history[-1] ** 2 * res.sumsq, rel=1e-3)
 
 
 def test_nmf_job_end_to_end_and_negative_job(tmp_path, client):

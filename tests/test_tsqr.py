@@ -108,11 +108,14 @@ def test_non_finite_input_is_reported_with_row(client):
         tsqr(da.from_array(a, chunks=(100, 4)), compute_q=False)
 
 
-def test_wide_and_bad_dtype_are_refused():
-    with pytest.raises(InputError, match="tall"):
+def test_wide_and_complex_are_refused_integers_are_cast(client):
+    with pytest.raises(InputError, match=r"a must be tall .*got shape \(5, 10\); factorize a\.T"):
         tsqr(da.ones((5, 10), chunks=5))
-    with pytest.raises(InputError, match="floating"):
-        tsqr(da.ones((50, 10), chunks=5, dtype=int))
+    with pytest.raises(InputError, match="a must have a real numeric dtype, got complex128"):
+        tsqr(da.ones((50, 10), chunks=5, dtype=complex))
+    a = np.arange(500).reshape(50, 10) % 7 + np.eye(50, 10, dtype=int)
+    res = tsqr(da.from_array(a, chunks=5))  # integers are computed in float64
+    check_qr(a.astype(np.float64), res.q.compute(), res.r, 1e-13)
 
 
 def test_row_blocks_span_columns_and_hold_n_rows():

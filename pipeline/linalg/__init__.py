@@ -1,17 +1,43 @@
-"""Factorization algorithms over dask arrays (no I/O, no cluster, no config here)."""
+"""Factorization algorithms over dask arrays (no I/O, no cluster, no config here).
 
-from pipeline.linalg.nmf import NMFResult, NMFState, nmf
+The public functions :func:`tsqr`, :func:`rsvd` and :func:`nmf` check their arguments once
+at their top (:mod:`pipeline.linalg._validation`), cast the input to its working dtype
+(integers and bool → float64, float16 → float32, float32 / float64 unchanged) and cut it
+into row blocks themselves; any chunking, including unknown chunk sizes, is accepted.
+"""
+
+from pipeline.linalg._validation import (
+    as_matrix,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_rank,
+    check_tall,
+    working_dtype,
+)
+from pipeline.linalg.nmf import INIT_POWER_ITERS, NMFResult, NMFState, nmf, svd_for_init
 from pipeline.linalg.rsvd import RSVDResult, rsvd, rsvd_passes
 from pipeline.linalg.tsqr import TSQRResult, row_blocks, tsqr
 
 __all__ = [
+    "INIT_POWER_ITERS",
     "NMFResult",
     "NMFState",
     "RSVDResult",
     "TSQRResult",
+    "as_matrix",
+    "check_bool",
+    "check_choice",
+    "check_int",
+    "check_number",
+    "check_rank",
+    "check_tall",
     "nmf",
     "row_blocks",
     "rsvd",
     "rsvd_passes",
+    "svd_for_init",
     "tsqr",
+    "working_dtype",
 ]

@@ -41,12 +41,25 @@ from dask.delayed import Delayed, delayed
 from pipeline.backend import array_module, random_state, to_host
 from pipeline.errors import InputError
 from pipeline.linalg._graph import fetch, persist
+from pipeline.linalg._validation import (
+    as_matrix,
+    check_choice,
+    check_int,
+    check_number,
+    check_rank,
+)
+from pipeline.linalg.rsvd import rsvd, stack_row_blocks
+from pipeline.linalg.tsqr import UNOPTIMIZED, row_blocks
 
 log = logging.getLogger(__name__)
 
 EPS = 1e-12  # keeps multiplicative-update denominators positive
 INNER_SWEEPS = 5  # default cap of repeated sweeps per pass (W on workers, H on the client)
 INNER_STOP = 0.1  # stop repeating when a sweep changes less than this × the first sweep
+# NNDSVD needs only the dominant directions: one power iteration (2 passes) suffices.
+INIT_POWER_ITERS = 1
+SOLVERS = ("hals", "mu")
+INITS = ("nndsvd", "nndsvda", "random")
 
 
 @dataclass
@@ -71,7 +84,12 @@ class NMFState:
 
 @dataclass
 class NMFResult:
-    """``A ≈ W H`` with ``W`` lazy (m × k, the row chunks of ``a``) and ``H`` computed."""
+    """``A ≈ W H`` with ``W`` lazy (m × k, the row chunks of ``a``) and ``H`` computed.
+
+    ``w`` and ``h`` are in the working dtype of the input (float32 for float32, float64 for
+    float64 and integers); ``history`` and ``sumsq`` are float64. ``a`` is the row-blocked,
+    cast input that was factorized.
+    """
 
     w: da.Array
     h: np.ndarray
@@ -167,6 +185,13 @@ def _nndsvd_block(u: Any, s: Any, pos: Any, fill: float, like_dtype: Any) -> Any
 # --------------------------------------------------------------------------- helpers
 
 
+def svd_for_init(a: da.Array, rank: int, seed: int) -> tuple[da.Array, np.ndarray, np.ndarray]:
+    """The default SVD of the NNDSVD inits: :func:`~pipeline.linalg.rsvd` with
+    ``INIT_POWER_ITERS`` power iterations (``rsvd_passes(INIT_POWER_ITERS)`` passes)."""
+    res = rsvd(a, rank, seed=seed, power_iters=INIT_POWER_ITERS)
+    return res.u, res.s64, res.vt
+
+
 def _tree_sum(items: list[Delayed], fan_in: int = 8) -> Delayed:
     while len(items) > 1:
         items = [
@@ -215,7 +240,8 @@ def initialize(
 ) -> NMFState:
     """Initial W (row blocks, lazy) and H: ``random`` (scaled like scikit-learn) or NNDSVD(a).
 
-    ``svd(a, rank, seed)`` returns ``(u lazy m × k, s, vt)``; NNDSVD (Boutsidis & Gallopoulos
+    ``svd(a, rank, seed)`` returns ``(u lazy m × k, s, vt)`` (default
+    :func:`svd_for_init`: our :func:`~pipeline.linalg.rsvd`); NNDSVD (Boutsidis & Gallopoulos
     2008) takes each triplet's dominant non-negative part; ``nndsvda`` fills its zeros with
     the mean of ``A`` (better for both solvers, which cannot move entries away from 0).
     """
@@ -230,15 +256,17 @@ def initialize(
         ]
         (blocks,) = persist(blocks)
         return NMFState(blocks, h.astype(np.float64))
-    assert svd is not None
-    u, s, vt = svd(a, rank, seed)
+    u, s, vt = (svd or svd_for_init)(a, rank, seed)
+    s, vt = np.asarray(to_host(s), dtype=np.float64), np.asarray(to_host(vt), dtype=np.float64)
+    if u.chunks[0] != a.chunks[0]:  # W's blocks must pair with A's row blocks
+        u = u.rechunk((a.chunks[0], rank))
     col_norms = da.stack(
         [
             da.sqrt((da.maximum(u, 0) ** 2).sum(axis=0)),
             da.sqrt((da.maximum(-u, 0) ** 2).sum(axis=0)),
         ]
     )
-    up, un = (to_host(v) for v in col_norms.compute())
+    up, un = (to_host(v).astype(np.float64) for v in col_norms.compute(**UNOPTIMIZED))
     vp, vn = np.linalg.norm(np.maximum(vt, 0), axis=1), np.linalg.norm(np.maximum(-vt, 0), axis=1)
     pos = up * vp >= un * vn
     pos[0] = True  # the first triplet is non-negative up to sign
@@ -254,11 +282,11 @@ def initialize(
     w = da.map_blocks(_nndsvd_block, u, scale_w, pos, fill, a.dtype, dtype=a.dtype, meta=a._meta)
     # Persist while u (and the sketch futures under it) is still referenced here.
     (blocks,) = persist(w.to_delayed(optimize_graph=False)[:, 0].tolist())
-    return NMFState(blocks, h)
+    return NMFState(blocks, np.asarray(h, dtype=np.float64))
 
 
 def nmf(
-    a: da.Array,
+    a: Any,
     rank: int,
     *,
     solver: str = "hals",
@@ -270,42 +298,59 @@ def nmf(
     svd: Callable[..., Any] | None = None,
     on_iteration: Callable[[NMFState, da.Array], None] | None = None,
     inner_sweeps: int = INNER_SWEEPS,
+    block_rows: int | None = None,
 ) -> NMFResult:
-    """Factorize a non-negative row-blocked dask array ``a ≈ W H``.
+    """Factorize a non-negative matrix ``a ≈ W H``.
 
     Parameters
     ----------
-    a : dask array (m, n), non-negative floats, row blocks spanning all columns
+    a : dask (or numpy) array (m, n), non-negative, any chunking; integers and bool are
+        computed in float64, float16 in float32 (see :func:`working_dtype`)
     rank : k, 1 ≤ k ≤ min(m, n)
     solver : ``"hals"`` or ``"mu"``
     init : ``"nndsvda"``, ``"nndsvd"`` or ``"random"`` (ignored when ``state`` is given)
-    max_iter, tol : stopping rule (see the module docstring)
-    seed : seeds the initialisation
-    state : continue from this state (a checkpoint) instead of initialising
-    svd : ``svd(a, rank, seed) -> (u, s, vt)`` for the NNDSVD inits
+    max_iter, tol : stopping rule (see the module docstring); ``max_iter ≥ 0``, ``tol ≥ 0``
+    seed : seeds the initialisation (an int ≥ 0)
+    state : continue from this state (a checkpoint) instead of initialising; its ``W``
+        blocks must match the row blocks ``a`` is cut into (same ``block_rows``)
+    svd : ``svd(a, rank, seed) -> (u, s, vt)`` for the NNDSVD inits (default
+        :func:`svd_for_init`, a randomized SVD with one power iteration: 2 passes)
     on_iteration : called after each iteration with the state and the new lazy W (for
         progress and checkpoints)
     inner_sweeps : most updates of ``W`` (and of ``H``) per pass over ``a``; 1 is plain
         HALS / MU (see the module docstring)
+    block_rows : rows per block (default about 64 MiB; at least ``min(rank + 10, m, n)``)
+
+    Returns
+    -------
+    NMFResult
+        ``w`` (lazy, the row chunks of ``result.a``) and ``h`` in the working dtype of
+        ``a`` (float32 for float32 input, float64 for float64 and integer input);
+        ``history`` and ``sumsq`` are float64.
 
     Raises
     ------
     InputError
         Negative or non-finite entries, bad rank or options.
     """
+    a = as_matrix(a)
     m, n = a.shape
-    if not 1 <= rank <= min(m, n):
-        raise InputError(
-            f"rank must be between 1 and {min(m, n)} (the smaller dimension of A, shape "
-            f"{(m, n)}); got {rank}"
-        )
-    if solver not in ("hals", "mu"):
-        raise InputError(f"solver must be 'hals' or 'mu'; got {solver!r}")
-    if inner_sweeps < 1:
-        raise InputError(f"inner_sweeps must be ≥ 1; got {inner_sweeps}")
+    check_rank(rank, (m, n))
+    check_choice(solver, "solver", SOLVERS)
+    if state is None:
+        check_choice(init, "init", INITS)
+    check_int(max_iter, "max_iter", low=0)
+    check_number(tol, "tol", low=0.0)
+    check_int(seed, "seed", low=0)
+    check_int(inner_sweeps, "inner_sweeps", low=1)
+    if block_rows is not None:
+        check_int(block_rows, "block_rows", low=1)
+    a = row_blocks(a, block_rows, min_rows=min(rank + 10, m, n))
+    if state is not None:
+        _check_state(state, a, rank)
     sumsq, minimum, mean = input_stats(a)
     if minimum < 0:
-        raise InputError(f"NMF needs a non-negative input; the smallest entry is {minimum:g}")
+        raise InputError(f"a must be non-negative, got a smallest entry of {minimum:g}")
     if state is None:
         state = initialize(a, rank, init, seed, mean, svd)
     else:
@@ -341,10 +386,10 @@ def nmf(
             time.perf_counter() - t0,
         )
         if on_iteration is not None:
-            on_iteration(state, _w_array(state.w_blocks, a, rank))
+            on_iteration(state, _w_array(state.w_blocks, a, rank, state.iteration))
     return NMFResult(
-        w=_w_array(state.w_blocks, a, rank),
-        h=state.h,
+        w=_w_array(state.w_blocks, a, rank, state.iteration),
+        h=state.h.astype(a.dtype),
         iterations=state.iteration,
         converged=state.converged,
         history=state.history,
@@ -353,11 +398,18 @@ def nmf(
     )
 
 
-def _w_array(w_blocks: list[Any], a: da.Array, rank: int) -> da.Array:
-    return da.concatenate(
-        [
-            da.from_delayed(w, shape=(rows, rank), dtype=a.dtype, meta=a._meta)
-            for w, rows in zip(w_blocks, a.chunks[0], strict=True)
-        ],
-        axis=0,
-    )
+def _check_state(state: NMFState, a: da.Array, rank: int) -> None:
+    blocks = a.numblocks[0]
+    if len(state.w_blocks) != blocks:
+        raise InputError(
+            f"state.w_blocks must hold one block per row block of a ({blocks}), "
+            f"got {len(state.w_blocks)}; pass the block_rows the state was made with"
+        )
+    shape = (rank, a.shape[1])
+    if tuple(np.shape(state.h)) != shape:
+        raise InputError(f"state.h must have shape {shape}, got {tuple(np.shape(state.h))}")
+
+
+def _w_array(w_blocks: list[Any], a: da.Array, rank: int, iteration: int) -> da.Array:
+    """``W`` as one lazy array over its persisted row blocks (see :func:`stack_row_blocks`)."""
+    return stack_row_blocks(w_blocks, a, rank, f"nmf-w-{iteration}")

@@ -40,12 +40,15 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
-from dask.delayed import delayed
+from dask._task_spec import Alias
+from dask.base import tokenize
+from dask.delayed import Delayed, delayed
+from dask.highlevelgraph import HighLevelGraph
 from scipy.linalg import solve_triangular
 
 from pipeline.backend import array_module, random_state, sum_squares_f64, to_host
-from pipeline.errors import InputError
 from pipeline.linalg._graph import fetch, persist
+from pipeline.linalg._validation import as_matrix, check_bool, check_int, check_rank
 from pipeline.linalg.tsqr import UNOPTIMIZED, row_blocks, tsqr
 
 
@@ -56,9 +59,9 @@ class RSVDResult:
     Attributes
     ----------
     u : lazy dask array (m, k), columns orthonormal, deterministic signs
-    s : (k,) singular values, descending (numpy, float64)
-    vt : (k, n) right singular vectors (numpy)
-    mean : (n,) column means when centred, else ``None``
+    s : (k,) singular values, descending (numpy, the working dtype of the input)
+    vt : (k, n) right singular vectors (numpy, the working dtype)
+    mean : (n,) column means when centred (the working dtype), else ``None``
     total_sumsq : ``‖A − 1μᵀ‖²_F`` (``‖A‖²_F`` when not centred), float64
     input_sumsq : ``‖A‖²_F``
     passes : passes over ``A`` made so far
@@ -66,6 +69,9 @@ class RSVDResult:
         ``‖A − approx‖² = total_sumsq − Σ s²`` holds exactly (multi-pass); ``False`` for
         the single-pass sketch
     a : the row-blocked input (same row chunks as ``u``)
+    s64 : ``s`` in float64 (for metrics: ``Σ s64²`` keeps the digits of
+        ``total_sumsq − Σσ²``)
+    mean64 : ``mean`` in float64, or ``None``
     """
 
     u: da.Array
@@ -77,6 +83,24 @@ class RSVDResult:
     passes: int
     projection: bool
     a: da.Array
+    s64: np.ndarray | None = None
+    mean64: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.s64 is None:
+            self.s64 = np.asarray(self.s, dtype=np.float64)
+        if self.mean64 is None and self.mean is not None:
+            self.mean64 = np.asarray(self.mean, dtype=np.float64)
+
+    @property
+    def residual_sumsq(self) -> float | None:
+        """``‖A (− 1μᵀ) − U diag(S) Vt‖²_F`` from the formula ``total_sumsq − Σσ²`` (float64)
+        when the factors are a projection (multi-pass), else ``None``. Below the round-off
+        of ``total_sumsq`` the difference has lost its digits (it may even be negative):
+        measure the residual directly then."""
+        if not self.projection:
+            return None
+        return self.total_sumsq - float(np.sum(self.s64**2))
 
 
 # --------------------------------------------------------------------------- block kernels
@@ -276,26 +300,11 @@ def rsvd_passes(power_iters: int, single_pass: bool = False) -> int:
     return 1 if single_pass else max(power_iters + 1, 2)
 
 
-def _check(a: da.Array, rank: int, oversample: int, power_iters: int) -> None:
-    if a.ndim != 2:
-        raise InputError(f"rsvd needs a 2-D array; got shape {a.shape}")
-    if not np.issubdtype(a.dtype, np.floating):
-        raise InputError(f"rsvd needs a floating-point array; got {a.dtype}")
-    m, n = a.shape
-    if not 1 <= rank <= min(m, n):
-        raise InputError(
-            f"rank must be between 1 and {min(m, n)} (the smaller dimension of A, shape "
-            f"{(m, n)}); got {rank}"
-        )
-    if oversample < 0 or power_iters < 0:
-        raise InputError("oversample and power_iters must be ≥ 0")
-
-
 # --------------------------------------------------------------------------- algorithm
 
 
 def rsvd(
-    a: da.Array,
+    a: Any,
     rank: int,
     *,
     oversample: int = 10,
@@ -309,13 +318,14 @@ def rsvd(
 
     Parameters
     ----------
-    a : dask array (m, n), floating point, any chunking; ``n`` must be moderate (the
-        ``n × (rank + oversample)`` sketches are formed on the client)
+    a : dask (or numpy) array (m, n), any chunking; integers and bool are computed in
+        float64, float16 in float32 (see :func:`working_dtype`); ``n`` must be moderate
+        (the ``n × (rank + oversample)`` sketches are formed on the client)
     rank : number of singular triplets, ``1 ≤ rank ≤ min(m, n)``
     oversample : extra sketch columns; ``rank + oversample`` is capped at ``min(m, n)``
     power_iters : subspace iterations (one pass over ``a`` each, plus one final pass)
     center : subtract the column means implicitly (PCA)
-    seed : seed of the Gaussian test matrices (drawn on the data's backend)
+    seed : seed of the Gaussian test matrices (an int ≥ 0, drawn on the data's backend)
     single_pass : one read of ``a`` (Tropp et al. 2017 sketch); ignores ``power_iters``
     block_rows : rows per block (default about 64 MiB)
 
@@ -323,15 +333,26 @@ def rsvd(
     -------
     RSVDResult
         ``s``, ``vt`` and ``mean`` are computed; ``u`` is lazy (its blocks come from a
-        sketch kept on the cluster, not from ``a``).
+        sketch kept on the cluster, not from ``a``). The factors ``u``, ``s``, ``vt`` and
+        ``mean`` are in the working dtype of ``a`` (float32 for float32 input, float64 for
+        float64 and integer input); ``s64`` and the sums of squares are float64 whatever
+        the input (use them for metrics such as ``total_sumsq − Σσ²``).
 
     Raises
     ------
     InputError
         Bad rank/options, wrong dtype or ndim.
     """
-    _check(a, rank, oversample, power_iters)
+    a = as_matrix(a)
     m, n = a.shape
+    check_rank(rank, (m, n))
+    check_int(oversample, "oversample", low=0)
+    check_int(power_iters, "power_iters", low=0)
+    check_bool(center, "center")
+    check_int(seed, "seed", low=0)
+    check_bool(single_pass, "single_pass")
+    if block_rows is not None:
+        check_int(block_rows, "block_rows", low=1)
     width = min(rank + oversample, m, n)
     a = row_blocks(a, block_rows, min_rows=width)
     if single_pass:
@@ -352,7 +373,7 @@ def rsvd(
     # Last pass: Y = (A − 1μᵀ)Z kept, with C = (A − 1μᵀ)ᵀY, YᵀY and the exact ‖A − 1μᵀ‖².
     # With Y = QR, B = QᵀA = R⁻ᵀCᵀ: no further pass over A.
     y_blocks, sums = _power_pass(a, _leading_basis(w), mean, final=True)
-    y = _stack_blocks(y_blocks, a, width)
+    y = stack_row_blocks(y_blocks, a, width, "rsvd-sketch")
     c = _centred_cross(sums["c"], sums["ysum"], mean)
     total_sumsq = float(sums["centred_sumsq"]) if center else input_sumsq
     passes = power_iters + 1
@@ -368,15 +389,19 @@ def rsvd(
     return _finish(q, b, rank, mean, total_sumsq, input_sumsq, passes + 1, True, a)
 
 
-def _stack_blocks(blocks: list[Any], a: da.Array, width: int) -> da.Array:
-    """The kept ``Y`` blocks as one dask array with ``a``'s row chunks."""
-    return da.concatenate(
-        [
-            da.from_delayed(b, shape=(rows, width), dtype=a.dtype, meta=a._meta)
-            for b, rows in zip(blocks, a.chunks[0], strict=True)
-        ],
-        axis=0,
-    )
+def stack_row_blocks(blocks: list[Any], like: da.Array, width: int, prefix: str) -> da.Array:
+    """Persisted row blocks (``Delayed``) as one dask array with ``like``'s row chunks.
+
+    One layer of aliases straight to the block keys, named after them. (Not
+    ``da.concatenate`` of ``da.from_delayed`` pieces: once an optimized graph fused those
+    two layers, a later graph with the unfused ``concatenate-…`` keys redefined them, which
+    the distributed scheduler reports as "Detected different `run_spec`".)
+    """
+    blocks = [b if isinstance(b, Delayed) else delayed(b, pure=True) for b in blocks]
+    name = f"{prefix}-{tokenize([b.key for b in blocks], like.dtype, width)}"
+    layer = {(name, i, 0): Alias((name, i, 0), b.key) for i, b in enumerate(blocks)}
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=blocks)
+    return da.Array(graph, name, (like.chunks[0], (width,)), dtype=like.dtype, meta=like._meta)
 
 
 def _project(
@@ -504,20 +529,23 @@ def _finish(
     ext = da.map_blocks(
         _block_extremes, u, chunks=((1,) * nb, (rank,)), dtype=u.dtype, meta=u._meta
     )
-    ext = to_host(ext.compute())
+    ext = to_host(ext.compute(**UNOPTIMIZED))
     signs = np.sign(ext[np.argmax(np.abs(ext), axis=0), np.arange(rank)])
     signs[signs == 0] = 1.0
     u = _times_small_lazy(q, ub * signs[None, :])
+    dtype = a.dtype
     return RSVDResult(
         u=u,
-        s=s.astype(np.float64),
-        vt=vt * signs[:, None],
-        mean=mean,
+        s=s.astype(dtype),
+        vt=(vt * signs[:, None]).astype(dtype),
+        mean=None if mean is None else mean.astype(dtype),
         total_sumsq=total_sumsq,
         input_sumsq=input_sumsq,
         passes=passes,
         projection=projection,
         a=a,
+        s64=s.astype(np.float64),
+        mean64=mean,
     )
 
 

@@ -24,9 +24,10 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed, delayed
 
-from pipeline.errors import InputError
+from pipeline.backend import array_module
 from pipeline.linalg import _kernels as k
 from pipeline.linalg._graph import fetch, persist
+from pipeline.linalg._validation import as_matrix, check_bool, check_int, check_tall
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 
@@ -48,6 +49,10 @@ class TSQRResult:
     sumsq : ``‖A‖²_F`` from the same pass.
     block_methods : how many blocks took each local path (``cholqr2``, ``scholqr3``,
         ``householder``).
+    blocks, factors, transforms : per row block, the input block (unoptimized ``Delayed``),
+        its persisted :class:`~pipeline.linalg._kernels.BlockFactor` and its ``n × n``
+        transform from the reduction tree (``None`` for a single block); ``None`` when
+        ``Q`` was not requested. :meth:`q_times` builds on them.
     """
 
     q: da.Array | None
@@ -55,11 +60,30 @@ class TSQRResult:
     a: da.Array
     sumsq: float
     block_methods: dict[str, int] = field(default_factory=dict)
+    blocks: list[Delayed] | None = field(default=None, repr=False)
+    factors: list[Delayed] | None = field(default=None, repr=False)
+    transforms: list[Delayed | None] | None = field(default=None, repr=False)
 
     @property
     def fro_norm(self) -> float:
         """``‖A‖_F``."""
         return float(np.sqrt(self.sumsq))
+
+    def q_times(self, m: Any) -> da.Array:
+        """Lazy ``Q @ M`` (m × k) for a small ``n × k`` matrix ``M``, with ``a``'s row chunks.
+
+        ``M`` is folded into each block's ``n × n`` transform, so a block costs what a
+        block of ``Q`` costs (one read of ``A_i``) and ``Q`` itself is never formed. As
+        for ``q``, compute it with ``**UNOPTIMIZED`` when the same graph also reads ``a``.
+        """
+        if self.factors is None:
+            raise ValueError("q_times needs the factors of tsqr(..., compute_q=True)")
+        n = self.a.shape[1]
+        m = m if hasattr(m, "shape") else np.asarray(m)  # numpy or cupy
+        if m.ndim != 2 or m.shape[0] != n:
+            raise ValueError(f"M must have shape ({n}, k); got {m.shape}")
+        md = delayed(m, pure=True)
+        return _q_blocks(self, md, m.shape[1])
 
 
 def row_blocks(a: da.Array, block_rows: int | None = None, min_rows: int | None = None) -> da.Array:
@@ -71,6 +95,8 @@ def row_blocks(a: da.Array, block_rows: int | None = None, min_rows: int | None 
     to a multiple of the input's row chunk so storage chunks are not split. A short last
     block is merged into the one before it.
     """
+    if block_rows is not None:
+        check_int(block_rows, "block_rows", low=1)
     m, n = a.shape
     floor = min(m, n if min_rows is None else min_rows)
     target = block_rows or max(1, DEFAULT_BLOCK_BYTES // (n * a.dtype.itemsize))
@@ -126,7 +152,8 @@ def tsqr(
 
     Parameters
     ----------
-    a : dask array (m, n) with m ≥ n, floating point, any chunking
+    a : dask (or numpy) array (m, n) with m ≥ n, any chunking; integers and bool are
+        computed in float64, float16 in float32 (see :func:`working_dtype`)
     compute_q : build ``Q`` (lazy; a second read of ``a`` when computed)
     block_rows : rows per block (default: about 64 MiB per block, at least ``n``)
     split_every : fan-in of the reduction tree of ``R`` factors
@@ -136,22 +163,21 @@ def tsqr(
     TSQRResult
         ``r`` is computed (one pass over ``a``); ``q`` is lazy. The small per-block
         factors that ``q`` needs are persisted (on the cluster under ``distributed``).
+        ``q`` and ``r`` are in the working dtype of ``a`` (float32 for float32 input,
+        float64 for float64 and integer input); ``sumsq`` is a float64 scalar.
 
     Raises
     ------
     InputError
-        For a wide matrix, or a non-floating dtype.
+        For a wide matrix (factorize ``a.T``), a complex or non-numeric dtype, bad
+        options.
     NonFiniteInputError
         When ``a`` holds NaN or Inf (found during the pass that computes ``r``).
     """
-    if a.ndim != 2:
-        raise InputError(f"TSQR needs a 2-D array; got {a.ndim}-D with shape {a.shape}")
-    if not np.issubdtype(a.dtype, np.floating):
-        raise InputError(f"TSQR needs a floating-point array; got {a.dtype}")
-    if split_every < 2:
-        raise ValueError(f"split_every must be ≥ 2; got {split_every}")
-    if a.shape[0] < a.shape[1]:
-        raise InputError(f"TSQR needs a tall matrix (rows ≥ columns); got shape {a.shape}")
+    a = as_matrix(a)
+    check_tall(a.shape)
+    check_bool(compute_q, "compute_q")
+    check_int(split_every, "split_every", low=2)
     a = row_blocks(a, block_rows)
     offsets = np.concatenate([[0], np.cumsum(a.chunks[0])[:-1]]).tolist()
     # Unoptimized blocks: the scheduler keeps these keys as the lineage of the persisted
@@ -171,15 +197,31 @@ def tsqr(
     # Keep the small per-block state on the cluster; Q re-reads A block by block.
     root_r, summary, factors, transforms = persist(root_r, summary, factors, transforms)
     r, info = fetch(root_r, summary)
-    n = a.shape[1]
-    q_blocks = [
+    res = TSQRResult(None, r, a, info["sumsq"], info["block_methods"], blocks, factors, transforms)
+    res.q = _q_blocks(res, None, a.shape[1])
+    return res
+
+
+def _block_q_times(a: Any, factor: k.BlockFactor, transform: Any | None, m: Any | None) -> Any:
+    """``Q_i · transform · M`` of one block (``M`` moved to the block's backend and dtype)."""
+    if m is not None:
+        m = array_module(a).asarray(m, dtype=a.dtype)
+        transform = m if transform is None else transform @ m
+    return k.block_q(a, factor, transform)
+
+
+def _q_blocks(res: TSQRResult, m: Delayed | None, width: int) -> da.Array:
+    """Lazy ``Q`` (``m`` is ``None``) or ``Q M``, one task per row block of ``res.a``."""
+    a = res.a
+    func = k.block_q if m is None else _block_q_times
+    extra = () if m is None else (m,)
+    parts = [
         da.from_delayed(
-            delayed(k.block_q, pure=True)(b, f, t),
-            shape=(rows, n),
+            delayed(func, pure=True)(b, f, t, *extra),
+            shape=(rows, width),
             dtype=a.dtype,
             meta=a._meta,
         )
-        for b, f, t, rows in zip(blocks, factors, transforms, a.chunks[0], strict=True)
+        for b, f, t, rows in zip(res.blocks, res.factors, res.transforms, a.chunks[0], strict=True)
     ]
-    q = da.concatenate(q_blocks, axis=0)
-    return TSQRResult(q, r, a, info["sumsq"], info["block_methods"])
+    return da.concatenate(parts, axis=0)
