@@ -2,15 +2,17 @@
 table, a Markdown report and a link as artifacts) and ``factorize-batch`` (several jobs as
 concurrent flow runs sharing one Dask cluster).
 
-Tasks take and return small values (the config model, a manifest, a staging path, metric
-dicts); the Dask client lives in the flow's cluster context and tasks use it as the
-default client. No task caches: inputs name data that can change under the same path.
+The lifecycle is :func:`pipeline.jobs.execute`'s; this module only wraps its steps as
+tasks. Tasks take and return small values (the config model, a
+:class:`~pipeline.jobs.PreparedRun`, metric dicts); the Dask client lives in the flow's
+cluster context and tasks use it as the default client. No task caches: inputs name data
+that can change under the same path.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, task
 from prefect.artifacts import (
@@ -21,20 +23,28 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.logging import get_run_logger
+from pydantic import BeforeValidator
 
 from pipeline.cluster import cluster_from_spec
-from pipeline.config import ClusterSpec, JobConfig, check_unique_names, config_from_any
+from pipeline.config import ClusterSpec, JobConfig, check_unique_names, config_from_any, redact
 from pipeline.errors import UserError
-from pipeline.io.source import InputManifest
-from pipeline.jobs import (
-    abort_job,
-    completed_result,
-    now_iso,
-    prepare_job,
-    publish_job,
-    run_method,
-)
+from pipeline.jobs import PreparedRun, Steps, completed_result, compute, execute, prepare, publish
 from pipeline.reports import headline, report_markdown
+
+
+def _as_config(value: Any) -> Any:
+    """Parse a mapping, YAML text or a path into a JobConfig with our one-line errors."""
+    if isinstance(value, JobConfig):
+        return value
+    try:
+        return config_from_any(value)
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
+
+
+# The flow parameter: typed by the config model, so the Prefect UI shows the job's schema;
+# a path or YAML text (``prefect deployment run … --param config=job.yaml``) is also taken.
+JobParameter = Annotated[JobConfig | str, BeforeValidator(_as_config)]
 
 
 def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -55,15 +65,15 @@ def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     retry_condition_fn=_retry_unless_user_error,
     cache_policy=NO_CACHE,
 )
-def prepare(config: JobConfig) -> tuple[InputManifest, str]:
-    """Create the input if asked, validate input and output, open the staging folder."""
-    return prepare_job(config)
+def prepare_task(config: JobConfig) -> PreparedRun:
+    """Create the input if asked, check input and output, open the staging folder."""
+    return prepare(config)
 
 
 @task(name="compute", cache_policy=NO_CACHE)
-def compute(config: JobConfig, index: int, staging: str) -> dict[str, Any]:
+def compute_task(run: PreparedRun, index: int) -> dict[str, Any]:
     """Run one method on the cluster and write its factors into the staging folder."""
-    return run_method(config, index, staging)
+    return compute(run, index)
 
 
 @task(
@@ -73,21 +83,27 @@ def compute(config: JobConfig, index: int, staging: str) -> dict[str, Any]:
     retry_condition_fn=_retry_unless_user_error,
     cache_policy=NO_CACHE,
 )
-def publish(
-    config: JobConfig,
-    manifest: InputManifest,
-    staging: str,
-    results: dict[str, dict[str, Any]],
-    started: str,
-) -> dict[str, Any]:
-    """Write metrics.json and move the result into place."""
-    return publish_job(config, manifest, staging, results, started)
+def publish_task(run: PreparedRun, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Write metrics.json and the report, move the result into place."""
+    return publish(run, results)
 
 
 @task(name="check-complete", cache_policy=NO_CACHE)
-def check_complete(config: JobConfig) -> dict[str, Any] | None:
+def check_complete_task(config: JobConfig) -> dict[str, Any] | None:
     """With ``skip_if_complete``: the published report when it still answers this job."""
     return completed_result(config)
+
+
+def _compute_named(run: PreparedRun, index: int) -> dict[str, Any]:
+    return compute_task.with_options(name=f"compute-{run.steps[index]}")(run, index)
+
+
+TASK_STEPS = Steps(
+    check_complete=check_complete_task,
+    prepare=prepare_task,
+    compute=_compute_named,
+    publish=publish_task,
+)
 
 
 def _metrics_table(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -126,10 +142,12 @@ def publish_artifacts(report: dict[str, Any]) -> None:
 
 
 def _run_name() -> str:
-    """Name flow runs after the job: ``name`` from a mapping, the file stem from a path."""
+    """Name flow runs after the job: its ``name``, or the file stem of a path."""
     from prefect.runtime import flow_run
 
     config = flow_run.parameters.get("config")
+    if isinstance(config, JobConfig):
+        return config.name
     if isinstance(config, dict) and isinstance(config.get("name"), str):
         return config["name"]
     if isinstance(config, str) and "\n" not in config:
@@ -138,13 +156,13 @@ def _run_name() -> str:
 
 
 @flow(name="factorize", flow_run_name=_run_name, validate_parameters=True)
-def factorize(config: dict[str, Any] | str) -> dict[str, Any]:
+def factorize(config: JobParameter) -> dict[str, Any]:
     """Run a factorization job.
 
     Parameters
     ----------
-    config : the job as a mapping (the YAML's content), YAML text, or a path to a YAML
-        file (resolved on the machine that runs the flow)
+    config : the job (its YAML's content as a mapping); YAML text or a path to a YAML
+        file (resolved on the machine that runs the flow) are accepted too
 
     Returns
     -------
@@ -152,41 +170,28 @@ def factorize(config: dict[str, Any] | str) -> dict[str, Any]:
     found the published result unchanged).
     """
     logger = get_run_logger()
-    cfg = config_from_any(config)
-    started = now_iso()
-    logger.info("job %s: %d method(s) on %s", cfg.name, len(cfg.methods), cfg.input.url)
-    done = check_complete(cfg)
-    if done is not None:
-        logger.info(
-            "job %s: skipped — result at %s is complete and unchanged", cfg.name, done["output"]
-        )
-        publish_artifacts(done)
-        return done
-    manifest, staging = prepare(cfg)
-    try:
-        with cluster_from_spec(cfg.cluster):
-            results = {
-                spec.method: compute.with_options(name=f"compute-{spec.method}")(cfg, i, staging)
-                for i, spec in enumerate(cfg.methods)
-            }
-        report = publish(cfg, manifest, staging, results, started)
-    except BaseException:
-        abort_job(cfg, staging)
-        raise
+    cfg = _as_config(config)  # already a JobConfig unless called with validation off
+    logger.info("job %s: %d method(s) on %s", cfg.name, len(cfg.methods), redact(cfg.input.url))
+    report = execute(cfg, TASK_STEPS)
     publish_artifacts(report)
-    logger.info("job %s: completed; result at %s", cfg.name, report["output"])
+    if report.get("skipped"):
+        logger.info(
+            "job %s: skipped — result at %s is complete and unchanged", cfg.name, report["output"]
+        )
+    else:
+        logger.info("job %s: completed; result at %s", cfg.name, report["output"])
     return report
 
 
 @task(name="job", cache_policy=NO_CACHE)
-def _job_in_batch(config: dict[str, Any]) -> dict[str, Any]:
+def _job_in_batch(config: JobConfig) -> dict[str, Any]:
     """One job of a batch, as its own (nested) flow run."""
     return factorize(config=config)
 
 
 @flow(name="factorize-batch", validate_parameters=True)
 def factorize_batch(
-    configs: list[dict[str, Any] | str], cluster: dict[str, Any] | None = None
+    configs: list[JobParameter], cluster: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Run several jobs concurrently, each as its own flow run, on one shared Dask cluster.
 
@@ -201,7 +206,7 @@ def factorize_batch(
     when any job fails; the others still run to the end.
     """
     logger = get_run_logger()
-    cfgs = [config_from_any(c) for c in configs]
+    cfgs = [_as_config(c) for c in configs]
     check_unique_names(cfgs)
     spec = ClusterSpec(**cluster) if cluster else cfgs[0].cluster
     with cluster_from_spec(spec) as client:
@@ -209,7 +214,7 @@ def factorize_batch(
         logger.info("batch of %d jobs on %s", len(cfgs), shared.address)
         futures = [
             _job_in_batch.with_options(name=f"job-{c.name}").submit(
-                c.model_copy(update={"cluster": shared}).model_dump(mode="json")
+                c.model_copy(update={"cluster": shared})
             )
             for c in cfgs
         ]

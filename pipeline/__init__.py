@@ -1,9 +1,15 @@
-"""zarr-factorize: QR, randomized SVD/PCA and NMF of chunked Zarr matrices on Dask.
+"""zarr-factorize: QR, exact and randomized SVD/PCA and NMF of chunked Zarr matrices on Dask.
 
 The library never imports Prefect; the ``flows`` package wraps it for orchestration.
+Names are loaded on first use, so ``import pipeline`` (and the ``factorize`` command's
+``--help`` and ``schema``) pay for neither dask nor zarr.
 """
 
-from pipeline.config import JobConfig, load_config
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from pipeline.errors import (
     ArtifactExistsError,
     ClusterError,
@@ -13,9 +19,23 @@ from pipeline.errors import (
     NonFiniteInputError,
     UserError,
 )
-from pipeline.io.source import open_matrix
-from pipeline.jobs import run_job
-from pipeline.linalg import tsqr
+
+_LAZY = {
+    "JobConfig": "pipeline.config",
+    "load_config": "pipeline.config",
+    "open_matrix": "pipeline.io.source",
+    "run_job": "pipeline.jobs",
+    "nmf": "pipeline.linalg",
+    "rsvd": "pipeline.linalg",
+    "tsqr": "pipeline.linalg",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+
 
 __all__ = [
     "ArtifactExistsError",
@@ -27,7 +47,9 @@ __all__ = [
     "NonFiniteInputError",
     "UserError",
     "load_config",
+    "nmf",
     "open_matrix",
+    "rsvd",
     "run_job",
     "tsqr",
 ]

@@ -1,10 +1,12 @@
-"""NMF checkpoints: W, H and the iteration state of a running job, beside its output.
+"""Checkpoints of a running job, beside its output: a few arrays and a JSON state.
 
 A checkpoint lives in ``<output.url>/.<name>.checkpoint/`` (hidden, like the staging
 folder) and is replaced atomically on a local filesystem: a new one is written aside and
-renamed over the old. It records what it belongs to (input shape and chunks, rank, solver,
-init, seed), so ``resume: true`` refuses a checkpoint of a different job. It is removed
-once the job's result is published.
+renamed over the old. ``state.json`` is written last and marks a checkpoint complete; it
+records an ``identity`` (what the checkpoint belongs to) that :meth:`Checkpoints.load`
+compares, so a resumed job refuses a checkpoint of a different job. What goes in and how
+it maps back to an algorithm's state is the method's business (see ``methods/nmf.py``);
+the method's ``on_published`` hook removes the checkpoint once the result is in place.
 """
 
 from __future__ import annotations
@@ -18,28 +20,17 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from pipeline.config import NMFSpec, OutputSpec
+from pipeline.config import OutputSpec
 from pipeline.errors import InputError
 from pipeline.io.stores import is_local, split_url, zarr_store
-from pipeline.linalg.nmf import NMFState
 
 log = logging.getLogger(__name__)
 
-
-def _identity(spec: NMFSpec, a: da.Array) -> dict[str, Any]:
-    return {
-        "shape": list(a.shape),
-        "row_chunks": list(a.chunks[0]),
-        "dtype": str(a.dtype),
-        "rank": spec.rank,
-        "solver": spec.solver,
-        "init": spec.init,
-        "seed": spec.seed,
-    }
+STATE = "state.json"
 
 
 class Checkpoints:
-    """Save and load :class:`~pipeline.linalg.NMFState` for one job."""
+    """Save and load one job's checkpoint: tall dask arrays, small numpy arrays, a state."""
 
     def __init__(self, output: OutputSpec, name: str) -> None:
         self.output = output
@@ -52,62 +43,70 @@ class Checkpoints:
 
     def exists(self) -> bool:
         """Whether a complete checkpoint is there."""
-        return bool(self.fs.exists(f"{self.path}/state.json"))
+        return bool(self.fs.exists(f"{self.path}/{STATE}"))
 
-    def save(self, state: NMFState, w: da.Array, spec: NMFSpec, a: da.Array) -> None:
-        """Write W (from the cluster), H and the state; replace the previous checkpoint."""
+    def save(
+        self,
+        identity: dict[str, Any],
+        state: dict[str, Any],
+        tall: dict[str, da.Array],
+        small: dict[str, np.ndarray],
+    ) -> None:
+        """Write the arrays (``tall`` from the cluster, block by block) and the state;
+        replace the previous checkpoint."""
         tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
         self.fs.makedirs(tmp, exist_ok=True)
-        store = zarr_store(self._url(f"{tmp}/W.zarr"), self.output.storage_options, read_only=False)
-        target = zarr.create_array(
-            store=store, shape=w.shape, dtype=w.dtype, chunks=(max(w.chunks[0]), w.shape[1])
-        )
-        da.store(w.rechunk((max(w.chunks[0]), w.shape[1])), target, lock=False)
-        with self.fs.open(f"{tmp}/H.npy", "wb") as f:
-            np.save(f, state.h)
-        payload = {
-            "identity": _identity(spec, a),
-            "iteration": state.iteration,
-            "history": state.history,
-            "converged": state.converged,
-        }
-        with self.fs.open(f"{tmp}/state.json", "w") as f:  # written last: marks completeness
-            json.dump(payload, f)
+        for key, x in tall.items():
+            store = zarr_store(
+                self._url(f"{tmp}/{key}.zarr"), self.output.storage_options, read_only=False
+            )
+            rows = max(x.chunks[0])
+            target = zarr.create_array(
+                store=store, shape=x.shape, dtype=x.dtype, chunks=(rows, *x.shape[1:])
+            )
+            da.store(x.rechunk((rows, *x.shape[1:])), target, lock=False)
+        for key, x in small.items():
+            with self.fs.open(f"{tmp}/{key}.npy", "wb") as f:
+                np.save(f, x)
+        with self.fs.open(f"{tmp}/{STATE}", "w") as f:  # written last: marks completeness
+            json.dump({"identity": identity, **state}, f)
         if self.fs.exists(self.path):
             self.fs.rm(self.path, recursive=True)
         self.fs.mv(tmp, self.path, recursive=True)
-        log.info("nmf: checkpoint at iteration %d", state.iteration)
 
-    def load(self, spec: NMFSpec, a: da.Array) -> NMFState:
-        """The saved state, with W's blocks chunked like ``a``.
+    def load(
+        self, identity: dict[str, Any], row_chunks: tuple[int, ...]
+    ) -> tuple[dict[str, Any], dict[str, da.Array], dict[str, np.ndarray]]:
+        """``(state, tall arrays with these row chunks, small arrays)`` of the checkpoint.
 
         Raises
         ------
         InputError
-            When the checkpoint belongs to a different input or different options.
+            When the checkpoint's identity differs from ``identity`` (another input or
+            other options).
         """
-        with self.fs.open(f"{self.path}/state.json") as f:
-            payload = json.load(f)
-        expected = _identity(spec, a)
-        if payload["identity"] != expected:
-            diff = sorted(k for k in expected if payload["identity"].get(k) != expected[k])
+        with self.fs.open(f"{self.path}/{STATE}") as f:
+            state = json.load(f)
+        saved = state.pop("identity")
+        if saved != identity:
+            diff = sorted(k for k in identity if saved.get(k) != identity[k])
             raise InputError(
                 f"resume: the checkpoint at {self._url(self.path)} was made with different "
                 f"{', '.join(diff)}; remove it or set resume: false"
             )
-        with self.fs.open(f"{self.path}/H.npy", "rb") as f:
-            h = np.load(f)
-        store = zarr_store(
-            self._url(f"{self.path}/W.zarr"), self.output.storage_options, read_only=True
-        )
-        w = da.from_zarr(zarr.open_array(store=store, mode="r"), chunks=(a.chunks[0], spec.rank))
-        return NMFState(
-            w_blocks=w.to_delayed(optimize_graph=False)[:, 0].tolist(),
-            h=h,
-            iteration=int(payload["iteration"]),
-            history=list(payload["history"]),
-            converged=bool(payload["converged"]),
-        )
+        tall, small = {}, {}
+        for path in self.fs.ls(self.path, detail=False):
+            key = path.rstrip("/").rsplit("/", 1)[-1]
+            if key.endswith(".zarr"):
+                store = zarr_store(self._url(path), self.output.storage_options, read_only=True)
+                arr = zarr.open_array(store=store, mode="r")
+                tall[key.removesuffix(".zarr")] = da.from_zarr(
+                    arr, chunks=(row_chunks, *arr.shape[1:])
+                )
+            elif key.endswith(".npy"):
+                with self.fs.open(path, "rb") as f:
+                    small[key.removesuffix(".npy")] = np.load(f)
+        return state, tall, small
 
     def remove(self) -> None:
         """Delete the checkpoint (after the result is published)."""

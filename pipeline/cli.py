@@ -91,9 +91,9 @@ def _run(args: argparse.Namespace) -> int:
 
     _logs_to_stdout()
     if len(configs) == 1:
-        reports = {configs[0].name: factorize(config=configs[0].model_dump(mode="json"))}
+        reports = {configs[0].name: factorize(config=configs[0])}
     else:  # concurrent flow runs on one shared cluster
-        reports = factorize_batch(configs=[c.model_dump(mode="json") for c in configs])
+        reports = factorize_batch(configs=configs)
     for name, report in reports.items():
         verdict = "skipped (complete, unchanged)" if report.get("skipped") else "completed"
         print(f"\n{name}: {verdict} — {report['output']}")

@@ -12,25 +12,22 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.methods import METHODS
+from pipeline.methods.base import StrictModel
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
 
 SYNTHETIC_KINDS = ("gaussian", "lowrank", "vandermonde", "nonnegative")
 PACKAGED_KINDS = ("digits", "sample-image")
 
 
-class SyntheticSpec(_Strict):
+class SyntheticSpec(StrictModel):
     """Recipe for a matrix written to ``input.url`` when the store is missing."""
 
     kind: Literal["gaussian", "lowrank", "vandermonde", "nonnegative", "digits", "sample-image"] = (
@@ -60,7 +57,7 @@ class SyntheticSpec(_Strict):
         return self
 
 
-class InputSpec(_Strict):
+class InputSpec(StrictModel):
     """Where the matrix lives."""
 
     url: str = Field(description="local path or fsspec URL (file://, s3://, memory://)")
@@ -82,7 +79,7 @@ class InputSpec(_Strict):
         return v
 
 
-class ClusterSpec(_Strict):
+class ClusterSpec(StrictModel):
     """Which Dask cluster runs the job."""
 
     kind: Literal["local", "address", "local-cuda"] = Field(
@@ -107,75 +104,13 @@ class ClusterSpec(_Strict):
         return self
 
 
-class TSQRSpec(_Strict):
-    """Tall-skinny QR: A = QR with orthonormal Q (m × n) and upper-triangular R (n × n)."""
-
-    method: Literal["tsqr"]
-    q: bool = Field(True, description="also compute and write Q (false: R only, one read of A)")
-    transpose: bool = Field(False, description="factorize the transpose (for wide matrices)")
-    block_rows: int | None = Field(
-        None, ge=1, description="rows per block; default: blocks of about 64 MiB"
-    )
+AnyMethodSpec = Annotated[
+    Union[tuple(m.spec for m in METHODS.values())],  # noqa: UP007 (built at run time)
+    Field(discriminator="method"),
+]
 
 
-class RSVDSpec(_Strict):
-    """Randomized truncated SVD (Halko, Martinsson & Tropp 2011); PCA with ``center: true``."""
-
-    method: Literal["rsvd"]
-    rank: int = Field(ge=1, description="singular triplets to keep; 1 ≤ rank ≤ min(m, n)")
-    oversample: int = Field(
-        10, ge=0, description="extra sketch columns (rank + oversample is capped at min(m, n))"
-    )
-    power_iters: int = Field(
-        2, ge=0, le=100, description="subspace iterations, one pass over A each"
-    )
-    center: bool = Field(False, description="PCA: subtract column means (never materialised)")
-    seed: int = Field(0, ge=0, description="seed of the Gaussian test matrices")
-    single_pass: bool = Field(
-        False, description="read A once (Tropp et al. 2017 sketch); less accurate"
-    )
-    measure_residual: bool | None = Field(
-        None,
-        description="null: exact formula, plus a direct pass only when the formula "
-        "loses precision (multi-pass) or never (single-pass); true: always a direct pass",
-    )
-    block_rows: int | None = Field(None, ge=1, description="rows per block")
-
-
-class NMFSpec(_Strict):
-    """Non-negative matrix factorization A ≈ WH (W: m × rank, H: rank × n, both ≥ 0)."""
-
-    method: Literal["nmf"]
-    rank: int = Field(ge=1, description="number of components; 1 ≤ rank ≤ min(m, n)")
-    solver: Literal["hals", "mu"] = Field(
-        "hals", description="hals: fast coordinate descent; mu: Lee–Seung multiplicative updates"
-    )
-    init: Literal["nndsvd", "nndsvda", "random"] = "nndsvda"
-    inner_sweeps: int = Field(
-        5,
-        ge=1,
-        description="most updates of W (and H) per pass over A (Gillis–Glineur acceleration; "
-        "1 = plain HALS/MU)",
-    )
-    max_iter: int = Field(200, ge=1)
-    tol: float = Field(
-        1e-4,
-        ge=0,
-        description="stop when the relative decrease of "
-        "‖A − WH‖² over one iteration falls below tol",
-    )
-    seed: int = Field(0, ge=0)
-    checkpoint_every: int | None = Field(
-        None, ge=1, description="iterations between checkpoints; default: about every 60 s"
-    )
-    resume: bool = Field(False, description="continue from the last checkpoint of this job")
-    block_rows: int | None = Field(None, ge=1, description="rows per block")
-
-
-MethodSpec = Annotated[TSQRSpec | RSVDSpec | NMFSpec, Field(discriminator="method")]
-
-
-class OutputSpec(_Strict):
+class OutputSpec(StrictModel):
     """Where results go: ``<url>/<name>/``."""
 
     url: str = Field("artifacts", description="folder or fsspec URL")
@@ -183,13 +118,13 @@ class OutputSpec(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
-class JobConfig(_Strict):
+class JobConfig(StrictModel):
     """A factorization job: one input, a cluster, one or more methods, one output."""
 
     name: str = Field(pattern=NAME_PATTERN, description="names the run folder")
     input: InputSpec
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
-    methods: list[MethodSpec] = Field(min_length=1)
+    methods: list[AnyMethodSpec] = Field(min_length=1)
     output: OutputSpec = Field(default_factory=OutputSpec)
     skip_if_complete: bool = Field(
         False,
@@ -199,7 +134,7 @@ class JobConfig(_Strict):
 
     @field_validator("methods")
     @classmethod
-    def _methods_unique(cls, methods: list[MethodSpec]) -> list[MethodSpec]:
+    def _methods_unique(cls, methods: list[Any]) -> list[Any]:
         seen: set[str] = set()
         for m in methods:
             if m.method in seen:
@@ -218,7 +153,7 @@ def _loc_to_path(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if skip_tag:  # discriminated unions insert the tag value after the index
             skip_tag = False
-            if isinstance(part, str) and part in _METHOD_TAGS:
+            if isinstance(part, str) and part in METHODS:
                 continue
         if isinstance(part, int):
             out += f"[{part}]"
@@ -226,9 +161,6 @@ def _loc_to_path(loc: tuple[Any, ...]) -> str:
         else:
             out += f".{part}" if out else str(part)
     return out or "(top level)"
-
-
-_METHOD_TAGS = {"tsqr", "rsvd", "nmf"}
 
 
 def _describe(err: dict[str, Any]) -> str:

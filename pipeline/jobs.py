@@ -1,31 +1,44 @@
-"""Running a job: the one place that joins config, input, methods and the output folder.
+"""The job lifecycle: the one place that joins config, input, methods and the output folder.
 
-The steps are small functions over small values (configs, manifests, paths, dicts) so the
-Prefect flow can call each from a task; :func:`run_job` chains them for use without
-Prefect (notebooks, tests, scripts).
+A job runs as a fixed sequence of steps over small values (a config, a
+:class:`PreparedRun`, metric dicts):
+
+1. ``check_complete`` — with ``skip_if_complete`` only: the published result, if it still
+   answers this job;
+2. ``prepare`` — create the input if asked, open it once, check every method and the
+   output, open the staging folder;
+3. ``compute`` — one step per method, each opening the input once;
+4. ``publish`` — ``metrics.json``, the report, the atomic move into place, the methods'
+   ``on_published`` hooks.
+
+:func:`execute` runs those steps in order (on failure the staging folder is removed).
+:func:`run_job` gives it the plain functions; the Prefect flow gives it the same
+functions wrapped as tasks — one lifecycle, two executors.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import replace
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from distributed import Client, default_client
-
-from pipeline.checkpoints import Checkpoints
-from pipeline.cluster import check_cluster_available
-from pipeline.config import JobConfig, NMFSpec, config_from_any, redact, redacted_dump
+from pipeline.config import JobConfig, config_from_any, redact, redacted_dump
 from pipeline.datasets import write_synthetic
 from pipeline.fingerprint import job_fingerprint
 from pipeline.io.artifacts import RunOutput, check_output_free, read_published
 from pipeline.io.source import InputManifest, open_matrix
 from pipeline.io.stores import split_url
-from pipeline.methods import RUNNERS, check_applicable
+from pipeline.methods import METHODS, RunContext
 from pipeline.reports import report_markdown
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +61,37 @@ def versions() -> dict[str, str]:
     return out
 
 
+@dataclass(frozen=True)
+class PreparedRun:
+    """A job whose input is checked and whose staging folder is open.
+
+    Attributes
+    ----------
+    config : the parsed job
+    manifest : what was opened (shape, chunks, dtype; the fingerprint with
+        ``skip_if_complete``)
+    staging : path of the staging folder in the output filesystem
+    started : ISO-8601 time the run started
+    """
+
+    config: JobConfig
+    manifest: InputManifest
+    staging: str
+    started: str
+
+    @property
+    def steps(self) -> list[str]:
+        """The compute steps, one per method, in order."""
+        return [spec.method for spec in self.config.methods]
+
+    def output(self) -> RunOutput:
+        """The run's staging output."""
+        return RunOutput(self.config.output, self.config.name, staging=self.staging)
+
+
+# --------------------------------------------------------------------------- checks
+
+
 def input_will_be_created(config: JobConfig) -> bool:
     """True when the input store is absent and ``input.create_if_missing`` will write it."""
     spec = config.input
@@ -57,20 +101,42 @@ def input_will_be_created(config: JobConfig) -> bool:
     return not fs.exists(path)
 
 
-def ensure_input(config: JobConfig) -> None:
-    """Create the synthetic input of ``input.create_if_missing`` when the store is absent."""
-    spec = config.input
-    if input_will_be_created(config):
-        write_synthetic(spec.url, spec.create_if_missing, spec.storage_options, spec.array)
+def check_methods(config: JobConfig, shape: tuple[int, int]) -> None:
+    """Each method's own applicability check (rank, shape) for an input of ``shape``.
+
+    Raises
+    ------
+    InputError
+    """
+    for i, spec in enumerate(config.methods):
+        METHODS[spec.method].check(spec, shape, f"methods[{i}]")
+
+
+def inspect_job(config: JobConfig) -> InputManifest:
+    """Open the input once and check every method and the output, computing nothing.
+
+    Raises
+    ------
+    InputError, ArtifactExistsError, ClusterError
+    """
+    from pipeline.cluster import check_cluster_available
+
+    check_cluster_available(config.cluster)
+    _, manifest = open_matrix(config.input)
+    check_methods(config, manifest.shape)
+    check_output_free(config.output, config.name)
+    return manifest
 
 
 def precheck(config: JobConfig) -> InputManifest | None:
-    """Everything that can be refused before a cluster or Prefect starts.
+    """Everything ``factorize validate`` (and the CLI before starting) can refuse.
 
     Returns the input's manifest, or ``None`` when the input will be created by the run
     (then only the cluster kind and the output are checked). A job that
     ``skip_if_complete`` will skip passes (its output exists, and that is fine).
     """
+    from pipeline.cluster import check_cluster_available
+
     if input_will_be_created(config):
         check_cluster_available(config.cluster)
         check_output_free(config.output, config.name)
@@ -80,19 +146,7 @@ def precheck(config: JobConfig) -> InputManifest | None:
     return inspect_job(config)
 
 
-def inspect_job(config: JobConfig) -> InputManifest:
-    """Open the input and check every method and the output, computing nothing.
-
-    Raises
-    ------
-    InputError, ArtifactExistsError
-    """
-    check_cluster_available(config.cluster)
-    _, manifest = open_matrix(config.input)
-    for i, spec in enumerate(config.methods):
-        check_applicable(spec, manifest.shape, i)
-    check_output_free(config.output, config.name)
-    return manifest
+# --------------------------------------------------------------------------- steps
 
 
 def completed_result(config: JobConfig) -> dict[str, Any] | None:
@@ -100,6 +154,7 @@ def completed_result(config: JobConfig) -> dict[str, Any] | None:
 
     That is, a complete result exists at ``<output.url>/<name>/`` and its fingerprint (config,
     input manifest and store, see :mod:`pipeline.fingerprint`) equals the current one.
+    Without ``skip_if_complete`` nothing is read or listed.
     """
     if not config.skip_if_complete or input_will_be_created(config):
         return None
@@ -118,16 +173,15 @@ def completed_result(config: JobConfig) -> dict[str, Any] | None:
     return {**report, "skipped": True}
 
 
-def prepare_job(config: JobConfig) -> tuple[InputManifest, str]:
-    """Create the input if asked, validate everything, open the staging folder.
-
-    Returns
-    -------
-    (manifest, staging path)
-    """
-    ensure_input(config)
+def prepare(config: JobConfig) -> PreparedRun:
+    """Create the input if asked, open and check it once, open the staging folder."""
+    started = now_iso()
+    if input_will_be_created(config):
+        spec = config.input
+        write_synthetic(spec.url, spec.create_if_missing, spec.storage_options, spec.array)
     manifest = inspect_job(config)
-    manifest = replace(manifest, fingerprint=job_fingerprint(config, manifest))
+    if config.skip_if_complete:  # lists the input store: only when asked for
+        manifest = replace(manifest, fingerprint=job_fingerprint(config, manifest))
     out = RunOutput(config.output, config.name)
     out.begin()
     log.info(
@@ -140,23 +194,29 @@ def prepare_job(config: JobConfig) -> tuple[InputManifest, str]:
         "×".join(map(str, manifest.chunks)),
         out.staging_url,
     )
-    return manifest, out.staging
+    return PreparedRun(config, manifest, out.staging, started)
 
 
 def _current_client() -> Client | None:
+    from distributed import default_client
+
     try:
         return default_client()
     except ValueError:
         return None
 
 
-def run_method(config: JobConfig, index: int, staging: str) -> dict[str, Any]:
-    """Run ``config.methods[index]`` on the current Dask client; write into ``staging``."""
+def compute(run: PreparedRun, index: int) -> dict[str, Any]:
+    """Run method ``index`` of the job on the current Dask client, into the staging folder."""
+    config = run.config
     spec = config.methods[index]
+    method = METHODS[spec.method]
+    t0 = time.perf_counter()
     a, _ = open_matrix(config.input)
-    out = RunOutput(config.output, config.name, staging=staging)
     client = _current_client()
-    result = RUNNERS[spec.method](spec, a, out, client)
+    ctx = RunContext(method, run.output(), client, config.name, config.output)
+    result = method.run(spec, a, ctx)
+    result["seconds"] = time.perf_counter() - t0
     if client is not None:  # provenance: which cluster computed it
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
         result["dask"] = {
@@ -168,39 +228,82 @@ def run_method(config: JobConfig, index: int, staging: str) -> dict[str, Any]:
     return result
 
 
-def publish_job(
-    config: JobConfig,
-    manifest: InputManifest,
-    staging: str,
-    results: dict[str, dict[str, Any]],
-    started: str,
-) -> dict[str, Any]:
-    """Write ``metrics.json`` and move the result into place; return the metrics."""
+def publish(run: PreparedRun, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Write ``metrics.json`` and the report, move the result into place; return the metrics."""
+    config = run.config
     fro = next((r["fro_norm"] for r in results.values() if "fro_norm" in r), None)
     report = {
         "name": config.name,
         "status": "completed",
-        "input": {**manifest.to_dict(), "fro_norm": fro},
+        "input": {**run.manifest.to_dict(), "fro_norm": fro},
         "methods": results,
         "config": redacted_dump(config),
         "versions": versions(),
-        "started": started,
+        "started": run.started,
         "finished": now_iso(),
     }
-    out = RunOutput(config.output, config.name, staging=staging)
+    out = run.output()
     report["output"] = redact(out.final_url)
     out.write_bytes(REPORT, report_markdown(report).encode())
     out.publish(report)
-    if any(isinstance(spec, NMFSpec) for spec in config.methods):
-        Checkpoints(config.output, config.name).remove()  # the result supersedes it
+    for spec in config.methods:
+        hook = METHODS[spec.method].on_published
+        if hook is not None:
+            hook(config.output, config.name)
     log.info("%s: result published at %s", config.name, report["output"])
     return report
 
 
-def abort_job(config: JobConfig, staging: str | None) -> None:
+def abort(run: PreparedRun) -> None:
     """Remove a failed run's staging folder (a published result is never touched)."""
-    if staging:
-        RunOutput(config.output, config.name, staging=staging).abort()
+    run.output().abort()
+
+
+# --------------------------------------------------------------------------- executors
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The lifecycle's steps; the flow swaps in the same functions wrapped as tasks."""
+
+    check_complete: Callable[[JobConfig], dict[str, Any] | None] = completed_result
+    prepare: Callable[[JobConfig], PreparedRun] = prepare
+    compute: Callable[[PreparedRun, int], dict[str, Any]] = compute
+    publish: Callable[[PreparedRun, dict[str, dict[str, Any]]], dict[str, Any]] = publish
+
+
+@contextmanager
+def _cluster(config: JobConfig, client: Client | None) -> Iterator[None]:
+    """``client`` as the current client, or the job's own cluster for the duration."""
+    if client is not None:
+        with client.as_current():
+            yield
+        return
+    from pipeline.cluster import cluster_from_spec
+
+    with cluster_from_spec(config.cluster):
+        yield
+
+
+def execute(config: JobConfig, steps: Steps = Steps(), client: Client | None = None) -> dict:
+    """Run a job's steps in order; on any failure remove its staging folder and re-raise.
+
+    Returns
+    -------
+    The content of ``metrics.json`` (with ``"skipped": true`` when ``skip_if_complete``
+    found the published result unchanged).
+    """
+    done = steps.check_complete(config)
+    if done is not None:
+        return done
+    run = steps.prepare(config)
+    try:
+        with _cluster(config, client):
+            results = {name: steps.compute(run, i) for i, name in enumerate(run.steps)}
+        return steps.publish(run, results)
+    except BaseException:
+        abort(run)
+        raise
 
 
 def run_job(config: Any, client: Client | None = None) -> dict[str, Any]:
@@ -215,37 +318,19 @@ def run_job(config: Any, client: Client | None = None) -> dict[str, Any]:
     -------
     The content of ``metrics.json``.
     """
-    from pipeline.cluster import cluster_from_spec
-
-    cfg = config_from_any(config)
-    started = now_iso()
-    done = completed_result(cfg)
-    if done is not None:
-        return done
-    manifest, staging = prepare_job(cfg)
-    try:
-        if client is None:
-            with cluster_from_spec(cfg.cluster):
-                results = _run_methods(cfg, staging)
-        else:
-            with client.as_current():
-                results = _run_methods(cfg, staging)
-        return publish_job(cfg, manifest, staging, results, started)
-    except BaseException:
-        abort_job(cfg, staging)
-        raise
-
-
-def _run_methods(cfg: JobConfig, staging: str) -> dict[str, dict[str, Any]]:
-    return {spec.method: run_method(cfg, i, staging) for i, spec in enumerate(cfg.methods)}
+    return execute(config_from_any(config), client=client)
 
 
 __all__ = [
-    "abort_job",
+    "PreparedRun",
+    "Steps",
+    "abort",
     "completed_result",
+    "compute",
+    "execute",
     "inspect_job",
-    "prepare_job",
-    "publish_job",
+    "precheck",
+    "prepare",
+    "publish",
     "run_job",
-    "run_method",
 ]

@@ -8,29 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
-PLOTS = {"rsvd": "rsvd_spectrum.png", "nmf": "nmf_convergence.png"}
-# The headline metrics (CLI table, Prefect table artifact); the Markdown report adds more.
-TABLE_KEYS = (
-    "residual_rel",
-    "orthogonality",
-    "orthogonality_u",
-    "orthogonality_v",
-    "norm_consistency",
-    "energy_retained",
-    "iterations",
-    "converged",
-    "passes",
-    "seconds",
-)
-REPORT_KEYS = (*TABLE_KEYS, "residual_method", "reads_from_storage")
+from pipeline.methods import METHODS
+
+# The Markdown report adds these to each method's headline metrics.
+REPORT_EXTRA_KEYS = ("residual_method", "reads_from_storage")
 
 
 def headline(report: dict[str, Any]) -> list[tuple[str, str, Any]]:
-    """``(method, metric, value)`` for every headline metric a report has."""
+    """``(method, metric, value)`` for every headline metric a report has (the CLI table
+    and the Prefect table artifact); each method declares its own keys."""
     return [
         (method, key, res[key])
         for method, res in report["methods"].items()
-        for key in TABLE_KEYS
+        for key in METHODS[method].headline
         if res.get(key) is not None
     ]
 
@@ -99,7 +89,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     for method, res in report.get("methods", {}).items():
         lines += [f"### {method}", "", f"Options: {_options(config, method)}", ""]
         lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(res[k])} |" for k in REPORT_KEYS if k in res]
+        keys = (*METHODS[method].headline, *REPORT_EXTRA_KEYS)
+        lines += [f"| {k} | {_fmt(res[k])} |" for k in keys if k in res]
         if res.get("singular_values"):
             top = ", ".join(_fmt(float(s)) for s in res["singular_values"][:10])
             more = " …" if len(res["singular_values"]) > 10 else ""
@@ -108,8 +99,7 @@ def report_markdown(report: dict[str, Any]) -> str:
             total = sum(res["explained_variance_ratio"])
             lines.append(f"| explained variance (sum of ratios) | {_fmt(float(total))} |")
         lines.append("")
-        if method in PLOTS:
-            lines += [f"Plot: `{output.rstrip('/')}/{PLOTS[method]}`", ""]
+        lines += [f"Plot: `{output.rstrip('/')}/{plot}`\n" for plot in METHODS[method].plots]
     lines += [
         "## Result",
         "",

@@ -6,6 +6,18 @@ import subprocess
 import sys
 
 
+def test_import_pipeline_cli_loads_no_compute_stack():
+    """``factorize --help`` and ``schema`` must not pay for dask, distributed or zarr."""
+    code = (
+        "import sys, pipeline, pipeline.cli, pipeline.config;"
+        "heavy = ('prefect', 'cupy', 'dask', 'distributed', 'zarr', 'scipy', 'fsspec');"
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & set(heavy));"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_import_pipeline_loads_neither_prefect_nor_cupy():
     code = (
         "import sys, pipeline, pipeline.jobs, pipeline.cli;"

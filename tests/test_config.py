@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.config import JobConfig, json_schema, load_config, parse_config, redact
 from pipeline.errors import ConfigError
+from pipeline.methods import METHODS
 from tests.conftest import REPO
 
 BASE = {"name": "x", "input": {"url": "a.zarr"}, "methods": [{"method": "tsqr"}]}
@@ -87,7 +88,7 @@ def test_schema_lists_exactly_the_implemented_methods():
     schema = json.loads(json_schema())
     assert schema["title"] == "zarr-factorize job"
     mapping = schema["properties"]["methods"]["items"]["discriminator"]["mapping"]
-    assert set(mapping) == {"tsqr", "rsvd", "nmf"}
+    assert set(mapping) == set(METHODS)
     assert schema["additionalProperties"] is False
     assert all(d.get("additionalProperties") is False for d in schema["$defs"].values())
 

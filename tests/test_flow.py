@@ -122,14 +122,14 @@ def test_batch_runs_jobs_as_concurrent_flow_runs_on_one_cluster(
     # Each job's first method waits until all three jobs got there: run one after another,
     # the barrier would time out and the jobs fail.
     barrier = threading.Barrier(len(names), timeout=120)
-    run_method = module.run_method
+    compute = module.compute
 
-    def meet_then_run(config, index, staging):
+    def meet_then_run(run, index):
         if index == 0:
             barrier.wait()
-        return run_method(config, index, staging)
+        return compute(run, index)
 
-    monkeypatch.setattr(module, "run_method", meet_then_run)
+    monkeypatch.setattr(module, "compute", meet_then_run)
     shared = {"kind": "address", "address": client.scheduler.address}
     state = factorize_batch(configs=_batch_jobs(tmp_path, names), cluster=shared, return_state=True)
     assert state.is_completed(), state.message

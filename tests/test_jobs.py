@@ -8,14 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import xarray as xr
 
-import pipeline.methods
 from pipeline import run_job
 from pipeline.errors import ArtifactExistsError, InputError, NonFiniteInputError
+from pipeline.methods import METHODS
 from tests.conftest import REPO, job_dict, write_array, write_job
 
 
@@ -92,7 +93,7 @@ def test_failure_mid_run_keeps_previous_result(tmp_path, client, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("worker lost")
 
-    monkeypatch.setitem(pipeline.methods.RUNNERS, "tsqr", boom)
+    monkeypatch.setitem(METHODS, "tsqr", replace(METHODS["tsqr"], run=boom))
     with pytest.raises(RuntimeError, match="worker lost"):
         run_job(job, client=client)
     assert (tmp_path / "out" / "job" / "metrics.json").read_text() == before

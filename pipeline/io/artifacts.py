@@ -128,7 +128,7 @@ class RunOutput:
         sub = self.group.require_group(method)
         if isinstance(x, da.Array):
             x = _aligned_to_regular_chunks(x)
-            chunks = (x.chunks[0][0], *x.shape[1:])
+            chunks = tuple(c[0] for c in x.chunks)
         else:
             x = to_host(x)
             chunks = x.shape
@@ -205,15 +205,14 @@ class RunOutput:
 
 
 def _aligned_to_regular_chunks(x: da.Array) -> da.Array:
-    """Rechunk rows, if needed, so each dask block maps onto whole Zarr chunks.
+    """Rechunk, where needed, so each dask block maps onto whole Zarr chunks.
 
-    Zarr chunks are regular; a row chunking like ``(b, b, …, last)`` with any ``last``
-    already aligns, since no two tasks write into the same Zarr chunk.
+    Zarr chunks are regular: along each axis a chunking like ``(b, b, …, last)`` with any
+    ``last`` already aligns (no two tasks write into one Zarr chunk); an axis chunked
+    otherwise is rechunked to its first chunk's size.
     """
-    rows = x.chunks[0]
-    if all(len(c) == 1 for c in x.chunks[1:]) and all(r == rows[0] for r in rows[:-1]):
-        return x
-    return x.rechunk((rows[0], *x.shape[1:]))
+    regular = all(all(size == c[0] for size in c[:-1]) for c in x.chunks)
+    return x if regular else x.rechunk(tuple(c[0] for c in x.chunks))
 
 
 def _json_default(obj: Any) -> Any:

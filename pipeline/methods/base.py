@@ -1,0 +1,118 @@
+"""What a method is: its config model, its checks, its runner and the outputs it declares.
+
+A method module defines a :class:`MethodSpec` subclass (its entry under ``methods:``) and a
+:class:`Method` that bundles everything the rest of the pipeline needs to know about it.
+The registry (:mod:`pipeline.methods`) builds the config union, the JSON Schema, the
+report's table keys and plot links from these declarations, and :class:`RunContext` only
+lets a runner write the arrays and plots its :class:`Method` declares — so a method cannot
+forget a piece without a test noticing.
+
+This module is imported by the config loader: it names no dask, zarr or distributed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import dask.array as da
+    from distributed import Client
+
+    from pipeline.config import OutputSpec
+    from pipeline.io.artifacts import RunOutput
+
+
+class StrictModel(BaseModel):
+    """A frozen pydantic model that refuses unknown keys (every job-file section)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MethodSpec(StrictModel):
+    """Options every method accepts; each method's spec adds its own and a ``method`` tag."""
+
+    method: str
+    block_rows: int | None = Field(
+        None, ge=1, description="rows per block; default: blocks of about 64 MiB"
+    )
+
+
+@dataclass(frozen=True)
+class FactorArray:
+    """An array a method writes to ``factors.zarr/<method>/<name>``.
+
+    ``when`` says whether a given spec writes it (e.g. ``Q`` only with ``q: true``).
+    """
+
+    name: str
+    dims: tuple[str, ...]
+    when: Callable[[Any], bool] = field(default=lambda spec: True)
+
+
+@dataclass(frozen=True)
+class Method:
+    """Everything that makes a method, registered once in :mod:`pipeline.methods`.
+
+    Attributes
+    ----------
+    name : the ``method:`` tag in job files and the group name in ``factors.zarr``
+    spec : its config model (a :class:`MethodSpec` subclass with ``method: Literal[name]``)
+    check : ``check(spec, shape, where)`` refuses, before any compute, a spec that cannot
+        run on a matrix of ``shape`` (``where`` is the field path, e.g. ``"methods[0]"``)
+    run : ``run(spec, a, ctx) -> metrics`` factorizes ``a`` and writes through ``ctx``
+    arrays : the arrays it may write, with their dimension names
+    headline : metric keys shown in the CLI summary and the Prefect table artifact
+    plots : file names of the plots it writes next to ``metrics.json``
+    example : a small valid entry of ``methods:`` (docs and the contract test)
+    on_published : called with ``(output spec, job name)`` once the result is in place
+        (e.g. to remove checkpoints the result supersedes)
+    """
+
+    name: str
+    spec: type[MethodSpec]
+    check: Callable[[Any, tuple[int, int], str], None]
+    run: Callable[[Any, da.Array, RunContext], dict[str, Any]]
+    arrays: tuple[FactorArray, ...]
+    headline: tuple[str, ...]
+    example: dict[str, Any]
+    plots: tuple[str, ...] = ()
+    on_published: Callable[[OutputSpec, str], None] | None = None
+
+    def arrays_for(self, spec: MethodSpec) -> dict[str, tuple[str, ...]]:
+        """``{array name: dimension names}`` that ``spec`` writes."""
+        return {a.name: a.dims for a in self.arrays if a.when(spec)}
+
+
+@dataclass
+class RunContext:
+    """What a runner may touch: the staging output (only its declared arrays and plots),
+    the Dask client, and the job's output location (for checkpoints)."""
+
+    method: Method
+    out: RunOutput
+    client: Client | None
+    job_name: str
+    output: OutputSpec
+
+    def write(self, name: str, x: Any) -> Any:
+        """Write a declared factor array; a dask array returns a lazy store to compute."""
+        dims = {a.name: a.dims for a in self.method.arrays}
+        if name not in dims:
+            raise KeyError(f"{self.method.name} does not declare an array {name!r}")
+        return self.out.factor_array(self.method.name, name, x, dims[name])
+
+    def write_plot(self, filename: str, png: bytes) -> None:
+        """Write a declared plot next to ``metrics.json``."""
+        if filename not in self.method.plots:
+            raise KeyError(f"{self.method.name} does not declare a plot {filename!r}")
+        self.out.write_bytes(filename, png)
+
+    def keep_in_memory(self, a: da.Array) -> tuple[da.Array, bool]:
+        """Persist ``a`` on the cluster when it fits (:func:`pipeline.cluster.keep_in_memory`)."""
+        from pipeline.cluster import keep_in_memory
+
+        return keep_in_memory(a, self.client)

@@ -1,0 +1,216 @@
+"""``method: nmf`` — non-negative matrix factorization ``A ≈ WH`` (see
+:mod:`pipeline.linalg.nmf`), with checkpoints and resume.
+
+Writes ``nmf/W`` and ``nmf/H`` and a convergence plot. While it runs it checkpoints
+``W``, ``H`` and the iteration state beside the output (:mod:`pipeline.checkpoints`);
+``resume: true`` continues from there bit for bit, and the checkpoint is removed once the
+result is published.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+    from pipeline.checkpoints import Checkpoints
+    from pipeline.config import OutputSpec
+    from pipeline.linalg import NMFState
+
+log = logging.getLogger(__name__)
+
+PLOT = "nmf_convergence.png"
+CHECKPOINT_SECONDS = 60  # default spacing of checkpoints without checkpoint_every
+LOG_SECONDS = 5
+
+
+class NMFSpec(MethodSpec):
+    """Non-negative matrix factorization A ≈ WH (W: m × rank, H: rank × n, both ≥ 0)."""
+
+    method: Literal["nmf"]
+    rank: int = Field(ge=1, description="number of components; 1 ≤ rank ≤ min(m, n)")
+    solver: Literal["hals", "mu"] = Field(
+        "hals", description="hals: fast coordinate descent; mu: Lee–Seung multiplicative updates"
+    )
+    init: Literal["nndsvd", "nndsvda", "random"] = "nndsvda"
+    inner_sweeps: int = Field(
+        5,
+        ge=1,
+        description="most updates of W (and H) per pass over A (Gillis–Glineur acceleration; "
+        "1 = plain HALS/MU)",
+    )
+    max_iter: int = Field(200, ge=1)
+    tol: float = Field(
+        1e-4,
+        ge=0,
+        description="stop when the relative decrease of "
+        "‖A − WH‖² over one iteration falls below tol",
+    )
+    seed: int = Field(0, ge=0)
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="iterations between checkpoints; default: about every 60 s"
+    )
+    resume: bool = Field(False, description="continue from the last checkpoint of this job")
+
+
+def check(spec: NMFSpec, shape: tuple[int, int], where: str) -> None:
+    """Refuse a rank above the smaller dimension (the sign is checked in the first pass)."""
+    from pipeline.linalg import check_rank
+
+    check_rank(spec.rank, shape, name=f"{where}.rank:")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _identity(spec: NMFSpec, a: da.Array) -> dict[str, Any]:
+    return {
+        "shape": list(a.shape),
+        "row_chunks": list(a.chunks[0]),
+        "dtype": str(a.dtype),
+        "rank": spec.rank,
+        "solver": spec.solver,
+        "init": spec.init,
+        "seed": spec.seed,
+    }
+
+
+def _save(store: Checkpoints, st: NMFState, w: da.Array, spec: NMFSpec, a: da.Array) -> None:
+    state = {"iteration": st.iteration, "history": st.history, "converged": st.converged}
+    store.save(_identity(spec, a), state, tall={"W": w}, small={"H": st.h})
+    log.info("nmf: checkpoint at iteration %d", st.iteration)
+
+
+def _load(store: Checkpoints, spec: NMFSpec, a: da.Array) -> NMFState:
+    from pipeline.linalg import NMFState
+
+    state, tall, small = store.load(_identity(spec, a), a.chunks[0])
+    return NMFState(
+        w_blocks=tall["W"].to_delayed(optimize_graph=False)[:, 0].tolist(),
+        h=small["H"],
+        iteration=int(state["iteration"]),
+        history=list(state["history"]),
+        converged=bool(state["converged"]),
+    )
+
+
+def remove_checkpoint(output: OutputSpec, name: str) -> None:
+    """The published result supersedes the checkpoint."""
+    from pipeline.checkpoints import Checkpoints
+
+    Checkpoints(output, name).remove()
+
+
+# --------------------------------------------------------------------------- runner
+
+
+def run(spec: NMFSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
+    """Factorize with checkpoints, write ``W``, ``H`` and the convergence plot, measure."""
+    import dask
+
+    from pipeline import metrics as mx
+    from pipeline.checkpoints import Checkpoints
+    from pipeline.linalg import nmf, row_blocks, rsvd_passes
+    from pipeline.linalg.nmf import INIT_POWER_ITERS
+    from pipeline.plots import convergence_png
+
+    m, n = a.shape
+    a = row_blocks(a, spec.block_rows, min_rows=min(spec.rank + 10, m, n))
+    a, persisted = ctx.keep_in_memory(a)
+    store = Checkpoints(ctx.output, ctx.job_name)
+    state = None
+    if spec.resume and store.exists():
+        state = _load(store, spec, a)
+        log.info("nmf: resuming from the checkpoint at iteration %d", state.iteration)
+    elif spec.resume:
+        log.warning("nmf: resume: true but no checkpoint was found; starting from the beginning")
+    log.info(
+        "nmf: rank %d of %d × %d %s, solver %s, init %s, up to %d iterations",
+        spec.rank,
+        m,
+        n,
+        a.dtype,
+        spec.solver,
+        spec.init,
+        spec.max_iter,
+    )
+    clock = {"checkpoint": time.perf_counter(), "log": time.perf_counter()}
+
+    def on_iteration(st: NMFState, w: da.Array) -> None:
+        now = time.perf_counter()
+        if now - clock["log"] >= LOG_SECONDS or st.iteration == 1:
+            log.info("nmf: iteration %d, relative error %.6f", st.iteration, st.history[-1])
+            clock["log"] = now
+        every = spec.checkpoint_every
+        due = (
+            st.iteration % every == 0 if every else now - clock["checkpoint"] >= CHECKPOINT_SECONDS
+        )
+        if due and not st.converged and st.iteration < spec.max_iter:
+            _save(store, st, w, spec, a)
+            clock["checkpoint"] = time.perf_counter()
+
+    start_iteration = state.iteration if state else 0
+    res = nmf(
+        a,
+        spec.rank,
+        solver=spec.solver,
+        init=spec.init,
+        max_iter=spec.max_iter,
+        tol=spec.tol,
+        seed=spec.seed,
+        state=state,
+        on_iteration=on_iteration,
+        inner_sweeps=spec.inner_sweeps,
+    )
+    if not res.converged:
+        log.warning(
+            "nmf: not converged after %d iterations (tol %g); raise max_iter or tol",
+            res.iterations,
+            spec.tol,
+        )
+    ctx.write("H", res.h)
+    w_store = ctx.write("W", res.w)
+    if persisted:  # the input is in memory: measure the residual directly, for free
+        _, rsq = dask.compute(w_store, mx.residual_sq(res.a, res.w, res.h))
+        residual, method = mx.relative(float(rsq), res.sumsq), "direct"
+    else:
+        dask.compute(w_store)
+        residual, method = res.history[-1] if res.history else None, "objective"
+    ctx.write_plot(PLOT, convergence_png(res.history, spec.solver))
+    init_passes = 0 if state is not None or spec.init == "random" else rsvd_passes(INIT_POWER_ITERS)
+    passes = 1 + init_passes + (res.iterations - start_iteration)
+    return {
+        "rank": spec.rank,
+        "solver": spec.solver,
+        "init": spec.init,
+        "residual_rel": residual,
+        "residual_method": method,
+        "iterations": res.iterations,
+        "converged": res.converged,
+        "history": res.history,
+        "resumed_from": start_iteration or None,
+        "fro_norm": float(np.sqrt(res.sumsq)),
+        "passes": passes,
+        "reads_from_storage": 1 if persisted else passes,
+    }
+
+
+METHOD = Method(
+    name="nmf",
+    spec=NMFSpec,
+    check=check,
+    run=run,
+    arrays=(FactorArray("W", ("row", "component")), FactorArray("H", ("component", "col"))),
+    headline=("residual_rel", "iterations", "converged", "passes", "seconds"),
+    plots=(PLOT,),
+    example={"method": "nmf", "rank": 3, "max_iter": 12, "tol": 0, "checkpoint_every": 4},
+    on_published=remove_checkpoint,
+)

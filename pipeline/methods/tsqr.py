@@ -1,0 +1,115 @@
+"""``method: tsqr`` — tall-skinny QR, ``A = QR`` (see :mod:`pipeline.linalg.tsqr`).
+
+Writes ``tsqr/R`` and, with ``q: true``, ``tsqr/Q``. ``R`` reads the input once; ``Q`` a
+second time, unless the input is kept in memory. Without ``Q`` the check that needs no
+extra pass is ``‖R‖_F = ‖A‖_F`` (``norm_consistency``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+log = logging.getLogger(__name__)
+
+
+class TSQRSpec(MethodSpec):
+    """Tall-skinny QR: A = QR with orthonormal Q (m × n) and upper-triangular R (n × n)."""
+
+    method: Literal["tsqr"]
+    q: bool = Field(True, description="also compute and write Q (false: R only, one read of A)")
+    transpose: bool = Field(False, description="factorize the transpose (for wide matrices)")
+
+
+def check(spec: TSQRSpec, shape: tuple[int, int], where: str) -> None:
+    """Refuse a wide matrix, naming the ``transpose`` option."""
+    from pipeline.linalg import check_tall
+
+    hint = (
+        "set transpose: false"
+        if spec.transpose
+        else "set transpose: true to factorize the transpose"
+    )
+    what = "its transpose" if spec.transpose else "the input"
+    check_tall(shape[::-1] if spec.transpose else shape, name=f"{where}: {what}", hint=hint)
+
+
+def run(spec: TSQRSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
+    """Factorize, write ``R`` (and ``Q`` with its residual and orthogonality)."""
+    import dask
+
+    from pipeline import metrics as mx
+    from pipeline.backend import to_host
+    from pipeline.linalg import row_blocks, tsqr
+    from pipeline.linalg.tsqr import UNOPTIMIZED
+
+    if spec.transpose:
+        a = a.T
+    t0 = time.perf_counter()
+    a = row_blocks(a, spec.block_rows)
+    persisted = False
+    if spec.q:  # two passes: keep the input in memory when it fits
+        a, persisted = ctx.keep_in_memory(a)
+    log.info(
+        "tsqr: %d × %d %s in %d row blocks; pass 1/%d computes R",
+        *a.shape,
+        a.dtype,
+        a.numblocks[0],
+        2 if spec.q else 1,
+    )
+    res = tsqr(a, compute_q=spec.q)
+    log.info(
+        "tsqr: R done in %.1f s (block paths: %s)",
+        time.perf_counter() - t0,
+        ", ".join(f"{k} {v}" for k, v in sorted(res.block_methods.items())),
+    )
+    ctx.write("R", res.r)
+    result: dict[str, Any] = {
+        "fro_norm": res.fro_norm,
+        "shape": list(a.shape),
+        "transposed": spec.transpose,
+        "blocks": a.numblocks[0],
+        "block_methods": res.block_methods,
+        "passes": 2 if spec.q else 1,
+        "reads_from_storage": 1 if (persisted or not spec.q) else 2,
+    }
+    if spec.q:
+        log.info("tsqr: pass 2/2 writes Q and computes residual and orthogonality")
+        store = ctx.write("Q", res.q)
+        _, rsq, g = dask.compute(
+            store, mx.residual_sq(res.a, res.q, res.r), mx.gram(res.q), **UNOPTIMIZED
+        )
+        result["residual_rel"] = mx.relative(float(rsq), res.sumsq)
+        result["orthogonality"] = mx.orthogonality_from_gram(g)
+    else:
+        r_norm = float(np.linalg.norm(to_host(res.r).astype(np.float64)))
+        result["residual_rel"] = None
+        result["orthogonality"] = None
+        result["norm_consistency"] = abs(r_norm - res.fro_norm) / res.fro_norm if res.sumsq else 0.0
+    r_diag = np.abs(np.diagonal(to_host(res.r)).astype(np.float64))
+    if r_diag.size and r_diag.max() > 0:
+        result["r_diag_ratio"] = float(r_diag.min() / r_diag.max())
+    return result
+
+
+METHOD = Method(
+    name="tsqr",
+    spec=TSQRSpec,
+    check=check,
+    run=run,
+    arrays=(
+        FactorArray("Q", ("row", "component"), when=lambda spec: spec.q),
+        FactorArray("R", ("component", "col")),
+    ),
+    headline=("residual_rel", "orthogonality", "norm_consistency", "passes", "seconds"),
+    example={"method": "tsqr"},
+)

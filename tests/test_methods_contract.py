@@ -1,0 +1,81 @@
+"""The output contract, checked for every registered method: a method cannot forget a piece.
+
+Each method's own ``example`` entry runs as a real job (Zarr store on disk, the session
+LocalCluster) and must produce exactly the arrays it declares with their dimension names,
+the common metrics, its plots, report entries and table rows, and leave nothing hidden
+behind (staging folders, checkpoints). Config, schema and error paths come from the same
+registry.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline import run_job
+from pipeline.config import json_schema, parse_config
+from pipeline.errors import ConfigError
+from pipeline.methods import METHODS
+from pipeline.reports import headline
+from tests.conftest import job_dict, write_array
+
+COMMON_METRICS = {"residual_rel", "passes", "seconds", "fro_norm", "dask"}
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    """A tall non-negative matrix every method accepts."""
+    path = tmp_path_factory.mktemp("contract") / "in.zarr"
+    rng = np.random.default_rng(0)
+    a = rng.random((600, 4)) @ rng.random((4, 12)) + 0.01 * rng.random((600, 12))
+    write_array(path, a, chunks=(150, 12))
+    return path, a
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_writes_exactly_what_it_declares(name, matrix, tmp_path, client):
+    method = METHODS[name]
+    path, a = matrix
+    job = job_dict(tmp_path, str(path), name=f"contract-{name}", methods=[method.example])
+    report = run_job(job, client=client)
+    out = tmp_path / "out" / f"contract-{name}"
+    spec = parse_config(job).methods[0]
+
+    group = zarr.open_group(str(out / "factors.zarr"), mode="r")[name]
+    written = {key: tuple(arr.metadata.dimension_names) for key, arr in group.arrays()}
+    assert written == method.arrays_for(spec)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    result = metrics["methods"][name]
+    assert COMMON_METRICS <= set(result), COMMON_METRICS - set(result)
+    assert result["fro_norm"] == pytest.approx(np.linalg.norm(a), rel=1e-10)
+    shown = [key for method_name, key, _ in headline(report) if method_name == name]
+    assert shown and set(shown) <= set(method.headline)
+
+    text = (out / "report.md").read_text()
+    assert f"### {name}" in text
+    for key in shown:
+        assert f"| {key} |" in text
+    for plot in method.plots:
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+        assert plot in text
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [f"contract-{name}"]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_config_schema_and_error_paths(name):
+    method = METHODS[name]
+    assert method.spec.model_fields["method"].annotation.__args__ == (name,)
+    mapping = json.loads(json_schema())["properties"]["methods"]["items"]["discriminator"]
+    assert name in mapping["mapping"]
+    job = {"name": "x", "input": {"url": "a.zarr"}, "methods": [{**method.example, "bogus": 1}]}
+    with pytest.raises(ConfigError) as err:
+        parse_config(job, source="x.yaml")
+    assert str(err.value) == "x.yaml: methods[0].bogus: unknown key"
+    # Every declared headline metric and plot is unique and the example is valid as is.
+    assert len(set(method.headline)) == len(method.headline)
+    assert "seconds" in method.headline
+    parse_config({**job, "methods": [method.example]})
