@@ -23,6 +23,7 @@ time ≤ 0.8 × dask QR.
 
 Usage::
 
+    python benchmarks/bench_rsvd.py --tiny     # 8,000 × 300, one run each (smoke run, seconds)
     python benchmarks/bench_rsvd.py --small    # 40,000 × 2,000 (~305 MiB)
     python benchmarks/bench_rsvd.py            # 200,000 × 2,000 (~1.5 GiB)
 """
@@ -49,6 +50,7 @@ from pipeline.metrics import residual_sq
 RANK, OVERSAMPLE, POWER_ITERS = 50, 10, 2
 N_COLS, CHUNK_ROWS = 2000, 8192
 FULL_ROWS, SMALL_ROWS = 200_000, 40_000
+TINY_ROWS, TINY_COLS, TINY_CHUNK_ROWS = 8_000, 300, 1_000  # --tiny: every code path, seconds
 SPECTRUM_RANK = 200  # e^(-200/10) ≈ 2e-9: beyond float32 resolution
 BAR_RESIDUAL, BAR_SV, BAR_TIME = 1.001, 1e-4, 0.8
 
@@ -61,20 +63,22 @@ def spectrum() -> np.ndarray:
 def _generate_block(block: np.ndarray, block_info: Any = None) -> np.ndarray:
     """Rows of G diag(σ) Vᵀ, G Gaussian/√m, V a fixed random orthonormal basis."""
     info = block_info[0]
-    (i, _), m = info["chunk-location"], info["shape"][0]
+    (i, _), (m, n_cols) = info["chunk-location"], info["shape"]
     rng_v = np.random.default_rng(12345)
-    v, _ = np.linalg.qr(rng_v.standard_normal((N_COLS, SPECTRUM_RANK)))
+    v, _ = np.linalg.qr(rng_v.standard_normal((n_cols, SPECTRUM_RANK)))
     g = np.random.default_rng([7, i]).standard_normal((block.shape[0], SPECTRUM_RANK))
     return ((g / np.sqrt(m)) * spectrum()) @ v.T
 
 
-def ensure_data(data_dir: Path, rows: int) -> tuple[Path, np.ndarray, float]:
+def ensure_data(
+    data_dir: Path, rows: int, n_cols: int = N_COLS, chunk_rows: int = CHUNK_ROWS
+) -> tuple[Path, np.ndarray, float]:
     """The input store and its exact singular values / squared norm (computed once)."""
-    path = data_dir / f"decaying_{rows}x{N_COLS}_f32.zarr"
-    ref = data_dir / f"decaying_{rows}x{N_COLS}_f32.reference.npz"
+    path = data_dir / f"decaying_{rows}x{n_cols}_f32.zarr"
+    ref = data_dir / f"decaying_{rows}x{n_cols}_f32.reference.npz"
     if not path.exists():
-        print(f"generating {rows} × {N_COLS} float32 at {path} ...", flush=True)
-        template = da.empty((rows, N_COLS), chunks=(CHUNK_ROWS, N_COLS), dtype=np.float32)
+        print(f"generating {rows} × {n_cols} float32 at {path} ...", flush=True)
+        template = da.empty((rows, n_cols), chunks=(chunk_rows, n_cols), dtype=np.float32)
         x = da.map_blocks(_generate_block, template, dtype=np.float64).astype(np.float32)
         x.to_zarr(str(path), overwrite=True)
     if not ref.exists():
@@ -133,21 +137,31 @@ def sklearn_svd(a: np.ndarray, normalizer: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--small", action="store_true", help="40,000 rows instead of 200,000")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--small", action="store_true", help="40,000 rows instead of 200,000")
+    size.add_argument(
+        "--tiny", action="store_true", help="8,000 × 300, one run each: a smoke run (seconds)"
+    )
     parser.add_argument("--data-dir", type=Path, default=Path("data/bench"))
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per method (median)")
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="timed runs per method (median; 3, tiny 1)"
+    )
     args = parser.parse_args()
     args.data_dir.mkdir(parents=True, exist_ok=True)
-    rows = SMALL_ROWS if args.small else FULL_ROWS
+    if args.tiny:
+        rows, n_cols, chunk_rows = TINY_ROWS, TINY_COLS, TINY_CHUNK_ROWS
+    else:
+        rows, n_cols, chunk_rows = (SMALL_ROWS if args.small else FULL_ROWS), N_COLS, CHUNK_ROWS
+    args.repeat = args.repeat or (1 if args.tiny else 3)
 
     with LocalCluster(**local_defaults(ClusterSpec(n_workers=2, threads_per_worker=1))) as lc:
         with Client(lc) as client:
-            path, s_ref, sumsq = ensure_data(args.data_dir, rows)
+            path, s_ref, sumsq = ensure_data(args.data_dir, rows, n_cols, chunk_rows)
             x = da.from_zarr(str(path))
             opt = float(np.sqrt(max(sumsq - np.sum(s_ref[:RANK] ** 2), 0.0) / sumsq))
             t_read, _ = timed(lambda: x.sum().compute())
             print(
-                f"\n{rows} × {N_COLS} float32, rank {RANK}; read once: {t_read:.2f} s; "
+                f"\n{rows} × {n_cols} float32, rank {RANK}; read once: {t_read:.2f} s; "
                 f"optimal residual {opt:.4e}\n"
             )
             runs: dict[str, Callable[[], Any]] = {
@@ -186,7 +200,7 @@ def main() -> None:
     t_lu = summary["sklearn LU (in memory)"][0]
     print(
         f"\nmedians of {args.repeat} interleaved runs; "
-        f"ours / dask QR (best of storage, persist): {t_ours / t_qr:.2f}  "
+        f"ratio ours / dask QR (best of storage, persist): {t_ours / t_qr:.2f}  "
         f"(bar ≤ {BAR_TIME}: {'met' if t_ours / t_qr <= BAR_TIME else 'NOT met'})"
     )
     print(

@@ -26,11 +26,16 @@ the input (floored at what a worker process needs to start; the ratio used is pr
 ours Q+R once, with peak cluster memory, worker restarts and memory warnings. When that
 attempt does not finish cleanly, larger limits are tried until one does.
 
+``--tiny`` (20,000 × 16, one round) is a smoke run of all of the above in seconds: the
+out-of-core part is one attempt on one worker of 512 MiB (the input is far below a worker's
+own footprint), and it exits non-zero when that attempt fails.
+
 Finally one block is profiled in this process (BLAS limited to one thread): read, write,
 our per-block kernels, and ``numpy.linalg.qr`` of the same block.
 
 Usage::
 
+    python benchmarks/bench_tsqr.py --tiny       # 20,000 × 16 (smoke run, seconds)
     python benchmarks/bench_tsqr.py --small      # 400,000 × 64 (~195 MiB)
     python benchmarks/bench_tsqr.py              # 4,000,000 × 64 (~1.9 GiB)
 
@@ -71,12 +76,14 @@ from pipeline.metrics import gram, orthogonality_from_gram
 FULL_SHAPE = (4_000_000, 64)
 SMALL_SHAPE = (400_000, 64)
 CHUNK_ROWS = 65_536  # 32 MiB float64 storage chunks spanning all 64 columns
+TINY_SHAPE, TINY_CHUNK_ROWS = (20_000, 16), 2_048  # --tiny: a smoke run of every code path
 BAR_QR_VS_DASK = 0.7
 BAR_R_VS_READ = 2.0
 OOC_FRACTION = 0.25  # out-of-core cluster: total memory_limit / input size
 OOC_FLOOR = 192 * 2**20  # a worker process with numpy/dask/zarr imported takes ~150 MiB
 OOC_LARGER = (320, 384, 512, 768)  # MiB per worker, tried when an attempt fails
 OOC_MAX_RESTARTS = 8  # give an out-of-core attempt up after this many worker restarts
+TINY_OOC_MEMORY = 512 * 2**20  # --tiny: one 1-worker attempt; 192 MiB pauses an idle worker
 MiB = 2**20
 
 Phases = dict[str, float]  # phase name → seconds, as returned by the methods
@@ -85,20 +92,20 @@ Phases = dict[str, float]  # phase name → seconds, as returned by the methods
 # --------------------------------------------------------------------------- data
 
 
-def ensure_input(data_dir: Path, shape: tuple[int, int]) -> Path:
+def ensure_input(data_dir: Path, shape: tuple[int, int], chunk_rows: int = CHUNK_ROWS) -> Path:
     """Path of the Gaussian input; written (on the current cluster) when missing."""
     m, n = shape
-    path = data_dir / f"gaussian_{m}x{n}_c{CHUNK_ROWS}.zarr"
+    path = data_dir / f"gaussian_{m}x{n}_c{chunk_rows}.zarr"
     if path.exists():
         z = zarr.open_array(str(path), mode="r")
-        if z.shape == shape and z.chunks == (CHUNK_ROWS, n):
+        if z.shape == shape and z.chunks == (chunk_rows, n):
             print(f"reusing {path}")
             return path
         shutil.rmtree(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     spec = SyntheticSpec(
-        kind="gaussian", shape=shape, chunks=(CHUNK_ROWS, n), dtype="float64", seed=0
+        kind="gaussian", shape=shape, chunks=(chunk_rows, n), dtype="float64", seed=0
     )
     t0 = time.perf_counter()
     write_synthetic(str(tmp), spec)
@@ -373,10 +380,14 @@ def report(
         ("dask Q+R / read-once", "dask Q+R", "read-once", None),
     ]
     print(f"\nRatios {'best':>22s} {'median':>7s}")
+    headline = []
     for label, num, den, bar in ratios:
         value, value_med = best[num] / best[den], median[num] / median[den]
         verdict = "" if bar is None else f"  bar ≤ {bar}: {'MET' if value <= bar else 'NOT MET'}"
         print(f"  {label:22s} {value:6.3f} {value_med:7.3f}{verdict}")
+        if bar is not None:
+            headline.append(f"ratio {label} = {value:.3f} (best;{verdict})")
+    print("SUMMARY: " + "; ".join(headline))
 
     print("\nWorker time by task prefix (best run; 2 workers, so ideal wall ≈ sum / 2)")
     for name, t in timings.items():
@@ -493,7 +504,7 @@ def _best_of(fn: Callable[[], Any], repeats: int = 5) -> float:
     return min(times)
 
 
-def profile_block(src: Path, work: Path) -> None:
+def profile_block(src: Path, work: Path, chunk_rows: int = CHUNK_ROWS) -> None:
     """Per-block kernel times in this process with one BLAS thread, as on the workers.
 
     Single process on an otherwise idle machine with the block hot in cache: a lower bound
@@ -504,7 +515,7 @@ def profile_block(src: Path, work: Path) -> None:
     z = zarr.open_array(str(src), mode="r")
     print("\nPer-block profile (this process, 1 BLAS thread, best of 5)")
     with threadpool_limits(1):
-        for rows in (CHUNK_ROWS, 2 * CHUNK_ROWS):
+        for rows in (chunk_rows, 2 * chunk_rows):
             profile_rows(z, rows, work / "profile.zarr")
 
 
@@ -525,7 +536,7 @@ def profile_rows(z: zarr.Array, rows: int, scratch: Path) -> None:
         "a @ (n×n)": lambda: a @ m_small,
         "factor_block": lambda: kernels.factor_block(a),
         "block_q": lambda: kernels.block_q(a, f),
-        "apply_q (+transform)": lambda: kernels.apply_q(a, f, m_small),
+        "block_q (+transform)": lambda: kernels.block_q(a, f, m_small),
         "np.linalg.qr(a, 'r')": lambda: np.linalg.qr(a, mode="r"),
         "np.linalg.qr(a)": lambda: np.linalg.qr(a),
     }
@@ -537,29 +548,44 @@ def profile_rows(z: zarr.Array, rows: int, scratch: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--small", action="store_true", help="400,000 × 64 instead of 4M × 64")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--small", action="store_true", help="400,000 × 64 instead of 4M × 64")
+    size.add_argument(
+        "--tiny", action="store_true", help="20,000 × 16, 1 round: a smoke run (seconds)"
+    )
     parser.add_argument("--data-dir", type=Path, default=Path("data/bench"))
-    parser.add_argument("--repeats", type=int, default=2, help="rounds of timed runs")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="rounds of timed runs (default 2; tiny 1)"
+    )
     parser.add_argument("--ooc-timeout", type=float, default=600.0, help="seconds per attempt")
     parser.add_argument("--skip-ooc", action="store_true", help="no out-of-core run")
     args = parser.parse_args()
 
-    shape = SMALL_SHAPE if args.small else FULL_SHAPE
+    if args.tiny:
+        shape, chunk_rows = TINY_SHAPE, TINY_CHUNK_ROWS
+    else:
+        shape, chunk_rows = (SMALL_SHAPE if args.small else FULL_SHAPE), CHUNK_ROWS
+    repeats = args.repeats or (1 if args.tiny else 2)
     args.data_dir.mkdir(parents=True, exist_ok=True)
     work = args.data_dir / "outputs"
     work.mkdir(exist_ok=True)
     input_bytes = shape[0] * shape[1] * 8
     print(
         f"input: {shape[0]:,} × {shape[1]} float64 ({input_bytes / 2**30:.2f} GiB), "
-        f"storage chunks {CHUNK_ROWS} × {shape[1]}"
+        f"storage chunks {chunk_rows} × {shape[1]}"
     )
     try:
         with cluster():  # writes the input in parallel when it is missing
-            src = ensure_input(args.data_dir, shape)
-        main_benchmark(src, work, input_bytes, args.repeats)
-        if not args.skip_ooc:
+            src = ensure_input(args.data_dir, shape, chunk_rows)
+        main_benchmark(src, work, input_bytes, repeats)
+        if args.skip_ooc:
+            pass
+        elif args.tiny:  # the input is far below a worker's own footprint: one roomy attempt
+            if not ooc_attempt(src, work, input_bytes, TINY_OOC_MEMORY, 120.0, n_workers=1):
+                raise SystemExit("out-of-core attempt did not finish cleanly")
+        else:
             out_of_core(src, work, input_bytes, args.ooc_timeout)
-        profile_block(src, work)
+        profile_block(src, work, chunk_rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
