@@ -2,14 +2,15 @@
 
 Each method's own ``example`` entry runs as a real job (Zarr store on disk, the session
 LocalCluster) and must produce exactly the arrays it declares with their dimension names,
-the common metrics, its plots, report entries and table rows, and leave nothing hidden
-behind (staging folders, checkpoints). Config, schema and error paths come from the same
-registry.
+the common metrics, its plots, report entries and table rows, leave nothing hidden behind
+(staging folders, checkpoints) and never make the scheduler log a redefined key. Config,
+schema and error paths come from the same registry.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -35,12 +36,36 @@ def matrix(tmp_path_factory):
     return path, a
 
 
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _run_watching_scheduler(job, client):
+    """Run the job; fail if the scheduler (in this process) saw a key redefined — the
+    "Detected different `run_spec`" warning that can end in failures and deadlocks."""
+    handler = _Messages()
+    scheduler_log = logging.getLogger("distributed.scheduler")
+    scheduler_log.addHandler(handler)
+    try:
+        report = run_job(job, client=client)
+    finally:
+        scheduler_log.removeHandler(handler)
+    collisions = [m for m in handler.messages if "run_spec" in m]
+    assert not collisions, collisions[0]
+    return report
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_writes_exactly_what_it_declares(name, matrix, tmp_path, client):
     method = METHODS[name]
     path, a = matrix
     job = job_dict(tmp_path, str(path), name=f"contract-{name}", methods=[method.example])
-    report = run_job(job, client=client)
+    report = _run_watching_scheduler(job, client)
     out = tmp_path / "out" / f"contract-{name}"
     spec = parse_config(job).methods[0]
 
