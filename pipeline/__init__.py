@@ -27,6 +27,7 @@ _LAZY = {
     "run_job": "pipeline.jobs",
     "nmf": "pipeline.linalg",
     "rsvd": "pipeline.linalg",
+    "svd": "pipeline.linalg",
     "tsqr": "pipeline.linalg",
 }
 
@@ -51,5 +52,6 @@ __all__ = [
     "open_matrix",
     "rsvd",
     "run_job",
+    "svd",
     "tsqr",
 ]

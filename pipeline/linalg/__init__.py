@@ -1,9 +1,10 @@
 """Factorization algorithms over dask arrays (no I/O, no cluster, no config here).
 
-The public functions :func:`tsqr`, :func:`rsvd` and :func:`nmf` check their arguments once
-at their top (:mod:`pipeline.linalg._validation`), cast the input to its working dtype
-(integers and bool → float64, float16 → float32, float32 / float64 unchanged) and cut it
-into row blocks themselves; any chunking, including unknown chunk sizes, is accepted.
+The public functions :func:`tsqr`, :func:`svd`, :func:`rsvd` and :func:`nmf` check their
+arguments once at their top (:mod:`pipeline.linalg._validation`), cast the input to its
+working dtype (integers and bool → float64, float16 → float32, float32 / float64
+unchanged) and cut it into row blocks themselves; any chunking, including unknown chunk
+sizes, is accepted.
 """
 
 from pipeline.linalg._validation import (
@@ -18,6 +19,7 @@ from pipeline.linalg._validation import (
 )
 from pipeline.linalg.nmf import INIT_POWER_ITERS, NMFResult, NMFState, nmf, svd_for_init
 from pipeline.linalg.rsvd import RSVDResult, rsvd, rsvd_passes
+from pipeline.linalg.svd import SVDResult, svd
 from pipeline.linalg.tsqr import TSQRResult, row_blocks, tsqr
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "NMFResult",
     "NMFState",
     "RSVDResult",
+    "SVDResult",
     "TSQRResult",
     "as_matrix",
     "check_bool",
@@ -37,6 +40,7 @@ __all__ = [
     "row_blocks",
     "rsvd",
     "rsvd_passes",
+    "svd",
     "svd_for_init",
     "tsqr",
     "working_dtype",

@@ -74,7 +74,7 @@ class TSQRResult:
 
         ``M`` is folded into each block's ``n × n`` transform, so a block costs what a
         block of ``Q`` costs (one read of ``A_i``) and ``Q`` itself is never formed. As
-        for ``q``, compute it with ``**UNOPTIMIZED`` when the same graph also reads ``a``.
+        for ``q``, compute it with ``**UNOPTIMIZED`` (see :data:`UNOPTIMIZED`).
         """
         if self.factors is None:
             raise ValueError("q_times needs the factors of tsqr(..., compute_q=True)")

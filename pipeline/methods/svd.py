@@ -1,0 +1,172 @@
+"""``method: svd`` — the exact thin SVD of a tall matrix, exact PCA with ``center: true``
+(see :mod:`pipeline.linalg.svd`).
+
+TSQR gives ``R`` in one pass, the SVD of the small ``R`` gives ``S`` and ``Vt``, and
+``U = Q U_R`` is formed in the pass that forms ``Q`` (``u: false``: ``S`` and ``Vt`` from
+one pass). Unlike the covariance route (``AᵀA`` then ``eigh``), which squares the
+condition number, every singular value is accurate to working precision relative to
+``σ₁``. Writes ``svd/U``, ``svd/S``, ``svd/Vt`` (and ``svd/mean`` when centred) and a
+spectrum plot of all ``n`` singular values.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+log = logging.getLogger(__name__)
+
+PLOT = "svd_spectrum.png"
+
+
+class SVDSpec(MethodSpec):
+    """Exact thin SVD of a tall matrix (TSQR, then the SVD of R); exact PCA when centred."""
+
+    method: Literal["svd"]
+    rank: int | None = Field(
+        None, ge=1, description="keep the top rank triplets; default: all n (the columns)"
+    )
+    u: bool = Field(True, description="also compute and write U (false: S and Vt, one read)")
+    center: bool = Field(False, description="PCA: subtract column means (never materialised)")
+    transpose: bool = Field(
+        False, description="factorize the transpose (for wide matrices); factors are still A's"
+    )
+
+    @model_validator(mode="after")
+    def _center_needs_tall(self) -> SVDSpec:
+        if self.center and self.transpose:
+            raise ValueError(
+                "center: true needs transpose: false (centring the columns of a wide matrix "
+                "is not supported; use rsvd with center: true)"
+            )
+        return self
+
+
+def check(spec: SVDSpec, shape: tuple[int, int], where: str) -> None:
+    """Refuse a wide matrix (naming ``transpose``) and a rank above the columns."""
+    from pipeline.linalg import check_rank, check_tall
+
+    hint = (
+        "set transpose: false"
+        if spec.transpose
+        else "set transpose: true to factorize the transpose"
+    )
+    what = "its transpose" if spec.transpose else "the input"
+    check_tall(shape[::-1] if spec.transpose else shape, name=f"{where}: {what}", hint=hint)
+    if spec.rank is not None:
+        check_rank(spec.rank, shape, name=f"{where}.rank:")
+
+
+def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
+    """Factorize, write the factors of A and the spectrum plot, measure."""
+    import dask
+
+    from pipeline import metrics as mx
+    from pipeline.linalg import row_blocks, svd
+    from pipeline.linalg.tsqr import UNOPTIMIZED
+    from pipeline.plots import spectrum_png
+
+    tall = a.T if spec.transpose else a
+    # centring adds a column per block (see pipeline.linalg.svd): blocks need n + 1 rows
+    tall = row_blocks(tall, spec.block_rows, min_rows=tall.shape[1] + int(spec.center))
+    persisted = False
+    if spec.u:  # two passes: keep the input in memory when it fits
+        tall, persisted = ctx.keep_in_memory(tall)
+    m, n = tall.shape
+    log.info(
+        "svd: %d × %d %s%s in %d row blocks; %d pass(es)",
+        m,
+        n,
+        tall.dtype,
+        " (transposed)" if spec.transpose else "",
+        tall.numblocks[0],
+        2 if spec.u else 1,
+    )
+    res = svd(tall, rank=spec.rank, compute_u=spec.u, center=spec.center)
+    s64 = np.asarray(res.s, dtype=np.float64)
+    vt64 = np.asarray(res.vt, dtype=np.float64)
+    every = np.asarray(res.singular_values_all, dtype=np.float64)
+    k = len(s64)
+    # The factors of A: with transpose, Aᵀ = U S Vt gives A = Vtᵀ S Uᵀ (the tall U of Aᵀ
+    # is written transposed, as A's Vt).
+    small_name, tall_name = ("U", "Vt") if spec.transpose else ("Vt", "U")
+    ctx.write("S", res.s)
+    ctx.write(small_name, res.vt.T if spec.transpose else res.vt)
+    if res.mean is not None:
+        ctx.write("mean", res.mean)
+    orthogonality = {small_name: mx.orthogonality_from_gram(vt64 @ vt64.T), tall_name: None}
+    if spec.u:
+        store = ctx.write(tall_name, res.u.T if spec.transpose else res.u)
+        residual = mx.residual_sq(res.a, res.u, s64[:, None] * vt64, res.mean)
+        _, rsq, g = dask.compute(store, residual, mx.gram(res.u), **UNOPTIMIZED)
+        rsq, method = float(rsq), "direct"
+        orthogonality[tall_name] = mx.orthogonality_from_gram(g)
+    else:  # exact up to rounding: the squared singular values beyond the kept ones
+        rsq, method = float(np.sum(every[k:] ** 2)), "spectrum_tail"
+    result: dict[str, Any] = {
+        "rank": k,
+        "singular_values": s64.tolist(),
+        "residual_rel": mx.relative(rsq, res.sumsq),
+        "residual_method": method,
+        "orthogonality_u": orthogonality["U"],
+        "orthogonality_v": orthogonality["Vt"],
+        "transposed": spec.transpose,
+        "blocks": tall.numblocks[0],
+        "block_methods": res.block_methods,
+        "fro_norm": float(np.sqrt(res.sumsq)),
+        "passes": res.passes,
+        "reads_from_storage": 1 if (persisted or not spec.u) else res.passes,
+    }
+    total = float(np.sum(every**2))  # ‖A − 1μᵀ‖² when centred, else ‖A‖²
+    ratio = s64**2 / total if total > 0 else np.zeros_like(s64)
+    if spec.center:
+        result["residual_rel_centered"] = mx.relative(rsq, res.centred_sumsq)
+        result["explained_variance"] = (s64**2 / max(m - 1, 1)).tolist()
+        result["explained_variance_ratio"] = ratio.tolist()
+        result["total_variance"] = total / max(m - 1, 1)
+    else:
+        result["energy_retained"] = float(ratio.sum())
+    label = "explained variance ratio" if spec.center else "energy retained"
+    every_ratio = every**2 / total if total > 0 else np.zeros_like(every)
+    ctx.write_plot(PLOT, spectrum_png(every, every_ratio, label))
+    return result
+
+
+def _writes_u(spec: SVDSpec) -> bool:
+    return spec.u or spec.transpose  # with transpose, A's U is the small Vtᵀ
+
+
+def _writes_vt(spec: SVDSpec) -> bool:
+    return spec.u or not spec.transpose
+
+
+METHOD = Method(
+    name="svd",
+    spec=SVDSpec,
+    check=check,
+    run=run,
+    arrays=(
+        FactorArray("U", ("row", "component"), when=_writes_u),
+        FactorArray("S", ("component",)),
+        FactorArray("Vt", ("component", "col"), when=_writes_vt),
+        FactorArray("mean", ("col",), when=lambda spec: spec.center),
+    ),
+    headline=(
+        "residual_rel",
+        "orthogonality_u",
+        "orthogonality_v",
+        "energy_retained",
+        "passes",
+        "seconds",
+    ),
+    plots=(PLOT,),
+    example={"method": "svd", "center": True},
+)
