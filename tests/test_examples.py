@@ -47,3 +47,19 @@ def test_packaged_kinds_refuse_a_shape(kind):
 
     with pytest.raises(ValueError, match="fixed shape"):
         SyntheticSpec(kind=kind, shape=(3, 3))
+
+
+def test_exact_pca_example_equals_sklearn(tmp_path, client):
+    from sklearn.datasets import load_digits
+    from sklearn.decomposition import PCA
+
+    report = run_job(_localised("exact-pca-digits.yaml", tmp_path, client), client=client)
+    r = report["methods"]["svd"]
+    pca = PCA(n_components=10, svd_solver="full").fit(load_digits().data)
+    np.testing.assert_allclose(
+        r["explained_variance_ratio"], pca.explained_variance_ratio_, rtol=1e-10
+    )
+    np.testing.assert_allclose(r["singular_values"], pca.singular_values_, rtol=1e-10)
+    assert r["orthogonality_u"] < 1e-13
+    tail = PCA(svd_solver="full").fit(load_digits().data).explained_variance_ratio_[10:].sum()
+    assert r["residual_rel_centered"] == pytest.approx(np.sqrt(tail), rel=1e-8)
