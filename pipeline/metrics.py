@@ -89,3 +89,22 @@ def relative(num_sq: float, den_sq: float) -> float:
     if den_sq == 0:
         return 0.0 if num_sq == 0 else float("inf")
     return float(np.sqrt(max(num_sq, 0.0) / den_sq))
+
+
+def spectrum_shares(s: np.ndarray, total_sumsq: float, rows: int, centred: bool) -> dict:
+    """What the kept singular values ``s`` hold of ``total_sumsq`` (float64).
+
+    Centred (PCA): ``explained_variance`` ``σᵢ²/(m − 1)``, ``explained_variance_ratio``
+    ``σᵢ²/‖A − 1μᵀ‖²`` and ``total_variance``; otherwise ``energy_retained``
+    ``Σσᵢ²/‖A‖²`` (the share model-compression users read).
+    """
+    s = np.asarray(s, dtype=np.float64)
+    ratio = s**2 / total_sumsq if total_sumsq > 0 else np.zeros_like(s)
+    if not centred:
+        return {"energy_retained": float(ratio.sum())}
+    dof = max(rows - 1, 1)
+    return {
+        "explained_variance": (s**2 / dof).tolist(),
+        "explained_variance_ratio": ratio.tolist(),
+        "total_variance": total_sumsq / dof,
+    }

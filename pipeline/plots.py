@@ -7,16 +7,20 @@ import io
 import numpy as np
 
 
-def spectrum_png(singular_values: np.ndarray, ratio: np.ndarray, ratio_label: str) -> bytes:
-    """Singular values (log scale) and the cumulative share of variance or energy they hold."""
+def spectrum_png(singular_values: np.ndarray, total_sumsq: float, centred: bool) -> bytes:
+    """Singular values (log scale) and the cumulative share of ``total_sumsq`` they hold:
+    explained variance when ``centred``, energy otherwise."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = np.arange(1, len(singular_values) + 1)
+    sv = np.asarray(singular_values, dtype=np.float64)
+    ratio = sv**2 / total_sumsq if total_sumsq > 0 else np.zeros_like(sv)
+    ratio_label = "explained variance ratio" if centred else "energy retained"
+    k = np.arange(1, len(sv) + 1)
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
-    left.semilogy(k, singular_values, "o-", ms=3)
+    left.semilogy(k, sv, "o-", ms=3)
     left.set(xlabel="component", ylabel="singular value", title="Spectrum")
     left.grid(True, which="both", alpha=0.3)
     right.plot(k, np.cumsum(ratio), "o-", ms=3, color="tab:green")

@@ -169,7 +169,7 @@ BAD_ARGUMENTS = [
     (nmf, (A, 2), {"inner_sweeps": 0}, r"inner_sweeps must be an int ≥ 1, got 0"),
     (nmf, (A, 2), {"block_rows": 0}, r"block_rows must be an int ≥ 1, got 0"),
     (nmf, (A.astype(complex), 2), {}, r"a must have a real numeric dtype, got complex128"),
-    (nmf, (NEG, 2), {}, r"a must be non-negative, got a smallest entry of -1"),
+    (nmf, (NEG, 2), {}, r"a must be non-negative for NMF, got a smallest entry of -1"),
 ]
 
 

@@ -350,7 +350,7 @@ def nmf(
         _check_state(state, a, rank)
     sumsq, minimum, mean = input_stats(a)
     if minimum < 0:
-        raise InputError(f"a must be non-negative, got a smallest entry of {minimum:g}")
+        raise InputError(f"a must be non-negative for NMF, got a smallest entry of {minimum:g}")
     if state is None:
         state = initialize(a, rank, init, seed, mean, svd)
     else:

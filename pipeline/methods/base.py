@@ -41,6 +41,18 @@ class MethodSpec(StrictModel):
     )
 
 
+def check_tall_input(shape: tuple[int, int], transpose: bool, where: str) -> None:
+    """Refuse a matrix that is wide for a method factorizing tall ones, naming the
+    ``transpose`` option (``where`` is the field path, e.g. ``"methods[0]"``)."""
+    from pipeline.linalg import check_tall
+
+    if transpose:
+        check_tall(shape[::-1], name=f"{where}: its transpose", hint="set transpose: false")
+    else:
+        hint = "set transpose: true to factorize the transpose"
+        check_tall(shape, name=f"{where}: the input", hint=hint)
+
+
 @dataclass(frozen=True)
 class FactorArray:
     """An array a method writes to ``factors.zarr/<method>/<name>``.

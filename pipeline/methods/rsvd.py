@@ -130,15 +130,8 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         "reads_from_storage": 1 if persisted else passes,
         "single_pass": spec.single_pass,
     }
-    ratio = s64**2 / total if total > 0 else np.zeros_like(s64)
-    if spec.center:
-        result["explained_variance"] = (s64**2 / max(m - 1, 1)).tolist()
-        result["explained_variance_ratio"] = ratio.tolist()
-        result["total_variance"] = total / max(m - 1, 1)
-    else:
-        result["energy_retained"] = float(ratio.sum())
-    label = "explained variance ratio" if spec.center else "energy retained"
-    ctx.write_plot(PLOT, spectrum_png(s64, ratio, label))
+    result.update(mx.spectrum_shares(s64, total, m, spec.center))
+    ctx.write_plot(PLOT, spectrum_png(s64, total, spec.center))
     return result
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext
+from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext, check_tall_input
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -52,15 +52,9 @@ class SVDSpec(MethodSpec):
 
 def check(spec: SVDSpec, shape: tuple[int, int], where: str) -> None:
     """Refuse a wide matrix (naming ``transpose``) and a rank above the columns."""
-    from pipeline.linalg import check_rank, check_tall
+    from pipeline.linalg import check_rank
 
-    hint = (
-        "set transpose: false"
-        if spec.transpose
-        else "set transpose: true to factorize the transpose"
-    )
-    what = "its transpose" if spec.transpose else "the input"
-    check_tall(shape[::-1] if spec.transpose else shape, name=f"{where}: {what}", hint=hint)
+    check_tall_input(shape, spec.transpose, where)
     if spec.rank is not None:
         check_rank(spec.rank, shape, name=f"{where}.rank:")
 
@@ -126,17 +120,10 @@ def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         "reads_from_storage": 1 if (persisted or not spec.u) else res.passes,
     }
     total = float(np.sum(every**2))  # ‖A − 1μᵀ‖² when centred, else ‖A‖²
-    ratio = s64**2 / total if total > 0 else np.zeros_like(s64)
     if spec.center:
         result["residual_rel_centered"] = mx.relative(rsq, res.centred_sumsq)
-        result["explained_variance"] = (s64**2 / max(m - 1, 1)).tolist()
-        result["explained_variance_ratio"] = ratio.tolist()
-        result["total_variance"] = total / max(m - 1, 1)
-    else:
-        result["energy_retained"] = float(ratio.sum())
-    label = "explained variance ratio" if spec.center else "energy retained"
-    every_ratio = every**2 / total if total > 0 else np.zeros_like(every)
-    ctx.write_plot(PLOT, spectrum_png(every, every_ratio, label))
+    result.update(mx.spectrum_shares(s64, total, m, spec.center))
+    ctx.write_plot(PLOT, spectrum_png(every, total, spec.center))
     return result
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field
 
-from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext
+from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext, check_tall_input
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -32,15 +32,7 @@ class TSQRSpec(MethodSpec):
 
 def check(spec: TSQRSpec, shape: tuple[int, int], where: str) -> None:
     """Refuse a wide matrix, naming the ``transpose`` option."""
-    from pipeline.linalg import check_tall
-
-    hint = (
-        "set transpose: false"
-        if spec.transpose
-        else "set transpose: true to factorize the transpose"
-    )
-    what = "its transpose" if spec.transpose else "the input"
-    check_tall(shape[::-1] if spec.transpose else shape, name=f"{where}: {what}", hint=hint)
+    check_tall_input(shape, spec.transpose, where)
 
 
 def run(spec: TSQRSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
