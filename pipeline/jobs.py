@@ -112,8 +112,8 @@ def check_methods(config: JobConfig, shape: tuple[int, int]) -> None:
         METHODS[spec.method].check(spec, shape, f"methods[{i}]")
 
 
-def inspect_job(config: JobConfig) -> InputManifest:
-    """Open the input once and check every method and the output, computing nothing.
+def inspect_job(config: JobConfig, *, output: bool = True) -> InputManifest:
+    """Open the input once and check every method (and the output), computing nothing.
 
     Raises
     ------
@@ -124,7 +124,8 @@ def inspect_job(config: JobConfig) -> InputManifest:
     check_cluster_available(config.cluster)
     _, manifest = open_matrix(config.input)
     check_methods(config, manifest.shape)
-    check_output_free(config.output, config.name)
+    if output:
+        check_output_free(config.output, config.name)
     return manifest
 
 
@@ -179,7 +180,7 @@ def prepare(config: JobConfig) -> PreparedRun:
     if input_will_be_created(config):
         spec = config.input
         write_synthetic(spec.url, spec.create_if_missing, spec.storage_options, spec.array)
-    manifest = inspect_job(config)
+    manifest = inspect_job(config, output=False)  # out.begin() refuses an existing output
     if config.skip_if_complete:  # lists the input store: only when asked for
         manifest = replace(manifest, fingerprint=job_fingerprint(config, manifest))
     out = RunOutput(config.output, config.name)

@@ -9,6 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import InputError, NonFiniteInputError
+from pipeline.linalg import _kernels as kernels
 from pipeline.linalg import row_blocks, tsqr
 from tests.conftest import cond_matrix
 
@@ -69,6 +70,34 @@ def test_ill_conditioned_stays_orthogonal(client, kappa, path):
     if path:
         assert set(res.block_methods) == {path}
     check_qr(a, res.q.compute(), res.r, 1e-14)
+
+
+@pytest.mark.filterwarnings("ignore:Sending large graph")
+def test_kappa_1e12_large_block_takes_fourth_round_not_householder(client):
+    """One 65,536 × 64 block at κ = 1e12: the benchmark's block, which used to fall back.
+
+    After shifted CholeskyQR3's second round its Gram defect is ~0.4 (for this seed, with
+    any BLAS threading; 40,000-row blocks sit at 0.05-0.15, too close to GRAM_GUARD for a
+    stable test), so the guarded third round was refused and the block took Householder
+    QR. One more Cholesky round passes the guard.
+    """
+    a = cond_matrix(65_536, 64, 1e12, seed=3)
+    f = kernels.factor_block(a)
+    assert f.method == "scholqr4" and len(f.chain) == 4
+    q = kernels.block_q(a, f)
+    assert np.linalg.norm(q.T @ q - np.eye(64)) < 1e-14
+    assert np.linalg.norm(a - q @ f.r) / np.linalg.norm(a) < 1e-15
+    res = tsqr(da.from_array(a, chunks=(65_536, 64)))  # one block, through the graph
+    assert res.block_methods == {"scholqr4": 1}
+    check_qr(a, res.q.compute(), res.r, 1e-14)
+
+
+def test_guard_still_protects_the_final_round(monkeypatch):
+    """With the guard at 0 no final round is accepted: the block falls back to Householder."""
+    monkeypatch.setattr(kernels, "GRAM_GUARD", 0.0)
+    a = cond_matrix(65_536, 64, 1e12, seed=3)
+    f = kernels.factor_block(a)
+    assert f.method == "householder" and f.chain == ()
 
 
 def test_vandermonde_kappa_1e16(client):

@@ -20,6 +20,17 @@ from pipeline.errors import NonFiniteInputError
 # (Yamamoto et al. 2015); above it the block falls back to a safer path.
 GRAM_GUARD = 0.1
 
+# Shifted CholeskyQR3 (Fukaya et al. 2020): the shift s = 11(mn + n(n+1))·u·‖A‖²_F makes
+# the first Cholesky succeed for κ(A) up to ~1/u and leaves κ(Q₁)² ≲ ‖A‖²/s, so the Gram
+# defect after the second round, O(mn·u·κ(Q₁)²), is O(1) by design, not small: at κ(A) =
+# 1e12 with n = 64 it grows with the block's rows, ~0.03 at 20,000 rows, 0.1-0.5 at 65,536
+# (κ(Q₂) ≈ 1.1-1.7), past GRAM_GUARD. Such a Q₂ is well conditioned, so one more unguarded
+# round takes it to orthogonality O(u) (CholeskyQR of an input with κ ≪ u^(-1/2) is
+# orthogonal to O(u·κ²); Yamamoto et al. 2015, measured ~3e-15), and the guarded final
+# round is the fourth. That costs one TRSM + Gram per block in each pass, instead of a
+# Householder QR (~5× the time of the whole Cholesky chain).
+SHIFTED_EXTRA_ROUNDS = 1
+
 
 @dataclass(frozen=True)
 class BlockFactor:
@@ -28,9 +39,10 @@ class BlockFactor:
     Attributes
     ----------
     r : (n, n) upper-triangular, non-negative diagonal.
-    chain : Cholesky factors ``(R1, R2[, R3])`` with ``Q_i = A_i R1⁻¹ R2⁻¹ …`` applied in
-        this order, or ``()`` when the block used Householder QR.
-    method : ``"cholqr2"``, ``"scholqr3"`` or ``"householder"``.
+    chain : Cholesky factors ``(R1, R2[, R3[, R4]])`` with ``Q_i = A_i R1⁻¹ R2⁻¹ …``
+        applied in this order, or ``()`` when the block used Householder QR.
+    method : ``"cholqr2"``, ``"scholqr3"``, ``"scholqr4"`` (shifted, with the extra
+        round of :data:`SHIFTED_EXTRA_ROUNDS`) or ``"householder"``.
     sumsq : ``‖A_i‖²_F``.
     """
 
@@ -69,31 +81,37 @@ def _positive_diagonal(r: Any) -> tuple[Any, Any]:
     return r * signs[:, None], signs
 
 
-def _cholqr_chain(a: Any, g: Any, shift: float) -> tuple[Any, ...] | None:
-    """Cholesky QR rounds until the Gram is within the guard; ``None`` if it fails.
+def _cholqr_chain(
+    a: Any, g: Any, shift: float, rounds: int, extra: int = 0
+) -> tuple[Any, ...] | None:
+    """Cholesky QR rounds on ``a`` (with Gram ``g``): the factors, or ``None`` on failure.
 
-    Unshifted (CholeskyQR2) uses two rounds; shifted (CholeskyQR3 of Fukaya et al.
-    2020) adds the shift to the first Gram and uses three.
+    The first round factors ``g`` (plus ``shift · I`` when shifted), the next
+    ``rounds − 2`` repair what it left, and the final round is taken only when the Gram of
+    its input is within :data:`GRAM_GUARD`. When that guard trips, up to ``extra`` more
+    unguarded rounds are taken before it is checked again; the final round is never taken
+    on an input whose defect exceeds the guard.
     """
-    rounds = 3 if shift else 2
     n = g.shape[0]
     r = _chol_upper(g + shift * eye_like(n, g) if shift else g)
     if r is None:
         return None
     chain = [r]
     q = a
-    for _ in range(rounds - 1):
+    while True:
         q = solve_right_upper(q, chain[-1], overwrite=q is not a)
         g = q.T @ q
-        # Only the last round is guarded: after a shifted first round Q may still be far
-        # from orthonormal, which the remaining rounds repair.
-        if len(chain) == rounds - 1 and _gram_defect(g) > GRAM_GUARD:
+        # Only a final round is guarded: after a shifted first round Q may still be far
+        # from orthonormal, which the rounds before the final one repair.
+        final = len(chain) >= rounds - 1 and _gram_defect(g) <= GRAM_GUARD
+        if not final and len(chain) >= rounds - 1 + extra:
             return None
         r = _chol_upper(g)
         if r is None:
             return None
         chain.append(r)
-    return tuple(chain)
+        if final:
+            return tuple(chain)
 
 
 def factor_block(a: Any, row_offset: int = 0) -> BlockFactor:
@@ -124,17 +142,17 @@ def factor_block(a: Any, row_offset: int = 0) -> BlockFactor:
             f"input overflows {a.dtype} in rows {row_offset}-{row_offset + m - 1} "
             "(‖A_i‖² is not finite); rescale the data"
         )
-    chain, method = _cholqr_chain(a, g, 0.0), "cholqr2"
+    chain, method = _cholqr_chain(a, g, 0.0, rounds=2), "cholqr"
     if chain is None:
         u = float(xp.finfo(a.dtype).eps) / 2
         shift = 11.0 * (m * n + n * (n + 1)) * u * sumsq
-        chain, method = _cholqr_chain(a, g, shift), "scholqr3"
+        chain, method = _cholqr_chain(a, g, shift, rounds=3, extra=SHIFTED_EXTRA_ROUNDS), "scholqr"
     if chain is None:
         return BlockFactor(_householder_r(a), (), "householder", sumsq)
     r = chain[0]
     for rk in chain[1:]:
         r = rk @ r
-    return BlockFactor(r, chain, method, sumsq)
+    return BlockFactor(r, chain, f"{method}{len(chain)}", sumsq)
 
 
 def block_q(a: Any, factor: BlockFactor, transform: Any | None = None) -> Any:

@@ -4,9 +4,10 @@ The structure is the direct TSQR of Benson, Gleich & Demmel (2013): each row blo
 factorized locally, the stacked ``R_i`` are reduced in a tree of small QRs, and ``Q`` is
 the product of each block's own ``Q_i`` with the tree's ``n × n`` transform for it.
 What differs is the local factorization: a Cholesky QR (CholeskyQR2, or shifted
-CholeskyQR3 of Fukaya et al. 2020 when the block is ill-conditioned) runs as matrix
-products at BLAS-3 speed instead of Householder panels, guarded by the Gram of its last
-round and falling back to Householder QR when the guard trips. The result is stable for
+CholeskyQR3 of Fukaya et al. 2020 — with a fourth round when the third leaves a well
+conditioned but not yet orthonormal block — when the block is ill-conditioned) runs as
+matrix products at BLAS-3 speed instead of Householder panels, guarded by the Gram of its
+last round and falling back to Householder QR when the guard trips. The result is stable for
 κ(A) up to ~1/u because every ``Q_i`` is orthonormal to working precision.
 
 Passes over the input: ``R`` reads ``A`` once. ``Q`` is returned lazily and reads ``A``
@@ -48,7 +49,7 @@ class TSQRResult:
     a : the row-blocked input that was factorized (use it for metrics on the same blocks).
     sumsq : ``‖A‖²_F`` from the same pass.
     block_methods : how many blocks took each local path (``cholqr2``, ``scholqr3``,
-        ``householder``).
+        ``scholqr4``, ``householder``).
     blocks, factors, transforms : per row block, the input block (unoptimized ``Delayed``),
         its persisted :class:`~pipeline.linalg._kernels.BlockFactor` and its ``n × n``
         transform from the reduction tree (``None`` for a single block); ``None`` when
