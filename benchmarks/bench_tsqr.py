@@ -80,7 +80,10 @@ TINY_SHAPE, TINY_CHUNK_ROWS = (20_000, 16), 2_048  # --tiny: a smoke run of ever
 BAR_QR_VS_DASK = 0.7
 BAR_R_VS_READ = 2.0
 OOC_FRACTION = 0.25  # out-of-core cluster: total memory_limit / input size
-OOC_FLOOR = 192 * 2**20  # a worker process with numpy/dask/zarr imported takes ~150 MiB
+# A worker process with numpy/dask/zarr imported takes ~160 MiB, and distributed pauses a
+# worker at 80 % of its limit: below ~200 MiB an idle worker pauses and the attempt only
+# waits out its timeout (seen with --small, whose quarter of the input is below the floor).
+OOC_FLOOR = 256 * 2**20
 OOC_LARGER = (320, 384, 512, 768)  # MiB per worker, tried when an attempt fails
 OOC_MAX_RESTARTS = 8  # give an out-of-core attempt up after this many worker restarts
 TINY_OOC_MEMORY = 512 * 2**20  # --tiny: one 1-worker attempt; 192 MiB pauses an idle worker
