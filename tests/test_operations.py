@@ -221,7 +221,7 @@ def test_submit_wait_runs_the_job_on_the_worker_with_artifacts(tmp_path, worker:
 def test_bad_file_is_refused_before_submission(tmp_path, worker: Server):
     before = len(worker.flow_runs())
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: bad\ninput: {url: /nowhere.zarr}\nmethods: [{method: svd}]\n")
+    bad.write_text("name: bad\ninput: {url: /nowhere.zarr}\nmethods: [{method: lu}]\n")
     r = _submit(worker, str(bad))
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "methods[0]" in r.stderr, r.stderr
