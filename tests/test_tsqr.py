@@ -84,12 +84,26 @@ def test_kappa_1e12_large_block_takes_fourth_round_not_householder(client):
     a = cond_matrix(65_536, 64, 1e12, seed=3)
     f = kernels.factor_block(a)
     assert f.method == "scholqr4" and len(f.chain) == 4
+    # the third and fourth factors are well conditioned: applied as one small product
+    assert f.folded == 2
     q = kernels.block_q(a, f)
     assert np.linalg.norm(q.T @ q - np.eye(64)) < 1e-14
     assert np.linalg.norm(a - q @ f.r) / np.linalg.norm(a) < 1e-15
     res = tsqr(da.from_array(a, chunks=(65_536, 64)))  # one block, through the graph
     assert res.block_methods == {"scholqr4": 1}
     check_qr(a, res.q.compute(), res.r, 1e-14)
+
+
+def test_well_conditioned_factors_as_products_equal_triangular_solves(monkeypatch):
+    """Folding the well-conditioned factors (GEMM with small inverses) gives the same Q as
+    triangular solves all along, to working precision."""
+    a = cond_matrix(65_536, 64, 1e12, seed=3)
+    folded = kernels.block_q(a, kernels.factor_block(a))
+    monkeypatch.setattr(kernels, "WELL_CONDITIONED", -1.0)  # only the guarded last one
+    f = kernels.factor_block(a)
+    assert f.folded == 1
+    solved = kernels.block_q(a, f)
+    assert np.abs(folded - solved).max() < 1e-13
 
 
 def test_guard_still_protects_the_final_round(monkeypatch):

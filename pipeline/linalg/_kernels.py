@@ -31,6 +31,13 @@ GRAM_GUARD = 0.1
 # Householder QR (~5× the time of the whole Cholesky chain).
 SHIFTED_EXTRA_ROUNDS = 1
 
+# A Cholesky factor computed from a Gram within this defect of I is well conditioned
+# (κ ≤ √((1 + δ)/(1 − δ)) = 2 at δ = 0.6): applying it as a product with its small explicit
+# inverse (GEMM) instead of a triangular solve (TRSM, 3-4× slower per flop here) errs by
+# O(κ·u), as the solve does (Higham 2002, §14.3). The guarded final factor always
+# qualifies; so does the fourth-round factor of shifted CholeskyQR (defect 0.1-0.5).
+WELL_CONDITIONED = 0.6
+
 
 @dataclass(frozen=True)
 class BlockFactor:
@@ -44,12 +51,15 @@ class BlockFactor:
     method : ``"cholqr2"``, ``"scholqr3"``, ``"scholqr4"`` (shifted, with the extra
         round of :data:`SHIFTED_EXTRA_ROUNDS`) or ``"householder"``.
     sumsq : ``‖A_i‖²_F``.
+    folded : how many trailing factors of ``chain`` are well conditioned
+        (:data:`WELL_CONDITIONED`), so :func:`block_q` applies them as one small product.
     """
 
     r: Any
     chain: tuple[Any, ...]
     method: str
     sumsq: float
+    folded: int = 1
 
 
 def _chol_upper(g: Any) -> Any | None:
@@ -81,37 +91,51 @@ def _positive_diagonal(r: Any) -> tuple[Any, Any]:
     return r * signs[:, None], signs
 
 
+def _times_inverse(q: Any, r: Any, defect: float | None, own: bool) -> Any:
+    """``q @ inv(r)``: a product with the small inverse when ``r`` came from a Gram within
+    :data:`WELL_CONDITIONED` of I, else a triangular solve (``own``: ``q`` may be reused)."""
+    if defect is not None and defect <= WELL_CONDITIONED:
+        return q @ solve_upper(r, eye_like(r.shape[0], r))
+    return solve_right_upper(q, r, overwrite=own)
+
+
 def _cholqr_chain(
     a: Any, g: Any, shift: float, rounds: int, extra: int = 0
-) -> tuple[Any, ...] | None:
-    """Cholesky QR rounds on ``a`` (with Gram ``g``): the factors, or ``None`` on failure.
+) -> tuple[tuple[Any, ...], int] | None:
+    """Cholesky QR rounds on ``a`` (with Gram ``g``): ``(factors, folded)``, or ``None``.
 
     The first round factors ``g`` (plus ``shift · I`` when shifted), the next
     ``rounds − 2`` repair what it left, and the final round is taken only when the Gram of
     its input is within :data:`GRAM_GUARD`. When that guard trips, up to ``extra`` more
     unguarded rounds are taken before it is checked again; the final round is never taken
-    on an input whose defect exceeds the guard.
+    on an input whose defect exceeds the guard. ``folded`` counts the trailing factors that
+    came from Grams within :data:`WELL_CONDITIONED` of I.
     """
     n = g.shape[0]
     r = _chol_upper(g + shift * eye_like(n, g) if shift else g)
     if r is None:
         return None
-    chain = [r]
+    chain, defects = [r], [None]  # defects: of the Gram each factor was computed from
     q = a
     while True:
-        q = solve_right_upper(q, chain[-1], overwrite=q is not a)
+        q = _times_inverse(q, chain[-1], defects[-1], own=q is not a)
         g = q.T @ q
+        defect = _gram_defect(g)
         # Only a final round is guarded: after a shifted first round Q may still be far
         # from orthonormal, which the rounds before the final one repair.
-        final = len(chain) >= rounds - 1 and _gram_defect(g) <= GRAM_GUARD
+        final = len(chain) >= rounds - 1 and defect <= GRAM_GUARD
         if not final and len(chain) >= rounds - 1 + extra:
             return None
         r = _chol_upper(g)
         if r is None:
             return None
         chain.append(r)
+        defects.append(defect)
         if final:
-            return tuple(chain)
+            folded = 1  # the final factor passed the guard
+            while folded < len(defects) - 1 and defects[-1 - folded] <= WELL_CONDITIONED:
+                folded += 1
+            return tuple(chain), folded
 
 
 def factor_block(a: Any, row_offset: int = 0) -> BlockFactor:
@@ -142,35 +166,40 @@ def factor_block(a: Any, row_offset: int = 0) -> BlockFactor:
             f"input overflows {a.dtype} in rows {row_offset}-{row_offset + m - 1} "
             "(‖A_i‖² is not finite); rescale the data"
         )
-    chain, method = _cholqr_chain(a, g, 0.0, rounds=2), "cholqr"
-    if chain is None:
+    found, method = _cholqr_chain(a, g, 0.0, rounds=2), "cholqr"
+    if found is None:
         u = float(xp.finfo(a.dtype).eps) / 2
         shift = 11.0 * (m * n + n * (n + 1)) * u * sumsq
-        chain, method = _cholqr_chain(a, g, shift, rounds=3, extra=SHIFTED_EXTRA_ROUNDS), "scholqr"
-    if chain is None:
+        found, method = _cholqr_chain(a, g, shift, rounds=3, extra=SHIFTED_EXTRA_ROUNDS), "scholqr"
+    if found is None:
         return BlockFactor(_householder_r(a), (), "householder", sumsq)
+    chain, folded = found
     r = chain[0]
     for rk in chain[1:]:
         r = rk @ r
-    return BlockFactor(r, chain, f"{method}{len(chain)}", sumsq)
+    return BlockFactor(r, chain, f"{method}{len(chain)}", sumsq, folded)
 
 
 def block_q(a: Any, factor: BlockFactor, transform: Any | None = None) -> Any:
     """Recompute ``Q_i`` (m_i × n) of a block factorized by :func:`factor_block`, times
     ``transform`` when given.
 
-    The Cholesky factors are applied by triangular solves in order, except the last one:
-    the guard made it well conditioned (κ ≤ 1.2), so ``R_last⁻¹ · transform`` is formed
-    as a small n × n matrix and applied in one matrix product, saving a pass of TRSM over
-    the block and a block-sized temporary.
+    The Cholesky factors are applied by triangular solves in order, except the trailing
+    well-conditioned ones (the guarded last one at least, κ ≤ 1.2; see
+    :data:`WELL_CONDITIONED`): ``R_k⁻¹ ⋯ R_last⁻¹ · transform`` is formed as a small n × n
+    matrix and applied in one matrix product, saving passes of TRSM over the block and
+    block-sized temporaries.
     """
     if factor.chain:
-        *solves, last = factor.chain
+        cut = len(factor.chain) - factor.folded
         q = a
-        for rk in solves:
+        for rk in factor.chain[:cut]:
             q = solve_right_upper(q, rk, overwrite=q is not a)
-        rhs = eye_like(last.shape[0], last) if transform is None else transform
-        return q @ solve_upper(last, rhs)
+        last = factor.chain[-1]
+        small = eye_like(last.shape[0], last) if transform is None else transform
+        for rk in reversed(factor.chain[cut:]):
+            small = solve_upper(rk, small)
+        return q @ small
     xp = array_module(a)
     q, r = xp.linalg.qr(a)
     _, signs = _positive_diagonal(r)
