@@ -79,6 +79,9 @@ from pipeline.linalg.svd import svd
 from pipeline.linalg.tsqr import UNOPTIMIZED, row_blocks
 from pipeline.metrics import gram, orthogonality_from_gram
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tsqr import fresh_output
+
 SIZES = {  # name → (shape, storage chunk rows)
     "full": ((4_000_000, 64), 65_536),
     "small": ((400_000, 64), 65_536),
@@ -156,17 +159,6 @@ def reference_spectrum(path: Path) -> np.ndarray:
     np.save(cache, s)
     print(f"reference spectrum (streaming Householder QR) in {time.perf_counter() - t0:.1f} s")
     return s
-
-
-def fresh_output(path: Path, like: da.Array) -> zarr.Array:
-    shutil.rmtree(path, ignore_errors=True)
-    return zarr.create_array(
-        store=str(path),
-        shape=like.shape,
-        dtype=like.dtype,
-        chunks=(like.chunks[0][0], like.shape[1]),
-        overwrite=True,
-    )
 
 
 # --------------------------------------------------------------------------- routes

@@ -24,6 +24,7 @@ from pipeline.linalg import tsqr
 from pipeline.linalg.svd import SVDResult, svd
 from pipeline.linalg.tsqr import UNOPTIMIZED
 from tests.conftest import cond_matrix, job_dict, write_array
+from tests.test_tsqr import CASES  # the same shapes and chunkings as TSQR
 
 EPS64 = float(np.finfo(np.float64).eps)
 
@@ -57,17 +58,6 @@ def check_svd(a: np.ndarray, res: SVDResult, u: np.ndarray, tol: float) -> None:
     if k == n:
         approx = (u64 * res.s.astype(np.float64)) @ res.vt.astype(np.float64)
         assert np.linalg.norm(a - approx) / np.linalg.norm(a) < 10 * tol
-
-
-CASES = [
-    # (shape, input chunks, block_rows)
-    ((1000, 20), (100, 20), None),  # many blocks, one column chunk
-    ((5000, 50), (333, 7), None),  # 2-D chunked and ragged → rechunked
-    ((100, 100), (100, 100), None),  # square, single block
-    ((2003, 17), (2003, 17), 300),  # ragged last block gets merged
-    ((4096, 8), (64, 8), 16),  # 256 blocks → a tree with several levels
-    ((777, 31), (50, 5), 40),  # irregular everything
-]
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-13), (np.float32, 2e-6)])

@@ -13,6 +13,7 @@ from pipeline.config import InputSpec, redact
 from pipeline.errors import InputError
 from pipeline.io.fastread import plan, read_array
 from pipeline.io.stores import split_url, zarr_store
+from pipeline.linalg import working_dtype
 
 
 @dataclass(frozen=True)
@@ -117,10 +118,8 @@ def open_matrix(spec: InputSpec) -> tuple[da.Array, InputManifest]:
     reader = plan(arr, fs, f"{root.rstrip('/')}/{spec.array}" if spec.array else root)
     x = read_array(reader, tuple(arr.shape)) if reader else da.from_zarr(arr)
     dtype = np.dtype(arr.dtype)
-    if dtype.kind in "iu":
-        x = x.astype(np.float64)
-    elif dtype == np.float16:
-        x = x.astype(np.float32)
+    if working_dtype(dtype) != dtype:  # the library's one rule: ints → f64, f16 → f32
+        x = x.astype(working_dtype(dtype))
     manifest = InputManifest(
         url=redact(spec.url),
         array=spec.array,

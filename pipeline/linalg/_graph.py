@@ -6,6 +6,11 @@ import sys
 from typing import Any
 
 import dask
+import dask.array as da
+from dask._task_spec import Alias
+from dask.base import tokenize
+from dask.delayed import Delayed, delayed
+from dask.highlevelgraph import HighLevelGraph
 
 
 def persist(*collections: Any, **kwargs: Any) -> tuple[Any, ...]:
@@ -37,3 +42,18 @@ def fetch(*persisted: Any) -> tuple[Any, ...]:
         if all(len(f) == 1 for f in futures):
             return tuple(distributed.default_client().gather([f[0] for f in futures]))
     return dask.compute(*persisted)
+
+
+def stack_row_blocks(blocks: list[Any], like: da.Array, width: int, prefix: str) -> da.Array:
+    """Row blocks (``Delayed``, persisted or not) as one dask array with ``like``'s row chunks.
+
+    One layer of aliases straight to the block keys, named after them. (Not
+    ``da.concatenate`` of ``da.from_delayed`` pieces: once an optimized graph fused those
+    two layers, a later graph with the unfused ``concatenate-…`` keys redefined them, which
+    the distributed scheduler reports as "Detected different `run_spec`".)
+    """
+    blocks = [b if isinstance(b, Delayed) else delayed(b, pure=True) for b in blocks]
+    name = f"{prefix}-{tokenize([b.key for b in blocks], like.dtype, width)}"
+    layer = {(name, i, 0): Alias((name, i, 0), b.key) for i, b in enumerate(blocks)}
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=blocks)
+    return da.Array(graph, name, (like.chunks[0], (width,)), dtype=like.dtype, meta=like._meta)

@@ -40,7 +40,7 @@ from dask.delayed import Delayed, delayed
 
 from pipeline.backend import array_module, random_state, to_host
 from pipeline.errors import InputError
-from pipeline.linalg._graph import fetch, persist
+from pipeline.linalg._graph import fetch, persist, stack_row_blocks
 from pipeline.linalg._validation import (
     as_matrix,
     check_choice,
@@ -48,7 +48,7 @@ from pipeline.linalg._validation import (
     check_number,
     check_rank,
 )
-from pipeline.linalg.rsvd import rsvd, stack_row_blocks
+from pipeline.linalg.rsvd import rsvd
 from pipeline.linalg.tsqr import UNOPTIMIZED, row_blocks
 
 log = logging.getLogger(__name__)

@@ -40,14 +40,11 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
-from dask._task_spec import Alias
-from dask.base import tokenize
-from dask.delayed import Delayed, delayed
-from dask.highlevelgraph import HighLevelGraph
+from dask.delayed import delayed
 from scipy.linalg import solve_triangular
 
 from pipeline.backend import array_module, random_state, sum_squares_f64, to_host
-from pipeline.linalg._graph import fetch, persist
+from pipeline.linalg._graph import fetch, persist, stack_row_blocks
 from pipeline.linalg._validation import as_matrix, check_bool, check_int, check_rank
 from pipeline.linalg.tsqr import UNOPTIMIZED, row_blocks, tsqr
 
@@ -387,21 +384,6 @@ def rsvd(
     q = _orthonormal_rows(y)
     b, _ = _project(a, q, mean, with_total=False)
     return _finish(q, b, rank, mean, total_sumsq, input_sumsq, passes + 1, True, a)
-
-
-def stack_row_blocks(blocks: list[Any], like: da.Array, width: int, prefix: str) -> da.Array:
-    """Persisted row blocks (``Delayed``) as one dask array with ``like``'s row chunks.
-
-    One layer of aliases straight to the block keys, named after them. (Not
-    ``da.concatenate`` of ``da.from_delayed`` pieces: once an optimized graph fused those
-    two layers, a later graph with the unfused ``concatenate-…`` keys redefined them, which
-    the distributed scheduler reports as "Detected different `run_spec`".)
-    """
-    blocks = [b if isinstance(b, Delayed) else delayed(b, pure=True) for b in blocks]
-    name = f"{prefix}-{tokenize([b.key for b in blocks], like.dtype, width)}"
-    layer = {(name, i, 0): Alias((name, i, 0), b.key) for i, b in enumerate(blocks)}
-    graph = HighLevelGraph.from_collections(name, layer, dependencies=blocks)
-    return da.Array(graph, name, (like.chunks[0], (width,)), dtype=like.dtype, meta=like._meta)
 
 
 def _project(

@@ -94,13 +94,13 @@ class SVDResult:
     def explained_variance(self) -> np.ndarray:
         """``s² / (m − 1)`` (float64), as scikit-learn's ``PCA.explained_variance_``."""
         m = self.a.shape[0]
-        return self.s.astype(np.float64) ** 2 / max(m - 1, 1)
+        return self.singular_values_all[: len(self.s)] ** 2 / max(m - 1, 1)
 
     @property
     def explained_variance_ratio(self) -> np.ndarray:
         """``s² / Σ σ²`` over all ``n`` singular values (float64)."""
-        total = float(np.sum(self.singular_values_all**2))
-        s2 = self.s.astype(np.float64) ** 2
+        s2 = self.singular_values_all[: len(self.s)] ** 2
+        total = self.centred_sumsq
         return s2 / total if total > 0 else np.zeros_like(s2)
 
 

@@ -27,7 +27,7 @@ from dask.delayed import Delayed, delayed
 
 from pipeline.backend import array_module
 from pipeline.linalg import _kernels as k
-from pipeline.linalg._graph import fetch, persist
+from pipeline.linalg._graph import fetch, persist, stack_row_blocks
 from pipeline.linalg._validation import as_matrix, check_bool, check_int, check_tall
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
@@ -213,16 +213,10 @@ def _block_q_times(a: Any, factor: k.BlockFactor, transform: Any | None, m: Any 
 
 def _q_blocks(res: TSQRResult, m: Delayed | None, width: int) -> da.Array:
     """Lazy ``Q`` (``m`` is ``None``) or ``Q M``, one task per row block of ``res.a``."""
-    a = res.a
     func = k.block_q if m is None else _block_q_times
     extra = () if m is None else (m,)
     parts = [
-        da.from_delayed(
-            delayed(func, pure=True)(b, f, t, *extra),
-            shape=(rows, width),
-            dtype=a.dtype,
-            meta=a._meta,
-        )
-        for b, f, t, rows in zip(res.blocks, res.factors, res.transforms, a.chunks[0], strict=True)
+        delayed(func, pure=True)(b, f, t, *extra)
+        for b, f, t in zip(res.blocks, res.factors, res.transforms, strict=True)
     ]
-    return da.concatenate(parts, axis=0)
+    return stack_row_blocks(parts, res.a, width, "tsqr-q")

@@ -93,9 +93,9 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     )
     log.info("rsvd: factors found in %.1f s; writing U and measuring", time.perf_counter() - t0)
     s64 = res.s64  # float64: keeps the digits of ‖A‖² − Σσ²
-    vt = res.vt
+    vt64 = np.asarray(res.vt, dtype=np.float64)
     ctx.write("S", res.s)
-    ctx.write("Vt", vt)
+    ctx.write("Vt", res.vt)
     if res.mean is not None:
         ctx.write("mean", res.mean)
     store = ctx.write("U", res.u)
@@ -109,7 +109,7 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         and formula < 1e3 * eps * res.total_sumsq  # the difference has lost its digits
     )
     if direct:
-        approx = s64[:, None] * np.asarray(vt, dtype=np.float64)
+        approx = s64[:, None] * vt64
         rsq = float(mx.residual_sq(res.a, res.u, approx, res.mean64).compute(**UNOPTIMIZED))
         passes += 1
     else:
@@ -122,9 +122,7 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         "residual_rel": None if rsq is None else mx.relative(rsq, total),
         "residual_method": "direct" if direct else ("formula" if rsq is not None else None),
         "orthogonality_u": mx.orthogonality_from_gram(g),
-        "orthogonality_v": mx.orthogonality_from_gram(
-            np.asarray(vt, dtype=np.float64) @ np.asarray(vt, dtype=np.float64).T
-        ),
+        "orthogonality_v": mx.orthogonality_from_gram(vt64 @ vt64.T),
         "fro_norm": float(np.sqrt(res.input_sumsq)),
         "passes": passes,
         "reads_from_storage": 1 if persisted else passes,

@@ -85,10 +85,9 @@ def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         2 if spec.u else 1,
     )
     res = svd(tall, rank=spec.rank, compute_u=spec.u, center=spec.center)
-    s64 = np.asarray(res.s, dtype=np.float64)
-    vt64 = np.asarray(res.vt, dtype=np.float64)
-    every = np.asarray(res.singular_values_all, dtype=np.float64)
-    k = len(s64)
+    every = res.singular_values_all  # float64, all n
+    k = len(res.s)
+    s64, vt64 = every[:k], np.asarray(res.vt, dtype=np.float64)
     # The factors of A: with transpose, Aᵀ = U S Vt gives A = Vtᵀ S Uᵀ (the tall U of Aᵀ
     # is written transposed, as A's Vt).
     small_name, tall_name = ("U", "Vt") if spec.transpose else ("Vt", "U")
@@ -119,9 +118,9 @@ def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         "passes": res.passes,
         "reads_from_storage": 1 if (persisted or not spec.u) else res.passes,
     }
-    total = float(np.sum(every**2))  # ‖A − 1μᵀ‖² when centred, else ‖A‖²
+    total = res.centred_sumsq  # Σ all σ²: ‖A − 1μᵀ‖² when centred, else ‖A‖²
     if spec.center:
-        result["residual_rel_centered"] = mx.relative(rsq, res.centred_sumsq)
+        result["residual_rel_centered"] = mx.relative(rsq, total)
     result.update(mx.spectrum_shares(s64, total, m, spec.center))
     ctx.write_plot(PLOT, spectrum_png(every, total, spec.center))
     return result
