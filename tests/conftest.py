@@ -103,3 +103,12 @@ def cond_matrix(m: int, n: int, kappa: float, seed: int = 0, dtype=np.float64) -
     u, _ = np.linalg.qr(rng.standard_normal((m, n)))
     v, _ = np.linalg.qr(rng.standard_normal((n, n)))
     return ((u * np.logspace(0, -np.log10(kappa), n)) @ v.T).astype(dtype)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on 127.0.0.1 for the session (see tests/s3server.py)."""
+    from s3server import moto_server
+
+    with moto_server() as server:
+        yield server
