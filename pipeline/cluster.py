@@ -177,3 +177,217 @@ def keep_in_memory(x: da.Array, client: Client | None) -> tuple[da.Array, bool]:
         return x.persist(), True
     log.info("input (%.2f GiB) is streamed from storage on every pass", x.nbytes / 2**30)
     return x, False
+
+
+# --------------------------------------------------------------------------- worker memory
+
+# What a worker process holds before any block: Python, numpy/scipy, dask, distributed,
+# zarr and the pipeline loaded (measured 130–180 MiB on Linux). With 3 blocks per TSQR
+# task it separates what was measured: 31 MiB blocks die in 244 MiB workers, 37 MiB
+# blocks run in 300 MiB ones.
+WORKER_BASELINE = 160 * 2**20
+# How long every worker may stay paused (memory above distributed's pause threshold, no
+# task starts) before the run is failed instead of waiting forever.
+PAUSED_TIMEOUT = 60.0
+# Workers restarted for memory during one method before the run is failed: distributed
+# counts a death against a task only when the task was running on the worker, so a worker
+# killed while it holds data (or waits, paused) can be restarted without end.
+MAX_MEMORY_RESTARTS = 4
+_MiB = 2**20
+
+
+def worker_memory_limit(client: Client | None) -> int:
+    """The smallest ``memory_limit`` among the workers in bytes (0 when unknown or unlimited)."""
+    if client is None:
+        return 0
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    limits = [int(w.get("memory_limit") or 0) for w in workers]
+    return min((x for x in limits if x > 0), default=0)
+
+
+def _usable_fraction() -> float:
+    """Share of ``memory_limit`` a worker may use before its nanny restarts it (a paused
+    worker still finishes the task it runs)."""
+    import dask
+
+    terminate = dask.config.get("distributed.worker.memory.terminate", 0.95)
+    return float(terminate) if terminate else 1.0
+
+
+def check_block_memory(client: Client | None, a: da.Array, buffers: int, method: str) -> None:
+    """Refuse, before computing, row blocks the workers cannot hold.
+
+    A task of ``method`` holds ``buffers`` block-sized arrays at once (the block and the
+    kernel's temporaries); a worker also needs :data:`WORKER_BASELINE` for its libraries,
+    all below distributed's terminate threshold (95 % of ``memory_limit``), where the
+    nanny restarts the worker. Without this check such workers are restarted again and
+    again.
+
+    Raises
+    ------
+    ClusterError
+        One line naming the memory needed per worker and the two fixes.
+    """
+    limit = worker_memory_limit(client)
+    if not limit:
+        return
+    rows, n = max(a.chunks[0]), a.shape[1]
+    row_bytes = n * a.dtype.itemsize
+    need = WORKER_BASELINE + buffers * rows * row_bytes
+    usable = _usable_fraction() * limit
+    if need <= usable:
+        return
+    required = -(-need // int(_usable_fraction() * _MiB))  # MiB of memory_limit, rounded up
+    fit = int((usable - WORKER_BASELINE) // (buffers * row_bytes))
+    lower = (
+        f"lower block_rows of {method} (at most {fit} rows fit)"
+        if fit >= n
+        else f"lowering block_rows of {method} cannot help ({n} columns)"
+    )
+    raise ClusterError(
+        f"{method}: row blocks of {rows} × {n} {a.dtype} ({rows * row_bytes / _MiB:.0f} MiB, "
+        f"{buffers} held at once per task, plus ~{WORKER_BASELINE // _MiB} MiB per worker "
+        f"process) need a memory_limit of at least {required} MiB per worker, but the "
+        f"workers have {limit / _MiB:.0f} MiB; raise cluster.memory_limit to {required}MiB "
+        f"or more, or {lower}"
+    )
+
+
+class _NannyRestarts(logging.Handler):
+    """Counts the nannies' memory restarts logged in this process."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "memory budget" in record.getMessage():
+            self.count += 1
+
+
+class _MemoryWatchdog:
+    """Watches the workers while a method runs; cancels the client's work when workers keep
+    dying for memory or all stay paused (see :func:`guard_workers`)."""
+
+    def __init__(self, client: Client, interval: float = 1.0) -> None:
+        import threading
+
+        self.client = client
+        self.interval = interval
+        self.error: str | None = None
+        self.restarts = 0
+        self._seen: dict[str, tuple[str, int, int]] = {}
+        self._paused_since: float | None = None
+        self.limit = worker_memory_limit(client)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="memory-watchdog", daemon=True)
+        self._nanny_lines = _NannyRestarts()
+
+    def __enter__(self) -> _MemoryWatchdog:
+        # Nannies of a LocalCluster live in this process: their "exceeded 95% memory
+        # budget" lines count every memory restart (polling sees only some of them).
+        logging.getLogger("distributed.nanny.memory").addHandler(self._nanny_lines)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        logging.getLogger("distributed.nanny.memory").removeHandler(self._nanny_lines)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                workers = self.client.scheduler_info(n_workers=-1)["workers"]
+            except Exception:  # the client is closing: nothing left to watch
+                return
+            self.error = self._judge(workers)
+            if self.error:
+                self._cancel()
+                return
+
+    def _judge(self, workers: dict[str, dict[str, Any]]) -> str | None:
+        import time
+
+        now = {
+            addr: (
+                str(w.get("status", "")),
+                int(w.get("metrics", {}).get("memory") or 0),
+                int(w.get("memory_limit") or 0),
+            )
+            for addr, w in workers.items()
+        }
+        lost = 0
+        for addr, (status, used, limit) in self._seen.items():
+            if addr not in now and (status == "paused" or (limit and used > 0.8 * limit)):
+                lost += 1
+                log.warning(
+                    "worker %s was lost at %.0f of %.0f MiB", addr, used / _MiB, limit / _MiB
+                )
+        self._seen = now
+        self.restarts = max(self.restarts + lost, self._nanny_lines.count)
+        # the workers' limit (remembered: all of them may be restarting right now)
+        self.limit = min((x[2] for x in now.values() if x[2]), default=self.limit)
+        limit = self.limit
+        if self.restarts >= MAX_MEMORY_RESTARTS:
+            return (
+                f"{self.restarts} workers were restarted for running out of memory "
+                f"(memory_limit {limit / _MiB:.0f} MiB per worker)"
+            )
+        paused = bool(now) and all(s == "paused" for s, _, _ in now.values())
+        self._paused_since = (self._paused_since or time.monotonic()) if paused else None
+        if paused and time.monotonic() - self._paused_since >= PAUSED_TIMEOUT:
+            return (
+                f"all workers stayed paused for {PAUSED_TIMEOUT:.0f} s at their memory limit "
+                f"({limit / _MiB:.0f} MiB per worker)"
+            )
+        return None
+
+    def _cancel(self) -> None:
+        from distributed import Future
+
+        futures = [Future(key, self.client) for key in list(self.client.futures)]
+        if futures:
+            self.client.cancel(futures, reason="memory-watchdog")
+
+
+MEMORY_HINT = "raise cluster.memory_limit or lower block_rows of the method"
+
+
+@contextmanager
+def guard_workers(client: Client | None, method: str) -> Iterator[None]:
+    """Turn workers lost for memory into one ``ClusterError`` line instead of a hang.
+
+    ``KilledWorker`` (a task's workers died ``allowed-failures + 1`` times) names the
+    memory limit; a watchdog fails the run when :data:`MAX_MEMORY_RESTARTS` workers die
+    for memory or every worker stays paused for :data:`PAUSED_TIMEOUT` seconds — cases
+    distributed itself would retry or wait on forever.
+    """
+    if client is None:
+        yield
+        return
+    from distributed import KilledWorker
+
+    with _MemoryWatchdog(client) as dog:
+        try:
+            yield
+        except KilledWorker as exc:
+            limit = worker_memory_limit(client) or dog.limit  # workers may be restarting
+            raise ClusterError(
+                f"{method}: workers died again and again running the same task "
+                f"{_task_name(exc)} (memory_limit "
+                f"{limit / _MiB:.0f} MiB per worker): {MEMORY_HINT}"
+            ) from None
+        except Exception:
+            if dog.error:
+                raise ClusterError(f"{method}: {dog.error}: {MEMORY_HINT}") from None
+            raise
+    if dog.error:  # the cancelled work ended without raising
+        raise ClusterError(f"{method}: {dog.error}: {MEMORY_HINT}")
+
+
+def _task_name(exc: BaseException) -> str:
+    """The task group of a ``KilledWorker`` (its key's name without the token)."""
+    key = getattr(exc, "task", None) or (exc.args[0] if exc.args else "")
+    name = key[0] if isinstance(key, tuple) else str(key)
+    return name.rsplit("-", 1)[0] if "-" in name else name

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 # Before anything imports prefect: stay offline, keep PREFECT_HOME out of the repo.
@@ -23,9 +25,9 @@ import zarr  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def client():
-    """A real 2-worker LocalCluster (processes) shared by the session, set as default."""
+@contextmanager
+def two_workers(memory_limit: str, *, set_as_default: bool = False):
+    """A real LocalCluster of 2 worker processes × 1 thread (BLAS single-threaded too)."""
     from distributed import Client, LocalCluster
 
     cluster = LocalCluster(
@@ -33,12 +35,19 @@ def client():
         threads_per_worker=1,
         processes=True,
         dashboard_address=":0",
-        memory_limit="4GiB",
+        memory_limit=memory_limit,
         env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
     )
-    with Client(cluster, set_as_default=True) as c:
+    with Client(cluster, set_as_default=set_as_default) as c:
         yield c
     cluster.close()
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A real 2-worker LocalCluster (processes) shared by the session, set as default."""
+    with two_workers("4GiB", set_as_default=True) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")
@@ -112,3 +121,32 @@ def s3():
 
     with moto_server() as server:
         yield server
+
+
+class _RunSpecWarnings(logging.Handler):
+    """Collects the scheduler's "Detected different `run_spec`" warnings."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "run_spec" in message:
+            self.messages.append(message)
+
+
+@pytest.fixture(autouse=True)
+def no_run_spec_redefinitions():
+    """Fail any test whose jobs made an in-process scheduler (the session ``client``'s, or
+    a test's own LocalCluster) see a key redefined with a different task — distributed's
+    "Detected different `run_spec`" warning, which can end in failures and deadlocks."""
+    handler = _RunSpecWarnings()
+    scheduler_log = logging.getLogger("distributed.scheduler")
+    scheduler_log.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        scheduler_log.removeHandler(handler)
+    if handler.messages:
+        pytest.fail(f"the scheduler saw a key redefined: {handler.messages[0][:300]}")

@@ -169,9 +169,10 @@ def test_rsvd_job_writes_factors_metrics_and_plot(tmp_path, client):
     a64 = a.astype(np.float64)
     ac = a64 - a64.mean(axis=0)
     approx = (ds["U"].values * ds["S"].values) @ ds["Vt"].values
-    assert r["residual_rel"] == pytest.approx(
-        np.linalg.norm(ac - approx) / np.linalg.norm(ac), rel=1e-9
-    )
+    residual = np.linalg.norm(a64 - (ds["mean"].values + approx))  # = ‖(A − 1μᵀ) − USVt‖
+    assert r["residual_rel"] == pytest.approx(residual / np.linalg.norm(a64), rel=1e-9)
+    assert r["residual_rel_centered"] == pytest.approx(residual / np.linalg.norm(ac), rel=1e-9)
+    assert r["residual_rel"] < 0.7 * r["residual_rel_centered"]  # the mean adds to ‖A‖
     assert r["residual_method"] == "direct" and r["passes"] == 4 and r["reads_from_storage"] == 1
     pca = PCA(n_components=5, svd_solver="full").fit(a64)
     np.testing.assert_allclose(

@@ -57,3 +57,29 @@ def stack_row_blocks(blocks: list[Any], like: da.Array, width: int, prefix: str)
     layer = {(name, i, 0): Alias((name, i, 0), b.key) for i, b in enumerate(blocks)}
     graph = HighLevelGraph.from_collections(name, layer, dependencies=blocks)
     return da.Array(graph, name, (like.chunks[0], (width,)), dtype=like.dtype, meta=like._meta)
+
+
+def _cull_only(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    """Drop what ``keys`` do not need and fuse nothing (see :class:`UnfusedArray`)."""
+    if not isinstance(dsk, HighLevelGraph):
+        dsk = HighLevelGraph.from_collections(str(id(dsk)), dsk, dependencies=())
+    return dsk.cull(set(da.core.flatten(keys)))
+
+
+class UnfusedArray(da.Array):
+    """A dask array whose own compute, persist or store never fuses its graph.
+
+    For arrays that read the input again after a pass whose results are persisted (TSQR's
+    ``Q``, SVD's ``U``): the scheduler remembers the input's keys as the lineage of the
+    persisted factors, and an optimized graph would redefine them with fused
+    dependencies ("Detected different `run_spec`"). Arrays derived from it (slices,
+    products) are plain dask arrays again: compute those with ``optimize_graph=False``.
+    """
+
+    __slots__ = ()
+    __dask_optimize__ = staticmethod(_cull_only)
+
+
+def unfused(x: da.Array) -> UnfusedArray:
+    """``x`` as an :class:`UnfusedArray` (same graph, name, chunks and meta)."""
+    return UnfusedArray(x.dask, x.name, x.chunks, dtype=x.dtype, meta=x._meta)

@@ -27,7 +27,7 @@ from dask.delayed import Delayed, delayed
 
 from pipeline.backend import array_module
 from pipeline.linalg import _kernels as k
-from pipeline.linalg._graph import fetch, persist, stack_row_blocks
+from pipeline.linalg._graph import fetch, persist, stack_row_blocks, unfused
 from pipeline.linalg._validation import as_matrix, check_bool, check_int, check_tall
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
@@ -182,8 +182,9 @@ def tsqr(
     a = row_blocks(a, block_rows)
     offsets = np.concatenate([[0], np.cumsum(a.chunks[0])[:-1]]).tolist()
     # Unoptimized blocks: the scheduler keeps these keys as the lineage of the persisted
-    # factors, so every later pass over ``a`` must define them the same way — compute Q
-    # with ``optimize_graph=False`` (see UNOPTIMIZED).
+    # factors, so every later pass over ``a`` must define them the same way. Q (and
+    # q_times) are UnfusedArrays, safe to compute as they are; anything derived from them
+    # or from ``a`` is computed with ``optimize_graph=False`` (see UNOPTIMIZED).
     blocks = a.to_delayed(optimize_graph=False)[:, 0].tolist()
     factors = [
         delayed(k.factor_block, pure=True)(b, off) for b, off in zip(blocks, offsets, strict=True)
@@ -219,4 +220,4 @@ def _q_blocks(res: TSQRResult, m: Delayed | None, width: int) -> da.Array:
         delayed(func, pure=True)(b, f, t, *extra)
         for b, f, t in zip(res.blocks, res.factors, res.transforms, strict=True)
     ]
-    return stack_row_blocks(parts, res.a, width, "tsqr-q")
+    return unfused(stack_row_blocks(parts, res.a, width, "tsqr-q"))

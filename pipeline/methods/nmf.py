@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 PLOT = "nmf_convergence.png"
 CHECKPOINT_SECONDS = 60  # default spacing of checkpoints without checkpoint_every
 LOG_SECONDS = 5
+# Block-sized arrays a task holds at once: the block (W_i and the products are narrow)
+# and the row chunks a rechunk merges into it.
+BLOCK_BUFFERS = 2
 
 
 class NMFSpec(MethodSpec):
@@ -118,12 +121,14 @@ def run(spec: NMFSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
 
     from pipeline import metrics as mx
     from pipeline.checkpoints import Checkpoints
+    from pipeline.cluster import check_block_memory
     from pipeline.linalg import nmf, row_blocks, rsvd_passes
     from pipeline.linalg.nmf import INIT_POWER_ITERS
     from pipeline.plots import convergence_png
 
     m, n = a.shape
     a = row_blocks(a, spec.block_rows, min_rows=min(spec.rank + 10, m, n))
+    check_block_memory(ctx.client, a, BLOCK_BUFFERS, "nmf")
     a, persisted = ctx.keep_in_memory(a)
     store = Checkpoints(ctx.output, ctx.job_name)
     state = None

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Block-sized arrays a task holds at once: TSQR's three (see pipeline.methods.tsqr), and
+# with center: true the block widened by its constant column.
+BLOCK_BUFFERS = 3
+
 PLOT = "svd_spectrum.png"
 
 
@@ -64,6 +68,7 @@ def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     import dask
 
     from pipeline import metrics as mx
+    from pipeline.cluster import check_block_memory
     from pipeline.linalg import row_blocks, svd
     from pipeline.linalg.tsqr import UNOPTIMIZED
     from pipeline.plots import spectrum_png
@@ -71,6 +76,7 @@ def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     tall = a.T if spec.transpose else a
     # centring adds a column per block (see pipeline.linalg.svd): blocks need n + 1 rows
     tall = row_blocks(tall, spec.block_rows, min_rows=tall.shape[1] + int(spec.center))
+    check_block_memory(ctx.client, tall, BLOCK_BUFFERS + int(spec.center), "svd")
     persisted = False
     if spec.u:  # two passes: keep the input in memory when it fits
         tall, persisted = ctx.keep_in_memory(tall)

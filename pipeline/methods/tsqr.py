@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Block-sized arrays a task holds at once: the block and two Cholesky-QR iterates (or
+# Householder's copy and Q; while a rechunk merges row chunks: the chunks and the block).
+BLOCK_BUFFERS = 3
+
 
 class TSQRSpec(MethodSpec):
     """Tall-skinny QR: A = QR with orthonormal Q (m × n) and upper-triangular R (n × n)."""
@@ -41,6 +45,7 @@ def run(spec: TSQRSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
 
     from pipeline import metrics as mx
     from pipeline.backend import to_host
+    from pipeline.cluster import check_block_memory
     from pipeline.linalg import row_blocks, tsqr
     from pipeline.linalg.tsqr import UNOPTIMIZED
 
@@ -48,6 +53,7 @@ def run(spec: TSQRSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         a = a.T
     t0 = time.perf_counter()
     a = row_blocks(a, spec.block_rows)
+    check_block_memory(ctx.client, a, BLOCK_BUFFERS, "tsqr")
     persisted = False
     if spec.q:  # two passes: keep the input in memory when it fits
         a, persisted = ctx.keep_in_memory(a)
