@@ -21,7 +21,22 @@ from pipeline.errors import ConfigError
 from pipeline.methods import METHODS
 from pipeline.methods.base import StrictModel
 
-NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"  # a plain folder name: no ".", "..", ".hidden"
+# The staging folder ".<name>.partial-<12 hex>" adds 22 characters and must fit the usual
+# 255-byte file-name limit (ext4, xfs, btrfs, S3 keys' path parts); 200 leaves room for the
+# other hidden siblings (".<name>.old-<hex>") and a prefix on object stores.
+NAME_MAX = 200
+# Job files are a few hundred bytes (configs/ holds 390–500 B each). 1 MiB is ~2,000× that,
+# parses in about a second and bounds the parser's memory (a 50 MB YAML list took 87 s and
+# 2.2 GB); the value and depth bounds stop alias bombs, which are cheap to parse but
+# explode when anything walks them.
+YAML_MAX_BYTES = 1 << 20
+YAML_MAX_VALUES = 100_000
+YAML_MAX_DEPTH = 100
+# The least memory_limit per worker: a worker that has imported the pipeline (numpy, scipy,
+# zarr, dask.array) holds ~170 MiB; the nanny pauses it at 80 % and restarts it at 95 % of
+# the limit, so below 256 MiB it is restarted before it holds a single block.
+MIN_WORKER_MEMORY = 256 << 20
 
 SYNTHETIC_KINDS = ("gaussian", "lowrank", "vandermonde", "nonnegative")
 PACKAGED_KINDS = ("digits", "sample-image")
@@ -46,7 +61,7 @@ class SyntheticSpec(StrictModel):
         None, description="storage chunks; default: row blocks of about 32 MiB"
     )
     dtype: Literal["float32", "float64"] = "float64"
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="random seed (≥ 0); each chunk derives its own")
 
     @model_validator(mode="after")
     def _shape_matches_kind(self) -> SyntheticSpec:
@@ -70,6 +85,14 @@ class InputSpec(StrictModel):
     create_if_missing: SyntheticSpec | None = Field(
         None, description="write a synthetic matrix to url when the store does not exist"
     )
+    missing_chunks: Literal["error", "fill"] = Field(
+        "error",
+        description="a chunk absent from the store: error refuses the input (validate and run "
+        "count them); fill reads it as the array's fill value, with a warning giving the count. "
+        "Zarr omits chunks equal to the fill value (zarr-python 3 by default: "
+        "write_empty_chunks=False), so an all-zero block written by zarr is absent: set fill "
+        "for such intentionally sparse stores",
+    )
 
     @field_validator("url")
     @classmethod
@@ -91,9 +114,34 @@ class ClusterSpec(StrictModel):
     n_workers: int | None = Field(None, ge=1, description="local kinds: default from the machine")
     threads_per_worker: int | None = Field(None, ge=1)
     memory_limit: str | int = Field(
-        "auto", description="per worker, e.g. '4GiB' or bytes; 'auto' splits the machine's memory"
+        "auto",
+        description="per worker, e.g. '4GiB' or bytes, at least 256 MiB; 'auto' splits the "
+        "machine's memory",
     )
-    connect_timeout: float = Field(20.0, gt=0, description="seconds to wait for kind: address")
+    connect_timeout: float = Field(
+        20.0, gt=0, le=86400, description="seconds to wait for kind: address (at most a day)"
+    )
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit_sane(cls, v: str | int) -> str | int:
+        if v == "auto":
+            return v
+        if isinstance(v, str):
+            from dask.utils import parse_bytes  # lazily: the config loader names no dask
+
+            try:
+                size = parse_bytes(v)
+            except (ValueError, OverflowError):
+                raise ValueError("must be 'auto', a byte count or a size such as '4GiB'") from None
+        else:
+            size = v
+        if size < MIN_WORKER_MEMORY:
+            raise ValueError(
+                "must be 'auto' or at least 256 MiB per worker (a worker holds ~170 MiB "
+                "once the pipeline is loaded)"
+            )
+        return v
 
     @model_validator(mode="after")
     def _address_matches_kind(self) -> ClusterSpec:
@@ -121,7 +169,11 @@ class OutputSpec(StrictModel):
 class JobConfig(StrictModel):
     """A factorization job: one input, a cluster, one or more methods, one output."""
 
-    name: str = Field(pattern=NAME_PATTERN, description="names the run folder")
+    name: str = Field(
+        description="names the run folder: a plain folder name (letters, digits, _ - .; not "
+        f"starting with '.'), at most {NAME_MAX} characters",
+        json_schema_extra={"pattern": NAME_PATTERN, "maxLength": NAME_MAX},
+    )
     input: InputSpec
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     methods: list[AnyMethodSpec] = Field(min_length=1)
@@ -131,6 +183,22 @@ class JobConfig(StrictModel):
         description="do nothing when the output holds a complete result of this same config "
         "and unchanged input (fingerprint of the config, input shape/chunks/dtype and store)",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_folder_name(cls, v: str) -> str:
+        if len(v) > NAME_MAX:
+            raise ValueError(
+                f"must be at most {NAME_MAX} characters (its staging folder "
+                ".<name>.partial-<12 hex> must fit the 255-byte file-name limit)"
+            )
+        if v.startswith("."):
+            raise ValueError(
+                "must be a plain folder name, not starting with '.' (no '.', '..' or hidden names)"
+            )
+        if not re.fullmatch(NAME_PATTERN, v):
+            raise ValueError(f"must match {NAME_PATTERN} (letters, digits, '_', '-', '.')")
+        return v
 
     @field_validator("methods")
     @classmethod
@@ -163,6 +231,15 @@ def _loc_to_path(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
+def _shown(got: Any, limit: int = 40) -> str:
+    """``repr(got)``, cut short for long strings (a 5,000-character name stays one line)."""
+    text = repr(got)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(got)} characters)" if isinstance(got, str) else ""
+    return f"{text[:limit]}…{size}"
+
+
 def _describe(err: dict[str, Any]) -> str:
     kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
     if kind == "extra_forbidden":
@@ -177,9 +254,9 @@ def _describe(err: dict[str, Any]) -> str:
     }
     if kind in bounds:
         sym, key = bounds[kind]
-        return f"must be {sym} {ctx[key]}, got {got!r}"
+        return f"must be {sym} {ctx[key]}, got {_shown(got)}"
     if kind == "string_pattern_mismatch":
-        return f"must match {ctx['pattern']}, got {got!r}"
+        return f"must match {ctx['pattern']}, got {_shown(got)}"
     if kind == "too_short":
         return f"must have at least {ctx.get('min_length')} item(s), got {len(got or [])}"
     if kind == "union_tag_invalid":
@@ -188,7 +265,7 @@ def _describe(err: dict[str, Any]) -> str:
         return "each method needs a 'method:' key"
     msg = err["msg"].removeprefix("Value error, ")
     msg = f"{msg[0].lower()}{msg[1:]}"
-    return f"{msg}, got {got!r}" if isinstance(got, str | int | float) else msg
+    return f"{msg}, got {_shown(got)}" if isinstance(got, str | int | float) else msg
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
@@ -196,10 +273,77 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     errors = exc.errors()
     first = errors[0]
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{source}: {_loc_to_path(tuple(first['loc']))}: {_describe(first)}{more}"
+    loc = tuple(first["loc"])
+    if first["type"] == "bool_not_number":  # raised by the model, about one of its fields
+        loc = (*loc, first["ctx"]["field"])
+    return f"{source}: {_loc_to_path(loc)}: {_describe(first)}{more}"
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def _too_large(source: str) -> str:
+    return f"{source}: larger than {YAML_MAX_BYTES >> 20} MiB; a job file is a few hundred bytes"
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML text (``yaml.safe_load``) within the bounds of a job file.
+
+    Parameters
+    ----------
+    text
+        The YAML document.
+    source
+        Names it in errors (the file, or ``config`` for a flow parameter).
+
+    Raises
+    ------
+    ConfigError
+        Over :data:`YAML_MAX_BYTES`, a syntax error, or a value YAML cannot build.
+    """
+    if len(text) > YAML_MAX_BYTES or len(text.encode("utf-8")) > YAML_MAX_BYTES:
+        raise ConfigError(_too_large(source))
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}: YAML syntax error{where}: {problem}") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise ConfigError(f"{source}: YAML nested too deeply") from None
+    except ValueError as exc:  # values YAML parses but Python refuses: 5,000-digit ints, dates
+        raise ConfigError(f"{source}: YAML value cannot be read: {exc}") from None
+
+
+def check_bounded(data: Any, source: str) -> None:
+    """Refuse data that holds more than :data:`YAML_MAX_VALUES` values (aliases followed)
+    or nests deeper than :data:`YAML_MAX_DEPTH`, stopping at the bound.
+
+    A YAML alias bomb parses cheaply, its aliases sharing one object, but anything that
+    walks it (validation, the dump for logs and ``metrics.json``) visits every path: 3.5 GB
+    in 40 s. This walk counts visits, not objects, so it stops after the bound.
+
+    Raises
+    ------
+    ConfigError
+    """
+    stack, seen = [(data, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > YAML_MAX_VALUES:
+            raise ConfigError(
+                f"{source}: YAML expands to more than {YAML_MAX_VALUES} values (aliases?); "
+                "a job holds a few dozen"
+            )
+        if depth > YAML_MAX_DEPTH:
+            raise ConfigError(f"{source}: YAML nested more than {YAML_MAX_DEPTH} levels deep")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+            seen += len(node)  # the keys
+        elif isinstance(node, list | tuple):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def parse_config(data: Any, source: str = "config") -> JobConfig:
@@ -214,6 +358,7 @@ def parse_config(data: Any, source: str = "config") -> JobConfig:
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of keys, got {type(data).__name__}")
+    check_bounded(data, source)
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:
@@ -235,18 +380,16 @@ def load_config(path: str | os.PathLike[str]) -> JobConfig:
     """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:  # at most one byte past the bound, whatever the file is
+            raw = f.read(YAML_MAX_BYTES + 1)
+        if len(raw) > YAML_MAX_BYTES:  # refused before decoding or parsing
+            raise ConfigError(_too_large(str(p)))
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read config file ({type(exc).__name__})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{p}: YAML syntax error{where}: {problem}") from None
+    data = load_yaml(text, str(p))
     if data is None:
         raise ConfigError(f"{p}: config file is empty")
     return parse_config(data, source=str(p))
@@ -260,11 +403,7 @@ def config_from_any(config: str | os.PathLike[str] | dict[str, Any] | JobConfig)
         return parse_config(config)
     text = str(config)
     if "\n" in text or text.lstrip().startswith("{"):
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config: YAML syntax error: {exc}") from None
-        return parse_config(data)
+        return parse_config(load_yaml(text, "config"))
     return load_config(text)
 
 
@@ -289,22 +428,16 @@ def json_schema() -> str:
     return json.dumps(schema, indent=2, ensure_ascii=False)
 
 
-_SECRET_KEY = re.compile(r"(key|secret|token|password|passwd|credential|session)", re.I)
-_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-
-
 def redact(value: Any) -> Any:
-    """Copy of ``value`` with secrets masked: credential-like keys and URL user-info."""
-    if isinstance(value, dict):
-        return {
-            k: "***" if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v)
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return [redact(v) for v in value]
-    if isinstance(value, str):
-        return _URL_USERINFO.sub("***@", value)
-    return value
+    """Copy of ``value`` with secrets masked, by key name and by value shape.
+
+    See :func:`pipeline.secrets.redact` (credential-like keys, auth tuples, Authorization
+    headers, URL user-info, ``AccountKey=``/``SharedAccessSignature`` strings; references
+    such as ``${env:NAME}`` stay visible).
+    """
+    from pipeline.secrets import redact as _redact
+
+    return _redact(value)
 
 
 def redacted_dump(config: JobConfig) -> dict[str, Any]:

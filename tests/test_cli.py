@@ -11,6 +11,7 @@ import xarray as xr
 import zarr
 
 from tests.conftest import REPO, factorize_cmd, job_dict, write_array, write_job
+from tests.test_validate_hardening import alias_bomb_yaml
 
 
 def run_cli(*args, cwd=None, timeout=300):
@@ -44,12 +45,22 @@ def _bad_cases(tmp_path):
     zarr.create_array(store=str(tmp_path / "text.zarr"), shape=(5, 5), dtype=str)
     bad_yaml = tmp_path / "syntax.yaml"
     bad_yaml.write_text("name: demo\ninput: {url: x\n")
+    (tmp_path / "afile").write_text("a file where a folder belongs")
+    (tmp_path / "outf").mkdir()
+    (tmp_path / "outf" / "job").write_text("a file where the result folder belongs")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb_yaml(str(good)))
+    big = tmp_path / "big.yaml"  # 50 MB: took 87 s and 2.2 GB before the size bound
+    big.write_text(f"name: big\ninput: {{url: {good}}}\nx:\n" + "- 1\n" * 12_500_000)
 
     def job(name, **over):
         return write_job(tmp_path, job_dict(tmp_path, str(good), **over), f"{name}.yaml")
 
     def on(name, url, **inp):
         return job(name, input={"url": str(url), **inp})
+
+    def named(filename, value):
+        return write_job(tmp_path, job_dict(tmp_path, str(good), name=value), f"{filename}.yaml")
 
     return [
         ("missing file", tmp_path / "nope.yaml", ["nope.yaml", "not found"]),
@@ -93,6 +104,40 @@ def _bad_cases(tmp_path):
             job("solver", methods=[{"method": "nmf", "rank": 2, "solver": "als"}]),
             ["methods[0].solver"],
         ),
+        ("name ..", named("dotdot", ".."), ["dotdot.yaml: name: must be a plain folder"]),
+        ("long name", named("long", "n" * 5000), ["name: must be at most 200 characters"]),
+        (
+            "bool as int",
+            job("booly", methods=[{"method": "svd", "rank": True}]),
+            ["methods[0].rank: must be an integer, not a boolean, got true"],
+        ),
+        (
+            "infinite timeout",
+            job("inf", cluster={"connect_timeout": float("inf")}),
+            ["cluster.connect_timeout: input should be a finite number, got inf"],
+        ),
+        (
+            "negative memory",
+            job("mem", cluster={"memory_limit": -5}),
+            ["cluster.memory_limit: must be 'auto' or at least 256 MiB", "got -5"],
+        ),
+        (
+            "output under a file",
+            job("outfile", output={"url": str(tmp_path / "afile" / "out")}),
+            ["output.url: ", "afile is a file, not a folder"],
+        ),
+        (
+            "result path is a file",
+            job("resfile", output={"url": str(tmp_path / "outf"), "overwrite": True}),
+            ["output: ", "outf/job exists and is not a result folder"],
+        ),
+        (
+            "create beyond free space",
+            on("huge", tmp_path / "new.zarr", create_if_missing={"shape": [10**9, 10**9]}),
+            ["input.create_if_missing: a 1000000000×1000000000 float64 matrix needs 6.9 EiB"],
+        ),
+        ("alias bomb", bomb, ["bomb.yaml: YAML expands to more than 100000 values (aliases?)"]),
+        ("50 MB file", big, ["big.yaml: larger than 1 MiB"]),
     ]
 
 

@@ -53,13 +53,60 @@ def test_defaults():
         (with_(cluster={"n_workers": 0}), "x.yaml: cluster.n_workers: must be ≥ 1, got 0"),
         (with_(methods=[{"method": "tsqr"}, {"method": "tsqr"}]), "listed twice"),
         ({"input": {"url": "a"}, "methods": [{"method": "tsqr"}]}, "x.yaml: name: required"),
+        (with_(name="."), "x.yaml: name: must be a plain folder name, not starting with '.'"),
+        (with_(name=".."), "x.yaml: name: must be a plain folder name"),
+        (with_(name=".hidden"), "x.yaml: name: must be a plain folder name"),
+        (with_(name="a/b"), "x.yaml: name: must match"),
+        (with_(name="n" * 201), "x.yaml: name: must be at most 200 characters"),
+        (with_(name="n" * 5000), "255-byte file-name limit), got 'nnnn"),
+        (
+            with_(methods=[{"method": "svd", "rank": True}]),
+            "x.yaml: methods[0].rank: must be an integer, not a boolean, got true",
+        ),
+        (
+            with_(methods=[{"method": "nmf", "rank": 2, "max_iter": False}]),
+            "x.yaml: methods[0].max_iter: must be an integer, not a boolean, got false",
+        ),
+        (
+            with_(methods=[{"method": "rsvd", "rank": 2, "seed": True}]),
+            "x.yaml: methods[0].seed: must be an integer, not a boolean",
+        ),
+        (
+            with_(methods=[{"method": "nmf", "rank": 2, "tol": True}]),
+            "x.yaml: methods[0].tol: must be a number, not a boolean",
+        ),
+        (
+            with_(methods=[{"method": "nmf", "rank": 2, "tol": float("nan")}]),
+            "x.yaml: methods[0].tol: input should be a finite number",
+        ),
+        (with_(cluster={"n_workers": True}), "x.yaml: cluster.n_workers: must be an integer, not"),
+        (
+            with_(cluster={"connect_timeout": float("inf")}),
+            "x.yaml: cluster.connect_timeout: input should be a finite number, got inf",
+        ),
+        (
+            with_(cluster={"connect_timeout": 1e300}),
+            "x.yaml: cluster.connect_timeout: must be ≤ 86400",
+        ),
+        (
+            with_(cluster={"memory_limit": -5}),
+            "x.yaml: cluster.memory_limit: must be 'auto' or at least 256 MiB per worker",
+        ),
+        (with_(cluster={"memory_limit": "-5GB"}), "x.yaml: cluster.memory_limit: must be 'auto'"),
+        (with_(cluster={"memory_limit": "64MiB"}), "at least 256 MiB per worker"),
+        (with_(cluster={"memory_limit": "lots"}), "a size such as '4GiB', got 'lots'"),
+        (with_(cluster={"memory_limit": True}), "x.yaml: cluster.memory_limit: must be an int"),
+        (
+            with_(input__create_if_missing={"shape": [True, 5]}),
+            "x.yaml: input.create_if_missing.shape: must be an integer, not a boolean",
+        ),
     ],
 )
 def test_errors_name_file_and_field(job, expected):
     with pytest.raises(ConfigError) as err:
         parse_config(job, source="configs/x.yaml")
     msg = str(err.value)
-    assert "\n" not in msg
+    assert "\n" not in msg and len(msg) < 300
     assert msg.startswith("configs/x.yaml: ") and expected.split("x.yaml: ")[-1] in msg
 
 
@@ -82,6 +129,26 @@ def test_file_errors(tmp_path: Path):
     unsafe.write_text("name: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ConfigError, match="YAML"):
         load_config(unsafe)
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("name: x\nlist:\n" + "- 1\n" * 300_000)
+    with pytest.raises(ConfigError, match=r"huge.yaml: larger than 1 MiB"):
+        load_config(huge)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("name: x\nx: " + "[" * 101 + "]" * 101 + "\n")
+    with pytest.raises(ConfigError, match=r"deep.yaml: YAML nested more than 100 levels"):
+        load_config(deep)
+    deeper = tmp_path / "deeper.yaml"  # beyond Python's recursion limit in PyYAML itself
+    deeper.write_text("name: x\nx: " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(ConfigError, match=r"deeper.yaml: YAML nested too deeply"):
+        load_config(deeper)
+    digits = tmp_path / "digits.yaml"
+    digits.write_text("name: x\nseed: " + "9" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"digits.yaml: YAML value cannot be read: Exceeds"):
+        load_config(digits)
+    date = tmp_path / "date.yaml"
+    date.write_text("name: x\nwhen: 2020-13-45\n")
+    with pytest.raises(ConfigError, match=r"date.yaml: YAML value cannot be read: month"):
+        load_config(date)
 
 
 def test_schema_lists_exactly_the_implemented_methods():

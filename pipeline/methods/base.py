@@ -12,11 +12,15 @@ This module is imported by the config loader: it names no dask, zarr or distribu
 
 from __future__ import annotations
 
+import json
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -26,10 +30,70 @@ if TYPE_CHECKING:
     from pipeline.io.artifacts import RunOutput
 
 
-class StrictModel(BaseModel):
-    """A frozen pydantic model that refuses unknown keys (every job-file section)."""
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The types a field admits at its top level: ``int | None`` → ``{int, NoneType}``."""
+    if typing.get_origin(annotation) is Annotated:
+        return _leaf_types(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_leaf_types(a) for a in typing.get_args(annotation)))
+    return {annotation}
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+def _item_types(annotation: Any, n: int) -> list[Any] | None:
+    """Annotations of the ``n`` items of a list or tuple value, or ``None`` if not a sequence."""
+    for leaf in _leaf_types(annotation):
+        origin, args = typing.get_origin(leaf), typing.get_args(leaf)
+        if origin is list and args:
+            return [args[0]] * n
+        if origin is tuple and args:
+            return [args[0]] * n if args[-1] is Ellipsis else list(args[:n])
+    return None
+
+
+def bool_as_number(value: Any, annotation: Any) -> str | None:
+    """What ``annotation`` wants when ``value`` holds ``true``/``false`` in place of a number.
+
+    ``None`` when ``value`` is fine. Lists and tuples are checked item by item; nested
+    models check their own fields.
+    """
+    if isinstance(value, bool):
+        leaves = _leaf_types(annotation)
+        if bool not in leaves and Any not in leaves and leaves & {int, float}:
+            return "an integer" if float not in leaves else "a number"
+    elif isinstance(value, list | tuple):
+        for item, ann in zip(value, _item_types(annotation, len(value)) or [], strict=False):
+            if wanted := bool_as_number(item, ann):
+                return wanted
+    return None
+
+
+class StrictModel(BaseModel):
+    """A frozen pydantic model that refuses unknown keys (every job-file section).
+
+    Two rules hold for every field of every section, so no field can forget them:
+    numbers are finite (``.inf``/``.nan`` are refused: no count, time or tolerance is
+    infinite) and booleans are not numbers (pydantic's lax mode ran ``rank: true`` as
+    rank 1). The error of the second names the field in its context (``ctx["field"]``,
+    see :func:`pipeline.config.format_validation_error`): a model-level validator is the
+    one place that sees every raw value — a field validator for ``*`` is not allowed on
+    the methods' ``method`` discriminator.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, info in cls.model_fields.items():
+                key = info.alias or name
+                if key in data and (wanted := bool_as_number(data[key], info.annotation)):
+                    raise PydanticCustomError(
+                        "bool_not_number",
+                        "must be {wanted}, not a boolean, got {value}",
+                        {"field": key, "wanted": wanted, "value": json.dumps(data[key])},
+                    )
+        return data
 
 
 class MethodSpec(StrictModel):
