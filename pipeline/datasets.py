@@ -6,16 +6,20 @@ result does not depend on how many workers write it.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import shutil
+import uuid
 from typing import Any
 
 import dask.array as da
 import numpy as np
 import zarr
 
-from pipeline.config import SyntheticSpec
+from pipeline.config import SyntheticSpec, redact
 from pipeline.errors import InputError
-from pipeline.io.stores import zarr_store
+from pipeline.io.stores import is_local, split_url, zarr_store
 
 log = logging.getLogger(__name__)
 
@@ -104,20 +108,90 @@ def synthetic_array(spec: SyntheticSpec) -> da.Array:
     return da.map_blocks(make, template, dtype=dtype, meta=np.empty((0, 0), dtype))
 
 
+def _create(store: Any, x: da.Array, array: str | None) -> zarr.Array:
+    """An empty Zarr v3 array for ``x`` in ``store`` (inside a new group when ``array``).
+
+    Every chunk is written, also an all-zero one (``write_empty_chunks``): the store is
+    complete, and a stale object of an earlier failed write is overwritten.
+    """
+    kw: dict[str, Any] = {
+        "shape": x.shape,
+        "dtype": x.dtype,
+        "chunks": x.chunksize,
+        "config": {"write_empty_chunks": True},
+    }
+    if array:
+        root = zarr.open_group(store=store, mode="a", zarr_format=3)
+        return root.create_array(array, overwrite=True, **kw)
+    return zarr.create_array(store=store, overwrite=True, **kw)
+
+
+def _write_local(path: str, x: da.Array, array: str | None) -> None:
+    """Write into a hidden sibling folder, then rename it into place (atomic on one disk)."""
+    from zarr.storage import LocalStore
+
+    final = os.path.abspath(path)
+    parent, name = os.path.split(final)
+    os.makedirs(parent, exist_ok=True)
+    aside = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:12]}")
+    os.mkdir(aside)  # honours the umask, unlike mkdtemp's 0700
+    try:
+        da.store(x, _create(LocalStore(aside), x, array), lock=False)
+        try:
+            os.rename(aside, final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # a concurrent run put its complete store in place first: use that one
+            log.info("%s was created meanwhile by another run; using it", final)
+            shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+
+
+def _write_metadata_last(
+    url: str, storage_options: dict | None, x: da.Array, array: str | None
+) -> None:
+    """Object stores (no rename): chunks first, then the metadata documents, the root last.
+
+    The store is a Zarr store — "exists" for :func:`pipeline.jobs.input_will_be_created` —
+    only once every chunk is in place; a failed write leaves no metadata and is
+    overwritten by the next attempt.
+    """
+    from zarr.core.array import AsyncArray
+    from zarr.core.sync import sync
+    from zarr.storage import MemoryStore, StorePath
+
+    docs: dict[str, Any] = {}
+    meta = _create(MemoryStore(docs), x, array)  # the metadata documents, nothing written
+    store = zarr_store(url, storage_options, read_only=False)
+    target = zarr.Array(
+        AsyncArray(
+            metadata=meta.metadata,
+            store_path=StorePath(store, array or ""),
+            config={"write_empty_chunks": True},
+        )
+    )
+    da.store(x, target, lock=False)
+    for key in sorted(docs, key=lambda k: -k.count("/")):  # the array's, then the group's
+        sync(store.set(key, docs[key]))
+
+
 def write_synthetic(
     url: str, spec: SyntheticSpec, storage_options: dict | None = None, array: str | None = None
 ) -> None:
-    """Write the recipe to ``url`` (a Zarr v3 array, or ``array`` inside a new group)."""
+    """Write the recipe to ``url`` (a Zarr v3 array, or ``array`` inside a new group).
+
+    The store appears complete or not at all: on the local filesystem it is written to a
+    hidden sibling folder and renamed into place; on object stores its metadata is written
+    after every chunk. A failed write (a full disk, a killed worker) leaves nothing that a
+    retry or the next run would take for the input.
+    """
     x = synthetic_array(spec)
-    store = zarr_store(url, storage_options, read_only=False)
-    if array:
-        root = zarr.open_group(store=store, mode="a", zarr_format=3)
-        target = root.create_array(
-            array, shape=x.shape, dtype=x.dtype, chunks=x.chunksize, overwrite=True
-        )
+    fs, path = split_url(url, storage_options)
+    log.info("writing %s matrix %s to %s", spec.kind, x.shape, redact(url))
+    if is_local(fs):
+        _write_local(path, x, array)
     else:
-        target = zarr.create_array(
-            store=store, shape=x.shape, dtype=x.dtype, chunks=x.chunksize, overwrite=True
-        )
-    log.info("writing %s matrix %s to %s", spec.kind, x.shape, url)
-    da.store(x, target, lock=False)
+        _write_metadata_last(url, storage_options, x, array)

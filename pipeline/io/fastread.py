@@ -7,20 +7,140 @@ zarr, 1.7–2.1 s direct). The direct path covers the common layouts — Zarr v2
 compressor and filters, C or F order) and Zarr v3 (``bytes`` + at most one of zstd, gzip,
 blosc), regular chunk grid, no sharding, native byte order — and decodes into a fresh,
 writable array. Anything else is read through zarr (:func:`plan` returns ``None``).
+
+Every chunk is checked before use: it must be a regular file (local stores) and decode to
+exactly ``prod(chunk_shape) × itemsize`` bytes. numcodecs decodes a valid but short zstd,
+blosc, gzip or lz4 frame into the first bytes of ``out=`` without complaint, leaving the
+rest of the buffer as it was; the size a zstd or blosc header declares is therefore read
+(a few bytes, no decoding) before decoding into ``out=``, and any other case is decoded
+into a buffer of its own and measured. A chunk that cannot be read or decoded raises
+:class:`~pipeline.errors.InputError` naming the array and the chunk.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 import sys
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import dask.array as da
 import numcodecs
 import numpy as np
 
+from pipeline.errors import InputError, UserError
+from pipeline.io.stores import is_local
+
 _V3_COMPRESSORS = {"zstd": numcodecs.Zstd, "gzip": numcodecs.GZip, "blosc": numcodecs.Blosc}
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_UNKNOWN = -1  # a zstd frame that does not state its content size
+
+
+class _Corrupt(Exception):
+    """A chunk found corrupt before decoding; the argument says how."""
+
+
+def _zstd_content_size(raw: bytes) -> int | None:
+    """The first frame's Frame_Content_Size (RFC 8878 §3.1.1.1), ``_UNKNOWN``, or ``None``.
+
+    ``None``: not a zstd frame header (a skippable frame, garbage) — left to the codec.
+    """
+    if len(raw) < 6 or raw[:4] != _ZSTD_MAGIC:
+        return None
+    descriptor = raw[4]
+    if descriptor & 0x08:  # reserved bit: not a valid header
+        return None
+    fcs_flag, single_segment, dict_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
+    if fcs_flag == 0 and not single_segment:
+        return _UNKNOWN
+    start = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
+    width = (1, 2, 4, 8)[fcs_flag]
+    if len(raw) < start + width:
+        return None
+    size = int.from_bytes(raw[start : start + width], "little")
+    return size + 256 if width == 2 else size
+
+
+def _decompress(codec: Any, raw: bytes, nbytes: int | None) -> Any:
+    """``raw`` decoded by ``codec``; :class:`_Corrupt` when a header shows it cannot fit.
+
+    ``nbytes``: the size it must decode to, ``None`` when filters follow. The common case
+    (one zstd frame or a blosc buffer whose header states ``nbytes``) decodes straight
+    into a fresh buffer: the check costs a header read. numcodecs itself
+    requires a zstd frame of unknown size to fill ``out`` exactly, and refuses data longer
+    than ``out``. A header stating more than ``nbytes`` is refused before any allocation.
+    """
+    if isinstance(codec, numcodecs.Zstd):
+        declared = _zstd_content_size(raw)
+        exact = declared in (nbytes, _UNKNOWN)
+    elif isinstance(codec, numcodecs.Blosc):
+        # blosc1 header: uncompressed size at 4, compressed size at 12. blosc trusts the
+        # latter and reads past the end of a truncated buffer: check it.
+        if len(raw) < 16:
+            raise _Corrupt(f"holds {len(raw)} bytes, less than a blosc header")
+        declared, stored = (int.from_bytes(raw[k : k + 4], "little") for k in (4, 12))
+        if stored != len(raw):
+            raise _Corrupt(f"holds {len(raw)} bytes, its blosc header says {stored}")
+        exact = declared == nbytes
+    else:
+        declared, exact = None, False
+    if nbytes is None:
+        return codec.decode(raw)
+    if declared is not None and declared > nbytes:
+        raise _Corrupt(f"decodes to {declared} bytes, {nbytes} expected")
+    if exact:
+        return codec.decode(raw, out=np.empty(nbytes, dtype=np.uint8))
+    return codec.decode(raw)  # measured below; short by construction when declared < nbytes
+
+
+class _OneLineUserErrors(logging.Filter):
+    """distributed's worker logs a failed task with its traceback ("Compute Failed ...
+    Traceback: ..."); for a user error such as a corrupt chunk one line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if str(record.msg).startswith("Compute Failed") and isinstance(args, tuple):
+            text = str(args[3]) if len(args) > 3 else ""  # repr of the exception
+            if text.split("(", 1)[0] in _user_error_names():
+                record.msg, record.args = "task %s failed: %s", (args[0], text)
+        return True
+
+
+def _user_error_names() -> set[str]:
+    names, todo = set(), [UserError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+def _quiet_worker_log() -> None:
+    """Install :class:`_OneLineUserErrors` once, in the process that raises (a worker)."""
+    worker_log = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _OneLineUserErrors) for f in worker_log.filters):
+        worker_log.addFilter(_OneLineUserErrors())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 @dataclass(frozen=True)
@@ -36,29 +156,97 @@ class ChunkReader:
     fill_value: Any
     compressor: Any | None
     filters: tuple[Any, ...] = ()
+    name: str = "input"  # the array in messages: redacted URL (+ /array)
+    missing: Literal["error", "fill"] = "error"  # input.missing_chunks
     token: str = field(default_factory=lambda: uuid.uuid4().hex)  # never reuse keys across opens
 
     def __dask_tokenize__(self) -> str:
         return self.token
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes one stored (padded) chunk decodes to."""
+        return self.chunk_shape[0] * self.chunk_shape[1] * self.dtype.itemsize
+
     def read(self, i: int, j: int, shape: tuple[int, int]) -> np.ndarray:
-        """Chunk ``(i, j)`` cut to ``shape`` (edge chunks are stored padded)."""
-        path = f"{self.root}/{self.keys.encode_chunk_key((i, j))}"
-        try:
-            raw = self.fs.cat_file(path)
-        except FileNotFoundError:  # never written: the fill value
-            return np.full(shape, self.fill_value, dtype=self.dtype)
-        nbytes = self.chunk_shape[0] * self.chunk_shape[1] * self.dtype.itemsize
-        if self.compressor is not None:
-            buf = self.compressor.decode(raw, out=np.empty(nbytes, dtype=np.uint8))
-        else:
-            buf = bytearray(raw)
-        for f in reversed(self.filters):
-            buf = f.decode(buf)
-        chunk = np.frombuffer(buf, dtype=self.dtype).reshape(self.chunk_shape, order=self.order)
+        """Chunk ``(i, j)`` cut to ``shape`` (edge chunks are stored padded).
+
+        Raises
+        ------
+        InputError
+            The chunk is missing (unless ``missing="fill"``), not a regular file,
+            unreadable, does not decode, or decodes to the wrong number of bytes.
+        """
+        where = (i, j)
+        raw = self._fetch(f"{self.root}/{self.keys.encode_chunk_key(where)}", where)
+        if raw is None:
+            if self.missing == "fill":
+                return np.full(shape, self.fill_value, dtype=self.dtype)
+            raise self._error(
+                where,
+                "is missing; set input.missing_chunks: fill if the store omits chunks "
+                "equal to its fill value",
+            )
+        chunk = self._decode(raw, where)
         if tuple(shape) != self.chunk_shape:
             chunk = np.ascontiguousarray(chunk[: shape[0], : shape[1]])
         return chunk
+
+    def _error(self, where: tuple[int, int], what: str) -> InputError:
+        _quiet_worker_log()
+        return InputError(f"input: chunk {where} of {self.name} {what}")
+
+    def _fetch(self, path: str, where: tuple[int, int]) -> bytes | None:
+        """The stored bytes of a chunk, or ``None`` when it does not exist."""
+        if is_local(self.fs):
+            return self._fetch_local(path, where)
+        try:
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+            raise self._error(where, f"cannot be read ({_first_line(exc)})") from None
+        # anything else (timeouts, connection resets) is transient: left to the retries
+
+    def _fetch_local(self, path: str, where: tuple[int, int]) -> bytes | None:
+        """Read a local chunk file; refuse FIFOs, devices and directories before opening.
+
+        ``stat`` first (opening a FIFO blocks until a writer comes; opening a device may act);
+        ``O_NONBLOCK`` and ``fstat`` close the window between the two.
+        """
+        try:
+            if not stat.S_ISREG(mode := os.stat(path).st_mode):
+                raise self._error(where, f"is {_kind(mode)}, not a regular file")
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(mode := os.fstat(fd).st_mode):
+                    raise self._error(where, f"is {_kind(mode)}, not a regular file")
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            why = exc.strerror or _first_line(exc)
+            raise self._error(where, f"cannot be read ({why})") from None
+
+    def _decode(self, raw: bytes, where: tuple[int, int]) -> np.ndarray:
+        """Decode, check the exact byte count, and view as a writable ``chunk_shape`` array."""
+        nbytes = self.nbytes
+        try:
+            buf: Any = raw
+            if self.compressor is not None:  # filters may change the size: then measure
+                buf = _decompress(self.compressor, raw, None if self.filters else nbytes)
+            for f in reversed(self.filters):
+                buf = f.decode(buf)
+            got = buf.nbytes if isinstance(buf, np.ndarray) else memoryview(buf).nbytes
+        except _Corrupt as exc:
+            raise self._error(where, f"is corrupt: {exc}") from None
+        except Exception as exc:  # codec errors: zstd/blosc RuntimeError, gzip OSError, ...
+            why = _first_line(exc)
+            raise self._error(where, f"is corrupt: it does not decode ({why})") from None
+        if got != nbytes:
+            raise self._error(where, f"is corrupt: decodes to {got} bytes, {nbytes} expected")
+        chunk = np.frombuffer(buf, dtype=self.dtype).reshape(self.chunk_shape, order=self.order)
+        return chunk if chunk.flags.writeable else chunk.copy(order="K")
 
 
 def _native(dtype: np.dtype) -> bool:
@@ -67,8 +255,19 @@ def _native(dtype: np.dtype) -> bool:
     )
 
 
-def plan(arr: Any, fs: Any, root: str) -> ChunkReader | None:
-    """A :class:`ChunkReader` for ``arr`` stored at ``root`` in ``fs``, or ``None``."""
+def plan(
+    arr: Any,
+    fs: Any,
+    root: str,
+    *,
+    name: str = "input",
+    missing: Literal["error", "fill"] = "error",
+) -> ChunkReader | None:
+    """A :class:`ChunkReader` for ``arr`` stored at ``root`` in ``fs``, or ``None``.
+
+    ``name`` names the array in error messages (credentials redacted by the caller);
+    ``missing`` is ``input.missing_chunks``.
+    """
     md = arr.metadata
     dtype = np.dtype(arr.dtype)
     if arr.ndim != 2 or not _native(dtype) or dtype.kind not in "fiu":
@@ -87,10 +286,10 @@ def plan(arr: Any, fs: Any, root: str) -> ChunkReader | None:
             return None
         compressor, filters, order = None, (), "C"
         if len(codecs) == 2:
-            name = codecs[1].to_dict().get("name")
-            if name not in _V3_COMPRESSORS:
+            codec_name = codecs[1].to_dict().get("name")
+            if codec_name not in _V3_COMPRESSORS:
                 return None
-            compressor = _V3_COMPRESSORS[name]()  # decoding needs no parameters
+            compressor = _V3_COMPRESSORS[codec_name]()  # decoding needs no parameters
     fill = md.fill_value if md.fill_value is not None else 0
     return ChunkReader(
         fs=fs,
@@ -102,6 +301,8 @@ def plan(arr: Any, fs: Any, root: str) -> ChunkReader | None:
         fill_value=fill,
         compressor=compressor,
         filters=filters,
+        name=name,
+        missing=missing,
     )
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,6 +17,8 @@ from pipeline.errors import InputError
 from pipeline.io.fastread import plan, read_array
 from pipeline.io.stores import split_url, zarr_store
 from pipeline.linalg import working_dtype
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,8 +84,13 @@ def _open_node(spec: InputSpec) -> Any:
     return arr
 
 
+def array_name(spec: InputSpec) -> str:
+    """The input array in messages: the redacted URL, plus ``/array`` inside a group."""
+    return f"{redact(spec.url)}" + (f"/{spec.array}" if spec.array else "")
+
+
 def _check_array(arr: Any, spec: InputSpec) -> None:
-    name = f"{redact(spec.url)}" + (f"/{spec.array}" if spec.array else "")
+    name = array_name(spec)
     if arr.ndim != 2:
         raise InputError(
             f"input: {name} must be a 2-D matrix; got {arr.ndim}-D with shape {tuple(arr.shape)}"
@@ -96,12 +106,77 @@ def _check_array(arr: Any, spec: InputSpec) -> None:
         )
 
 
-def open_matrix(spec: InputSpec) -> tuple[da.Array, InputManifest]:
+def _missing_chunks(arr: Any, fs: Any, root: str) -> tuple[int, int, tuple[int, ...] | None]:
+    """``(missing, total, first missing index)`` over the stored objects of ``arr``.
+
+    One listing of the array's folder. A stored object is a chunk, or a whole shard for a
+    sharded array (chunks omitted inside a stored shard are not seen). zarr's
+    ``nchunks_initialized`` counts the same objects, but gives no index (and multiplies
+    shards by chunks per shard, which overcounts partial edge shards).
+    """
+    root = root.rstrip("/")
+    # with folders: a folder in place of a chunk is reported by the reader as one
+    stored = {p[len(root) + 1 :] for p in fs.find(root, withdirs=True)}
+    outer = arr.shards or arr.chunks
+    grid = [range(math.ceil(s / c)) for s, c in zip(arr.shape, outer, strict=True)]
+    missing, first, total = 0, None, 0
+    for idx in itertools.product(*grid):
+        total += 1
+        if arr.metadata.encode_chunk_key(idx) not in stored:
+            missing += 1
+            first = first or idx
+    return missing, total, first
+
+
+def check_stored_chunks(arr: Any, spec: InputSpec, fs: Any, root: str) -> None:
+    """Refuse (``missing_chunks: error``) or warn about (``fill``) chunks absent from the store.
+
+    Raises
+    ------
+    InputError
+        With ``input.missing_chunks: error`` and at least one chunk missing.
+    """
+    try:
+        missing, total, first = _missing_chunks(arr, fs, root)
+    except PermissionError as exc:  # e.g. s3:GetObject allowed, s3:ListBucket not
+        if spec.missing_chunks == "fill":
+            log.warning("input: not allowed to list %s to count its chunks", array_name(spec))
+            return
+        raise InputError(
+            f"input: not allowed to list {array_name(spec)} to check that no chunk is missing "
+            f"({type(exc).__name__}); with input.missing_chunks: fill the check is skipped"
+        ) from None
+    if not missing:
+        return
+    unit = "shard" if arr.shards else "chunk"
+    fill = arr.metadata.fill_value
+    if spec.missing_chunks == "fill":
+        log.warning(
+            "input: %s has %d of %d %ss missing; they read as the fill value %s "
+            "(input.missing_chunks: fill)",
+            array_name(spec),
+            missing,
+            total,
+            unit,
+            fill,
+        )
+        return
+    raise InputError(
+        f"input: {array_name(spec)} has {missing} of {total} {unit}s missing (first: "
+        f"{tuple(first)}); a Zarr store omits chunks equal to its fill value ({fill}), and "
+        "zarr-python 3 does so by default (write_empty_chunks=False: an all-zero block it "
+        "writes is missing) — if this store is meant to be sparse, set "
+        "input.missing_chunks: fill"
+    )
+
+
+def open_matrix(spec: InputSpec, *, check_chunks: bool = False) -> tuple[da.Array, InputManifest]:
     """Open and validate the input, without reading its values.
 
     Integers are cast to float64, float16 to float32; float32 and float64 stay as stored.
     The dask chunks are the storage chunks, read directly where the layout allows it
-    (:mod:`pipeline.io.fastread`), else through zarr.
+    (:mod:`pipeline.io.fastread`), else through zarr. With ``check_chunks`` the store is
+    listed once and missing chunks are refused or counted (:func:`check_stored_chunks`).
 
     Returns
     -------
@@ -110,12 +185,16 @@ def open_matrix(spec: InputSpec) -> tuple[da.Array, InputManifest]:
     Raises
     ------
     InputError
-        Missing store or array, not 2-D, empty, or a non-real-numeric dtype.
+        Missing store or array, not 2-D, empty, a non-real-numeric dtype, or (with
+        ``check_chunks``) missing chunks.
     """
     arr = _open_node(spec)
     _check_array(arr, spec)
     fs, root = split_url(spec.url, spec.storage_options)
-    reader = plan(arr, fs, f"{root.rstrip('/')}/{spec.array}" if spec.array else root)
+    root = f"{root.rstrip('/')}/{spec.array}" if spec.array else root
+    if check_chunks:
+        check_stored_chunks(arr, spec, fs, root)
+    reader = plan(arr, fs, root, name=array_name(spec), missing=spec.missing_chunks)
     x = read_array(reader, tuple(arr.shape)) if reader else da.from_zarr(arr)
     dtype = np.dtype(arr.dtype)
     if working_dtype(dtype) != dtype:  # the library's one rule: ints → f64, f16 → f32
