@@ -1,8 +1,10 @@
 """Checkpoints of a running job, beside its output: a few arrays and a JSON state.
 
 A checkpoint lives in ``<output.url>/.<name>.checkpoint/`` (hidden, like the staging
-folder) and is replaced atomically on a local filesystem: a new one is written aside and
-renamed over the old. ``state.json`` is written last and marks a checkpoint complete; it
+folder). A new one is written aside and put in place by
+:func:`~pipeline.io.artifacts.replace_tree`: two renames on a local filesystem; on object
+stores the old ``state.json`` is deleted first, the files copied, and ``state.json``
+copied last. ``state.json`` is written last and marks a checkpoint complete; it
 records an ``identity`` (what the checkpoint belongs to) that :meth:`Checkpoints.load`
 compares, so a resumed job refuses a checkpoint of a different job. What goes in and how
 it maps back to an algorithm's state is the method's business (see ``methods/nmf.py``);
@@ -22,6 +24,7 @@ import zarr
 
 from pipeline.config import OutputSpec
 from pipeline.errors import InputError
+from pipeline.io.artifacts import remove_tree, replace_tree
 from pipeline.io.stores import is_local, split_url, zarr_store
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,21 @@ class Checkpoints:
         """Write the arrays (``tall`` from the cluster, block by block) and the state;
         replace the previous checkpoint."""
         tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            self._write(tmp, {"identity": identity, **state}, tall, small)
+            replace_tree(self.fs, tmp, self.path, STATE)
+        except BaseException:
+            remove_tree(self.fs, tmp)  # a failed save leaves the previous checkpoint alone
+            raise
+
+    def _write(
+        self,
+        tmp: str,
+        state: dict[str, Any],
+        tall: dict[str, da.Array],
+        small: dict[str, np.ndarray],
+    ) -> None:
+        """Write a complete checkpoint into ``tmp``, ``state.json`` last."""
         self.fs.makedirs(tmp, exist_ok=True)
         for key, x in tall.items():
             store = zarr_store(
@@ -68,11 +86,7 @@ class Checkpoints:
         for key, x in small.items():
             with self.fs.open(f"{tmp}/{key}.npy", "wb") as f:
                 np.save(f, x)
-        with self.fs.open(f"{tmp}/{STATE}", "w") as f:  # written last: marks completeness
-            json.dump({"identity": identity, **state}, f)
-        if self.fs.exists(self.path):
-            self.fs.rm(self.path, recursive=True)
-        self.fs.mv(tmp, self.path, recursive=True)
+        self.fs.pipe_file(f"{tmp}/{STATE}", json.dumps(state).encode())
 
     def load(
         self, identity: dict[str, Any], row_chunks: tuple[int, ...]
@@ -109,6 +123,5 @@ class Checkpoints:
         return state, tall, small
 
     def remove(self) -> None:
-        """Delete the checkpoint (after the result is published)."""
-        if self.fs.exists(self.path):
-            self.fs.rm(self.path, recursive=True)
+        """Delete the checkpoint (after the result is published); a missing one is fine."""
+        remove_tree(self.fs, self.path)

@@ -1,19 +1,66 @@
-"""Atomic result folders: ``<output.url>/<name>/`` with ``factors.zarr`` and ``metrics.json``.
+"""Result folders that appear whole: ``<output.url>/<name>/`` with ``factors.zarr`` and
+``metrics.json``.
 
-Everything is written into a hidden staging folder beside the final one and moved into
-place only when the run succeeded. On a local filesystem the move is one ``rename``, so
-``<name>/`` either does not exist or is complete. On object stores (no atomic rename)
-the files are moved with ``metrics.json`` last: a result is complete exactly when its
-``metrics.json`` exists with ``"status": "completed"``.
+A run writes into a hidden staging folder ``.<name>.partial-<run id>`` beside the final
+one; :meth:`RunOutput.publish` puts it in place only when the run succeeded. A result is
+complete exactly when its ``metrics.json`` exists with ``"status": "completed"``; that file
+is always written last and records the ``run_id`` that wrote it.
+
+Local filesystem
+    ``metrics.json`` is written into the staging folder and the folder is renamed into
+    place. With ``overwrite`` the old result is renamed aside first and deleted after. The
+    two renames (and the check whether a result exists) run under an exclusive ``flock``
+    on ``.<name>.lock`` beside the result, so concurrent publishers of one name take turns:
+    with ``overwrite`` the last one wins whole, without it the first one wins and the
+    others fail. Leftovers of a publisher killed between the renames (``.<name>.old-*``)
+    are removed by the next publisher of that name. A reader sees the old result, no
+    ``<name>/`` for an instant, or the new result — never a mix.
+
+Object stores (S3 and any fsspec store without rename)
+    1. *Claim*: ``<name>/metrics.json`` is replaced by ``{"status": "publishing",
+       "run_id": …}``, in one PUT. From then on the old result no longer reads as
+       complete. Without ``overwrite`` the claim is an exclusive create
+       (``If-None-Match: *`` on S3), so of two runs publishing one new name only one
+       gets it.
+    2. *Copy*: every staging object is copied (server-side on S3) to the same key under
+       ``<name>/``; keys that only the old result had are deleted.
+    3. *Commit*: the claim is re-read (still ours?) and ``metrics.json`` is written with
+       ``"status": "completed"``.
+    4. The staging prefix is removed (missing prefixes are fine: S3 has no directories).
+
+    The staging copy stays intact until the commit, so a publish that failed midway is
+    simply repeated: Prefect's retry finds its own claim and copies again. A retry whose
+    first try already committed finds ``metrics.json`` completed with its own ``run_id``
+    and returns success (:meth:`RunOutput.published`).
+
+Limits
+    - On an object store nothing locks a name: two runs publishing one name with
+      ``overwrite: true`` at the same moment can leave a result whose factors mix both
+      runs. The re-read before the commit makes the overtaken run fail, but copies of
+      the overtaken run that land after the winner's copies go unnoticed. Publish one
+      name from one run at a time.
+    - A reader that read a completed ``metrics.json`` and then reads factors while an
+      overwrite runs can read new factors under the old metrics; re-read ``metrics.json``
+      (its ``run_id``) after reading factors to be sure.
+    - A publisher killed during the copy leaves ``<name>/`` claimed (not complete): rerun
+      with ``overwrite: true``. ``flock`` on network filesystems (NFS) is only as good as
+      their lock daemon.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import glob
 import json
 import logging
 import os
+import shutil
 import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import dask.array as da
@@ -22,17 +69,25 @@ import zarr
 
 from pipeline.backend import to_host
 from pipeline.config import OutputSpec, redact
-from pipeline.errors import ArtifactExistsError
+from pipeline.errors import ArtifactExistsError, ConfigError
+from pipeline.io.owners import remove_owner, write_owner
 from pipeline.io.stores import is_local, split_url, zarr_store
 
 log = logging.getLogger(__name__)
 
 FACTORS = "factors.zarr"
 METRICS = "metrics.json"
+COMPLETED = "completed"
+PUBLISHING = "publishing"
+_PARTIAL = ".partial-"
 
 
 def _join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
+
+
+def _url(fs: Any, path: str) -> str:
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def check_output_free(spec: OutputSpec, name: str) -> None:
@@ -41,24 +96,136 @@ def check_output_free(spec: OutputSpec, name: str) -> None:
     Raises
     ------
     ArtifactExistsError
+        The result exists and ``overwrite`` is false.
+    ConfigError
+        The output location cannot be reached (network, credentials, timeouts).
     """
+    where = redact(_join(spec.url, name))
     fs, root = split_url(spec.url, spec.storage_options)
-    final = _join(root, name)
-    if not spec.overwrite and fs.exists(final):
+    try:
+        exists = fs.exists(_join(root, name))
+    except Exception as exc:  # network/credential errors from object stores
+        raise ConfigError(f"output.url: cannot reach {where!r}: {_one_line(exc)}") from None
+    if not spec.overwrite and exists:
         raise ArtifactExistsError(
-            f"output: {redact(_join(spec.url, name))} already exists; "
-            "set output.overwrite: true to replace it, or change name"
+            f"output: {where} already exists; set output.overwrite: true to replace it, "
+            "or change name"
         )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return redact(text)
+
+
+def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
+    """The JSON object at ``path``; ``None`` when missing or not a JSON object."""
+    try:
+        value = json.loads(fs.cat_file(path))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def read_published(spec: OutputSpec, name: str) -> dict[str, Any] | None:
     """The ``metrics.json`` of a complete result at ``<url>/<name>/``, else ``None``."""
     fs, root = split_url(spec.url, spec.storage_options)
+    metrics = _read_json(fs, _join(root, name, METRICS))
+    return metrics if metrics is not None and metrics.get("status") == COMPLETED else None
+
+
+def remove_tree(fs: Any, path: str) -> None:
+    """Delete ``path`` and everything under it; a missing path is fine.
+
+    On object stores a prefix whose objects are gone no longer exists (no directory
+    objects), and listings may be cached: both are tolerated here.
+    """
+    fs.invalidate_cache(path)
     try:
-        metrics = json.loads(fs.cat_file(_join(root, name, METRICS)))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return metrics if metrics.get("status") == "completed" else None
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+    fs.invalidate_cache(path)
+
+
+def _files(fs: Any, root: str) -> set[str]:
+    """Paths of all files under ``root``, relative to it (empty when missing)."""
+    fs.invalidate_cache(root)
+    prefix = root.rstrip("/") + "/"
+    try:
+        found = fs.find(root)
+    except FileNotFoundError:
+        return set()
+    return {p[len(prefix) :] for p in found if p.startswith(prefix)}
+
+
+def sync_objects(fs: Any, src: str, dst: str, *, skip: str) -> None:
+    """Make ``dst`` hold ``src``'s files (all but ``skip``): copy them, delete the rest.
+
+    Idempotent: repeating it after a failure midway gives the same result.
+    """
+    new = _files(fs, src) - {skip}
+    old = _files(fs, dst) - {skip}
+    if new:
+        keys = sorted(new)
+        fs.copy([_join(src, k) for k in keys], [_join(dst, k) for k in keys])
+    stale = sorted(old - new)
+    if stale:
+        fs.rm([_join(dst, k) for k in stale])
+    fs.invalidate_cache(dst)
+
+
+def replace_tree(fs: Any, src: str, dst: str, marker: str) -> None:
+    """Put the finished folder ``src`` in place of ``dst``, whose ``marker`` file says
+    complete; ``src`` is gone afterwards.
+
+    Locally two renames (``dst`` never holds a mix). On object stores ``dst/marker`` is
+    deleted first (the old content stops being complete), the files are synced, and the
+    marker is copied last.
+    """
+    if is_local(fs):
+        old = f"{dst}.old-{uuid.uuid4().hex[:12]}"
+        if os.path.lexists(dst):
+            os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if fs.exists(_join(dst, marker)):
+        fs.rm_file(_join(dst, marker))
+    sync_objects(fs, src, dst, skip=marker)
+    fs.copy(_join(src, marker), _join(dst, marker))
+    remove_tree(fs, src)
+
+
+@contextmanager
+def name_lock(root: str, name: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<root>/.<name>.lock`` (local filesystems only).
+
+    The lock file is removed on release. A waiter that wakes up holding a lock on a file
+    already unlinked retries on the current one, so at most one holder at a time.
+    """
+    path = os.path.join(root, f".{name}.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            current = os.stat(path)
+        except FileNotFoundError:
+            os.close(fd)
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        if current.st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        finally:
+            os.close(fd)
 
 
 class RunOutput:
@@ -68,46 +235,61 @@ class RunOutput:
     ----------
     spec : where results go
     name : the job name (the final folder's name)
+    staging : an existing staging folder (a run resumed by path, e.g. in a Prefect task)
     """
 
     def __init__(self, spec: OutputSpec, name: str, staging: str | None = None) -> None:
         self.spec = spec
         self.name = name
-        self.fs, self.root = split_url(spec.url, spec.storage_options)
+        self.fs, root = split_url(spec.url, spec.storage_options)
+        self.root = root.rstrip("/") or root
         self.final = _join(self.root, name)
-        self.staging = staging or _join(self.root, f".{name}.partial-{uuid.uuid4().hex[:12]}")
+        self.staging = staging or _join(self.root, f".{name}{_PARTIAL}{uuid.uuid4().hex[:12]}")
         self._group: zarr.Group | None = None
+
+    @property
+    def run_id(self) -> str:
+        """This run's id (from its staging folder's name); recorded in ``metrics.json``."""
+        tail = self.staging.rstrip("/").rsplit("/", 1)[-1]
+        return tail.rsplit(_PARTIAL, 1)[-1]
 
     @property
     def staging_url(self) -> str:
         """fsspec URL (or local path) of the staging folder."""
-        return self._url(self.staging)
+        return _url(self.fs, self.staging)
 
     @property
     def final_url(self) -> str:
         """fsspec URL (or local path) of the published folder."""
-        return self._url(self.final)
-
-    def _url(self, path: str) -> str:
-        if is_local(self.fs):
-            return path
-        return self.fs.unstrip_protocol(path)
+        return _url(self.fs, self.final)
 
     def begin(self) -> None:
-        """Create the staging folder and an empty ``factors.zarr`` group."""
+        """Create the staging folder and an empty ``factors.zarr`` group.
+
+        On failure whatever was created is removed again.
+        """
         check_output_free(self.spec, self.name)
-        self.fs.makedirs(self.staging, exist_ok=False)
-        store = zarr_store(
-            _join(self.staging_url, FACTORS), self.spec.storage_options, read_only=False
-        )
-        self._group = zarr.open_group(store=store, mode="w", zarr_format=3)
+        try:
+            self.fs.makedirs(self.staging, exist_ok=False)
+            if is_local(self.fs):  # a later run removes it if this process dies
+                write_owner(self.staging)
+            store = zarr_store(
+                _join(self.staging_url, FACTORS), self.spec.storage_options, read_only=False
+            )
+            self._group = zarr.open_group(store=store, mode="w", zarr_format=3)
+        except BaseException:
+            self.abort()
+            raise
 
     @property
     def group(self) -> zarr.Group:
         """The staging ``factors.zarr`` root group (reopened when resumed by path)."""
         if self._group is None:
             if not self.fs.exists(_join(self.staging, FACTORS)):
-                raise RuntimeError("RunOutput.begin() was not called")
+                raise RuntimeError(
+                    f"the staging folder {redact(self.staging_url)} of run {self.run_id} "
+                    "is gone (removed by another process?)"
+                )
             store = zarr_store(
                 _join(self.staging_url, FACTORS), self.spec.storage_options, read_only=False
             )
@@ -148,60 +330,132 @@ class RunOutput:
 
     def write_json(self, filename: str, payload: dict[str, Any]) -> None:
         """Write a JSON file into the staging folder."""
-        with self.fs.open(_join(self.staging, filename), "w") as f:
-            json.dump(payload, f, indent=2, default=_json_default)
-            f.write("\n")
+        self.fs.pipe_file(_join(self.staging, filename), _json_bytes(payload))
 
     def write_bytes(self, filename: str, data: bytes) -> None:
         """Write a binary file (a plot) into the staging folder."""
-        with self.fs.open(_join(self.staging, filename), "wb") as f:
-            f.write(data)
+        self.fs.pipe_file(_join(self.staging, filename), data)
+
+    def published(self) -> dict[str, Any] | None:
+        """The ``metrics.json`` at ``<name>/`` when this very run completed it, else ``None``.
+
+        A retried publish whose first try committed uses this to return success.
+        """
+        self.fs.invalidate_cache(self.final)
+        metrics = _read_json(self.fs, _join(self.final, METRICS))
+        if metrics and metrics.get("run_id") == self.run_id and metrics.get("status") == COMPLETED:
+            return metrics
+        return None
 
     def publish(self, metrics: dict[str, Any]) -> str:
-        """Write ``metrics.json`` and move the staging folder into place.
+        """Write ``metrics.json`` (with this run's ``run_id``) and put the result in place.
 
         An existing result is replaced only with ``overwrite: true``, and only now, after
-        the new one is complete. Returns the final URL.
+        the new one is complete. Safe to call again after a failure (or a success): see
+        the module docstring. Returns the final URL.
+
+        Raises
+        ------
+        ArtifactExistsError
+            Without ``overwrite``, another run published ``<name>`` first; this run's
+            result is discarded (its staging folder removed).
         """
+        metrics = {**metrics, "run_id": self.run_id}
+        if self.published() is not None:  # a retry: the first try got it in place
+            remove_tree(self.fs, self.staging)
+            return self.final_url
         with warnings.catch_warnings():  # xarray reads v3 consolidated metadata fine
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             zarr.consolidate_metadata(self.group.store)
-        self.write_json(METRICS, metrics)
-        exists = self.fs.exists(self.final)
-        if exists and not self.spec.overwrite:
-            raise ArtifactExistsError(
-                f"output: {redact(self._url(self.final))} appeared while this run was "
-                "computing; the new result is left out of place at "
-                f"{redact(self.staging_url)}"
-            )
-        old = None
-        if exists:
-            old = _join(self.root, f".{self.name}.old-{uuid.uuid4().hex[:12]}")
-            self._move(self.final, old)
-        self._move(self.staging, self.final)
-        if old is not None:
-            self.fs.rm(old, recursive=True)
+        if is_local(self.fs):
+            self._publish_local(metrics)
+        else:
+            self._publish_objects(metrics)
+        log.debug("run %s published at %s", self.run_id, redact(self.final_url))
         return self.final_url
 
-    def _move(self, src: str, dst: str) -> None:
-        if is_local(self.fs):
-            os.rename(src, dst)  # atomic on one filesystem
+    def _lost_race(self) -> ArtifactExistsError:
+        """Discard this run's result: another run published ``<name>`` first."""
+        self.abort()
+        return ArtifactExistsError(
+            f"output: {redact(self.final_url)} was published by another run while this one "
+            "was computing; this run's result was discarded (set output.overwrite: true "
+            "to replace it, or change name)"
+        )
+
+    def _publish_local(self, metrics: dict[str, Any]) -> None:
+        remove_owner(self.staging)
+        self.write_json(METRICS, metrics)  # inside the folder that is renamed into place
+        with name_lock(self.root, self.name):
+            if self.published() is not None:
+                return
+            pattern = os.path.join(glob.escape(self.root), glob.escape(f".{self.name}.old-"))
+            for stale in glob.glob(pattern + "*"):  # of a publisher killed between renames
+                shutil.rmtree(stale, ignore_errors=True)
+            if not os.path.lexists(self.final):
+                os.rename(self.staging, self.final)
+                return
+            if not self.spec.overwrite:
+                raise self._lost_race()
+            old = _join(self.root, f".{self.name}.old-{self.run_id}")
+            os.rename(self.final, old)
+            try:
+                os.rename(self.staging, self.final)
+            except BaseException:
+                os.rename(old, self.final)  # put the old result back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _publish_objects(self, metrics: dict[str, Any]) -> None:
+        marker = _join(self.final, METRICS)
+        current = _read_json(self.fs, marker)
+        if current is None or current.get("run_id") != self.run_id:
+            self._claim(marker)
+        sync_objects(self.fs, self.staging, self.final, skip=METRICS)
+        current = _read_json(self.fs, marker)
+        if current is None or current.get("run_id") != self.run_id:
+            self.abort()
+            raise ArtifactExistsError(
+                f"output: another run is publishing {redact(self.final_url)} at the same "
+                "time; this run's result was discarded (publish one name from one run at "
+                "a time)"
+            )
+        self.fs.pipe_file(marker, _json_bytes(metrics))  # the commit: complete from here
+        remove_tree(self.fs, self.staging)
+
+    def _claim(self, marker: str) -> None:
+        """Replace ``metrics.json`` by this run's claim: the old result stops being complete."""
+        claim = {"status": PUBLISHING, "run_id": self.run_id, "since": _now()}
+        if self.spec.overwrite:
+            self.fs.pipe_file(marker, _json_bytes(claim))
             return
-        # Object stores: everything but metrics.json first, so completeness shows last.
-        files = [p for p in self.fs.find(src) if not p.endswith("/" + METRICS)]
-        for path in files:
-            self.fs.mv(path, dst + path[len(src) :])
-        if self.fs.exists(_join(src, METRICS)):
-            self.fs.mv(_join(src, METRICS), _join(dst, METRICS))
-        self.fs.rm(src, recursive=True)
+        if self.fs.exists(self.final):
+            raise self._lost_race()
+        try:
+            self.fs.pipe_file(marker, _json_bytes(claim), mode="create")
+        except FileExistsError:
+            raise self._lost_race() from None
+        except OSError as exc:  # a store that reports the failed precondition otherwise
+            if exc.errno != errno.EEXIST:
+                raise
+            raise self._lost_race() from None
 
     def abort(self) -> None:
         """Remove the staging folder (after a failure); never touches a published result."""
         try:
-            if self.fs.exists(self.staging):
-                self.fs.rm(self.staging, recursive=True)
+            remove_tree(self.fs, self.staging)
         except Exception as exc:  # cleanup must not hide the original error
-            log.warning("could not remove staging folder %s: %s", self.staging_url, exc)
+            log.warning(
+                "could not remove staging folder %s: %s", redact(self.staging_url), _one_line(exc)
+            )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _json_bytes(payload: dict[str, Any]) -> bytes:
+    return (json.dumps(payload, indent=2, default=_json_default) + "\n").encode()
 
 
 def _aligned_to_regular_chunks(x: da.Array) -> da.Array:

@@ -1,38 +1,113 @@
-"""URL → filesystem and Zarr store, for local paths and any fsspec URL."""
+"""URL → filesystem and Zarr store, for local paths and any fsspec URL.
+
+This is the one place fsspec filesystems are made: :func:`split_url` (and
+:func:`zarr_store`, which builds Zarr's store on a filesystem made here), with the job's
+``storage_options`` passed through :func:`effective_options`.
+
+Object-store calls are bounded in time. For S3 each request waits at most
+``connect_timeout`` (5 s) to connect and ``read_timeout`` (10 s) between bytes of the
+answer, and botocore's standard retry mode makes at most ``total_max_attempts`` (3)
+attempts with back-off (botocore's ``max_attempts`` would count retries, not attempts), so
+one call on an endpoint that accepts connections but never answers gives up after about
+3 × 10 s plus back-off (≈ 33 s; ``factorize validate`` on a stalled input ends after
+≈ 40 s, see ``tests/test_s3.py``). s3fs would repeat every
+call 5 times on top (its class attribute ``S3FileSystem.retries``, not a constructor
+option): our ``BoundedS3FileSystem`` makes one attempt and leaves retrying to botocore.
+A job tunes the bound with ``storage_options.config_kwargs`` (its values win). Each retry
+botocore makes is logged at WARNING on ``pipeline.io.stores`` as one line naming the
+operation and the error (never a request, a header or a credential).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import warnings
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-# Object-store calls must neither hang nor fail on one dropped packet. Unbounded, a stalled
-# endpoint kept `validate` busy for 413 s: botocore waits 60 s per read with up to 4 attempts,
-# and s3fs repeats the whole call 5 times on top. Here botocore alone retries (standard
-# mode: throttling and transient errors, with back-off), each read waits at most 20 s; s3fs
-# makes one attempt. The job's own ``config_kwargs`` and ``retries`` win.
+log = logging.getLogger(__name__)
+
 S3_CONFIG: dict[str, Any] = {
     "connect_timeout": 5,
-    "read_timeout": 20,
-    "retries": {"max_attempts": 3, "mode": "standard"},
+    "read_timeout": 10,
+    "retries": {"total_max_attempts": 3, "mode": "standard"},
 }
+S3_PREFIXES = ("s3://", "s3a://")
 
 
 def effective_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """The options fsspec gets for ``url``: the job's, plus bounded timeouts for S3."""
-    opts = dict(storage_options or {})
-    if url.startswith(("s3://", "s3a://")):
+    """The options fsspec gets for ``url``: the job's, plus bounded timeouts for S3.
+
+    The single entry point from a job's ``storage_options`` to what a filesystem is
+    built with. ``${env:NAME}``/``${secret:NAME}`` references are resolved here, and the
+    credentials are remembered so that logs and error messages mask them
+    (:mod:`pipeline.secrets`).
+    """
+    from pipeline.secrets import register_options, resolve
+
+    opts = resolve(dict(storage_options or {}))
+    register_options(opts)
+    if url.startswith(S3_PREFIXES):
         opts["config_kwargs"] = {**S3_CONFIG, **opts.get("config_kwargs", {})}
     return opts
 
 
-def split_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
-    """Return ``(filesystem, path)`` for a local path or fsspec URL."""
-    fs, path = fsspec.core.url_to_fs(url, **effective_options(url, storage_options))
-    return fs, path
+_BOUNDED_S3: type | None = None
+
+
+def _s3_class() -> type:
+    """:class:`BoundedS3FileSystem`, made on first use (s3fs is imported only for S3)."""
+    global _BOUNDED_S3
+    if _BOUNDED_S3 is None:
+        import s3fs
+
+        class BoundedS3FileSystem(s3fs.S3FileSystem):
+            """s3fs with one attempt per call: botocore's bounded retries are the only ones.
+
+            A class attribute, not an instance setting, so that the bound survives
+            pickling to Dask workers (they rebuild a filesystem from its constructor
+            options and find this class by name in this module).
+            """
+
+            retries = 1
+
+        BoundedS3FileSystem.__module__ = __name__
+        BoundedS3FileSystem.__qualname__ = "BoundedS3FileSystem"
+        _BOUNDED_S3 = BoundedS3FileSystem
+        _surface_retries()
+    return _BOUNDED_S3
+
+
+def __getattr__(name: str) -> Any:
+    """``BoundedS3FileSystem`` by name, as unpickling (on a worker) looks it up."""
+    if name == "BoundedS3FileSystem":
+        return _s3_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def split_url(
+    url: str, storage_options: dict[str, Any] | None = None, *, asynchronous: bool = False
+) -> tuple[Any, str]:
+    """Return ``(filesystem, path)`` for a local path or fsspec URL.
+
+    Parameters
+    ----------
+    url : local path or fsspec URL
+    storage_options : the job's options (see :func:`effective_options`)
+    asynchronous : an asynchronous instance (for Zarr's ``FsspecStore``)
+    """
+    opts = effective_options(url, storage_options)
+    if url.startswith(S3_PREFIXES):
+        cls = _s3_class()
+        fs = cls(asynchronous=asynchronous, **opts)
+        return fs, cls._strip_protocol(url)
+    if asynchronous:
+        opts["asynchronous"] = True
+    return fsspec.core.url_to_fs(url, **opts)
 
 
 def is_local(fs: Any) -> bool:
@@ -41,14 +116,91 @@ def is_local(fs: Any) -> bool:
 
 
 def zarr_store(url: str, storage_options: dict[str, Any] | None = None, *, read_only: bool) -> Any:
-    """A Zarr v3 store object for ``url``: ``LocalStore`` for paths, ``FsspecStore`` else."""
+    """A Zarr v3 store object for ``url``: ``LocalStore`` for paths, ``FsspecStore`` else.
+
+    The ``FsspecStore`` wraps a filesystem made by :func:`split_url`, so Zarr's reads and
+    writes get the same bounded timeouts and retries as everything else.
+    """
     from zarr.storage import FsspecStore, LocalStore
 
-    fs, path = split_url(url, storage_options)
+    fs, path = split_url(url, storage_options, asynchronous=True)
     if is_local(fs):
         return LocalStore(os.path.abspath(path), read_only=read_only)
-    with warnings.catch_warnings():  # zarr wraps synchronous filesystems itself
+    if not fs.async_impl:  # e.g. memory://: Zarr needs an asynchronous filesystem
+        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+        fs = AsyncFileSystemWrapper(fs, asynchronous=True)
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*asynchronous=True", category=UserWarning)
-        return FsspecStore.from_url(
-            url, storage_options=effective_options(url, storage_options), read_only=read_only
-        )
+        return FsspecStore(fs=fs, path=path, read_only=read_only)
+
+
+# --------------------------------------------------------------------------- retry log
+
+_RETRY_LOGGERS = ("botocore.retries.standard", "botocore.retryhandler")
+
+
+class _RetryToWarning(logging.Handler):
+    """Re-log botocore's DEBUG "Retry needed" records as one WARNING line each.
+
+    The line names the operation, the attempt and the error class with its message
+    (botocore's, e.g. ``Read timeout on endpoint URL: "http://host/bucket/key"``); request
+    headers, bodies and credentials are never part of it. The cause is read from the
+    retry context of botocore's handler on the call stack.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.getMessage().startswith("Retry needed"):
+            return
+        try:
+            log.warning("object store: %s", _describe_retry(record))
+        except Exception:  # logging must never break a request
+            pass
+
+
+def _describe_retry(record: logging.LogRecord) -> str:
+    from pipeline.config import redact
+
+    delay = record.args[0] if isinstance(record.args, tuple) and record.args else None
+    context = _retry_context()
+    what = "request"
+    if context is not None:
+        op = getattr(getattr(context, "operation_model", None), "name", None) or "request"
+        what = f"{op} attempt {getattr(context, 'attempt_number', '?')}"
+        exc = getattr(context, "caught_exception", None)
+        status = getattr(getattr(context, "http_response", None), "status_code", None)
+        if exc is not None:
+            what += f" failed ({type(exc).__name__}: {redact(str(exc))})"
+        elif status is not None:
+            what += f" failed (HTTP {status})"
+    if isinstance(delay, int | float):
+        return f"{what}; retrying in {delay:.1f} s"
+    return f"{what}; retrying"
+
+
+def _retry_context() -> Any:
+    """botocore's ``RetryContext`` of the retry being logged, if found on the stack."""
+    frame = sys._getframe(1)
+    for _ in range(40):
+        if frame is None:
+            return None
+        ctx = frame.f_locals.get("context")
+        if ctx is not None and hasattr(ctx, "attempt_number"):
+            return ctx
+        frame = frame.f_back
+    return None
+
+
+def _surface_retries() -> None:
+    """Route botocore's retry records to :class:`_RetryToWarning` (once per process).
+
+    The two retry loggers stop propagating so their DEBUG records reach no other handler;
+    what they say is re-logged as one WARNING line by our handler.
+    """
+    for name in _RETRY_LOGGERS:
+        logger = logging.getLogger(name)
+        if any(isinstance(h, _RetryToWarning) for h in logger.handlers):
+            continue
+        logger.addHandler(_RetryToWarning(logging.DEBUG))
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
