@@ -30,6 +30,7 @@ from pipeline.config import ClusterSpec, JobConfig, check_unique_names, config_f
 from pipeline.errors import UserError
 from pipeline.jobs import PreparedRun, Steps, completed_result, compute, execute, prepare, publish
 from pipeline.reports import headline, report_markdown
+from pipeline.secrets import check_references, scrubbed_errors
 
 
 def _as_config(value: Any) -> Any:
@@ -67,13 +68,15 @@ def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
 )
 def prepare_task(config: JobConfig) -> PreparedRun:
     """Create the input if asked, check input and output, open the staging folder."""
-    return prepare(config)
+    with scrubbed_errors():
+        return prepare(config)
 
 
 @task(name="compute", cache_policy=NO_CACHE)
 def compute_task(run: PreparedRun, index: int) -> dict[str, Any]:
     """Run one method on the cluster and write its factors into the staging folder."""
-    return compute(run, index)
+    with scrubbed_errors():
+        return compute(run, index)
 
 
 @task(
@@ -85,13 +88,15 @@ def compute_task(run: PreparedRun, index: int) -> dict[str, Any]:
 )
 def publish_task(run: PreparedRun, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Write metrics.json and the report, move the result into place."""
-    return publish(run, results)
+    with scrubbed_errors():
+        return publish(run, results)
 
 
 @task(name="check-complete", cache_policy=NO_CACHE)
 def check_complete_task(config: JobConfig) -> dict[str, Any] | None:
     """With ``skip_if_complete``: the published report when it still answers this job."""
-    return completed_result(config)
+    with scrubbed_errors():
+        return completed_result(config)
 
 
 def _compute_named(run: PreparedRun, index: int) -> dict[str, Any]:
@@ -170,10 +175,12 @@ def factorize(config: JobParameter) -> dict[str, Any]:
     found the published result unchanged).
     """
     logger = get_run_logger()
-    cfg = _as_config(config)  # already a JobConfig unless called with validation off
-    logger.info("job %s: %d method(s) on %s", cfg.name, len(cfg.methods), redact(cfg.input.url))
-    report = execute(cfg, TASK_STEPS)
-    publish_artifacts(report)
+    with scrubbed_errors():  # the run's state message is stored: no secret in it
+        cfg = _as_config(config)  # already a JobConfig unless called with validation off
+        logger.info("job %s: %d method(s) on %s", cfg.name, len(cfg.methods), redact(cfg.input.url))
+        check_references(cfg)  # a missing variable or Secret block fails here, by key path
+        report = execute(cfg, TASK_STEPS)
+        publish_artifacts(report)
     if report.get("skipped"):
         logger.info(
             "job %s: skipped — result at %s is complete and unchanged", cfg.name, report["output"]
@@ -186,7 +193,8 @@ def factorize(config: JobParameter) -> dict[str, Any]:
 @task(name="job", cache_policy=NO_CACHE)
 def _job_in_batch(config: JobConfig) -> dict[str, Any]:
     """One job of a batch, as its own (nested) flow run."""
-    return factorize(config=config)
+    with scrubbed_errors():
+        return factorize(config=config)
 
 
 @flow(name="factorize-batch", validate_parameters=True)

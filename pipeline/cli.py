@@ -22,8 +22,10 @@ from pipeline.config import (
     check_unique_names,
     json_schema,
     load_config,
+    redact,
 )
 from pipeline.errors import ConfigError, FactorizeError, UserError
+from pipeline.lifetime import Terminated, raise_on_sigterm, start_api_server, wait_api_server
 
 log = logging.getLogger("pipeline")
 
@@ -33,6 +35,9 @@ _verdict: TextIO | None = None
 
 
 def _setup_logging(level: str) -> None:
+    from pipeline.secrets import install_log_scrubber
+
+    install_log_scrubber()  # before any record: secrets masked at every level
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -40,7 +45,7 @@ def _setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     # Worker lifecycle chatter is noise for users of the CLI.
-    for noisy in ("distributed", "bokeh", "tornado", "httpx"):
+    for noisy in ("distributed", "bokeh", "tornado", "httpx", "aiobotocore.credentials"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -49,12 +54,14 @@ def _validate(args: argparse.Namespace) -> int:
 
     for path in args.configs:
         cfg = load_config(path)
+        _check_credentials(path, cfg, submit=False)
         m = precheck(cfg)
         if m is None:
             spec = cfg.input.create_if_missing
             size = f" {spec.shape[0]}×{spec.shape[1]}" if spec.shape else ""
             print(
-                f"{path}: ok — input {cfg.input.url} does not exist yet and will be created "
+                f"{path}: ok — input {redact(cfg.input.url)} does not exist yet and will be "
+                "created "
                 f"({spec.kind}{size} {spec.dtype})"
             )
             continue
@@ -67,14 +74,41 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(paths: Sequence[str], together: bool = True, check_input: bool = True) -> list[JobConfig]:
-    """Parse job files and refuse bad ones before Prefect or a cluster starts (exit 2).
+def _check_credentials(path: str, cfg: JobConfig, *, submit: bool, resolve: bool = True) -> None:
+    """The credential rules of ``pipeline.secrets``, before any input is opened.
+
+    Every command refuses a password in a URL; ``submit`` refuses any literal credential
+    (the job is stored on the server). References are resolved once here (``resolve``), so
+    a missing variable or Secret block is one line naming the key path.
+    """
+    from pipeline import secrets
+
+    secrets.register_options(cfg.input.storage_options)  # masked even before anything opens
+    secrets.register_options(cfg.output.storage_options)
+    if submit:
+        secrets.refuse_literals(cfg, path)
+    else:
+        secrets.refuse_url_credentials(cfg, path)
+    if secrets.has_references(cfg, "secret"):
+        import flows  # noqa: F401  (registers the Prefect Secret resolver)
+    if resolve:
+        secrets.check_references(cfg, path)
+
+
+def _load(
+    paths: Sequence[str], *, together: bool = True, check_input: bool = True, submit: bool = False
+) -> list[JobConfig]:
+    """Parse job files once and refuse bad ones before Prefect or a cluster starts (exit 2).
 
     ``together``: the jobs run side by side, so their names (result folders) must differ.
+    ``check_input``: open each input here (and resolve credential references for it).
+    ``submit``: the jobs are stored on a server, so no literal credential is allowed.
     """
     from pipeline.jobs import precheck
 
     configs = [load_config(p) for p in paths]
+    for path, cfg in zip(paths, configs, strict=True):
+        _check_credentials(path, cfg, submit=submit, resolve=check_input)
     if together:
         check_unique_names(configs)
     if check_input:
@@ -85,11 +119,14 @@ def _load(paths: Sequence[str], together: bool = True, check_input: bool = True)
 
 def _run(args: argparse.Namespace) -> int:
     from pipeline.reports import summary_table
+    from pipeline.secrets import move_to_environment
 
-    configs = _load(args.configs)
+    # No literal credential goes to Prefect: each moves into a variable of this process.
+    configs = [move_to_environment(c) for c in _load(args.configs)]
+    start_api_server()  # before Prefect is imported: a temporary server that dies with us
     from flows import factorize, factorize_batch
 
-    _logs_to_stdout()
+    wait_api_server()
     if len(configs) == 1:
         reports = {configs[0].name: factorize(config=configs[0])}
     else:  # concurrent flow runs on one shared cluster
@@ -102,7 +139,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    configs = _load(args.configs, together=False, check_input=args.check_input)
+    # Workers resolve the references; here only when the input is opened here too.
+    configs = _load(args.configs, together=False, check_input=args.check_input, submit=True)
     from flows.operations import flow_run_url, follow, submit
 
     runs = []
@@ -124,15 +162,20 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    configs = _load(args.configs)
+    from pipeline.secrets import move_to_environment
+
+    # The served runs are subprocesses of this one: they inherit the moved credentials.
+    configs = [move_to_environment(c) for c in _load(args.configs)]
+    start_api_server(services=True)  # with the scheduler; a server that dies with us
     from flows.operations import serve_jobs
 
+    wait_api_server()
     serve_jobs(configs, cron=args.cron, interval=args.interval, timezone=args.timezone)
     return 0
 
 
 def _logs_to_stdout() -> None:
-    """Send the run's logs and progress (ours, Prefect's, workers') to stdout for good.
+    """Send every log and progress line (ours, Prefect's, workers') to stdout for good.
 
     stderr then carries only the final verdict, the one-line error of the contract: it is
     kept as a private copy of the original descriptor. The redirect is at the
@@ -235,11 +278,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``factorize`` console script."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
+    _logs_to_stdout()
+    raise_on_sigterm()
     try:
         return args.func(args)
     except UserError as exc:
         _say(f"factorize: error: {exc}")
         return exc.exit_code
+    except Terminated:
+        _say("factorize: terminated")
+        return 143
     except KeyboardInterrupt:
         _say("factorize: interrupted")
         return 130
@@ -254,8 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _say(line: str) -> None:
+    """The final verdict: one line, secrets masked (third-party messages can hold them)."""
+    from pipeline.secrets import scrub
+
+    lines = scrub(line).strip().splitlines()
     stream = _verdict or sys.stderr
-    print(line, file=stream, flush=True)
+    print(lines[0] if lines else "factorize: failed", file=stream, flush=True)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,10 @@ from pipeline.config import JobConfig, config_from_any, redact, redacted_dump
 from pipeline.datasets import write_synthetic
 from pipeline.fingerprint import job_fingerprint
 from pipeline.io.artifacts import RunOutput, check_output_free, read_published
+from pipeline.io.owners import remove_stale_staging
+from pipeline.io.preflight import check_input_creatable, check_output_writable
 from pipeline.io.source import InputManifest, open_matrix
-from pipeline.io.stores import split_url
+from pipeline.io.stores import is_local, split_url
 from pipeline.methods import METHODS, RunContext
 from pipeline.reports import report_markdown
 
@@ -93,12 +95,21 @@ class PreparedRun:
 
 
 def input_will_be_created(config: JobConfig) -> bool:
-    """True when the input store is absent and ``input.create_if_missing`` will write it."""
+    """True when the input store is absent and ``input.create_if_missing`` will write it.
+
+    Locally the store is renamed into place when complete, so "absent" is "no such path"
+    (a folder that holds something else is never overwritten). On object stores its
+    metadata is written last (:func:`pipeline.datasets.write_synthetic`), so "absent" is
+    "no Zarr metadata at the root": the leftover of a failed write is written again.
+    """
     spec = config.input
     if spec.create_if_missing is None:
         return False
     fs, path = split_url(spec.url, spec.storage_options)
-    return not fs.exists(path)
+    if is_local(fs):
+        return not fs.exists(path)
+    root = path.rstrip("/")
+    return not any(fs.exists(f"{root}/{doc}") for doc in ("zarr.json", ".zgroup", ".zarray"))
 
 
 def check_methods(config: JobConfig, shape: tuple[int, int]) -> None:
@@ -113,17 +124,21 @@ def check_methods(config: JobConfig, shape: tuple[int, int]) -> None:
 
 
 def inspect_job(config: JobConfig, *, output: bool = True) -> InputManifest:
-    """Open the input once and check every method (and the output), computing nothing.
+    """Open the input once and check every method and the output, computing nothing.
+
+    The output must be writable (:func:`pipeline.io.preflight.check_output_writable`);
+    with ``output`` it must also be free (no result of this name, or ``overwrite``).
 
     Raises
     ------
-    InputError, ArtifactExistsError, ClusterError
+    InputError, ConfigError, ArtifactExistsError, ClusterError
     """
     from pipeline.cluster import check_cluster_available
 
     check_cluster_available(config.cluster)
-    _, manifest = open_matrix(config.input)
+    _, manifest = open_matrix(config.input, check_chunks=True)
     check_methods(config, manifest.shape)
+    check_output_writable(config.output, config.name)  # also in prepare: flows skip the CLI
     if output:
         check_output_free(config.output, config.name)
     return manifest
@@ -140,6 +155,8 @@ def precheck(config: JobConfig) -> InputManifest | None:
 
     if input_will_be_created(config):
         check_cluster_available(config.cluster)
+        check_input_creatable(config.input)
+        check_output_writable(config.output, config.name)
         check_output_free(config.output, config.name)
         return None
     if completed_result(config) is not None:
@@ -183,19 +200,24 @@ def prepare(config: JobConfig) -> PreparedRun:
     manifest = inspect_job(config, output=False)  # out.begin() refuses an existing output
     if config.skip_if_complete:  # lists the input store: only when asked for
         manifest = replace(manifest, fingerprint=job_fingerprint(config, manifest))
+    remove_stale_staging(config.output, config.name)  # of runs killed outright
     out = RunOutput(config.output, config.name)
-    out.begin()
-    log.info(
-        "%s: input %s%s %s %s chunks %s; writing to %s",
-        config.name,
-        manifest.url,
-        f" [{manifest.array}]" if manifest.array else "",
-        "×".join(map(str, manifest.shape)),
-        manifest.dtype,
-        "×".join(map(str, manifest.chunks)),
-        out.staging_url,
-    )
-    return PreparedRun(config, manifest, out.staging, started)
+    out.begin()  # removes what it created when it fails
+    try:
+        log.info(
+            "%s: input %s%s %s %s chunks %s; writing to %s",
+            config.name,
+            manifest.url,
+            f" [{manifest.array}]" if manifest.array else "",
+            "×".join(map(str, manifest.shape)),
+            manifest.dtype,
+            "×".join(map(str, manifest.chunks)),
+            redact(out.staging_url),
+        )
+        return PreparedRun(config, manifest, out.staging, started)
+    except BaseException:  # a retried prepare must not leak this staging folder
+        out.abort()
+        raise
 
 
 def _current_client() -> Client | None:
@@ -216,7 +238,10 @@ def compute(run: PreparedRun, index: int) -> dict[str, Any]:
     a, _ = open_matrix(config.input)
     client = _current_client()
     ctx = RunContext(method, run.output(), client, config.name, config.output)
-    result = method.run(spec, a, ctx)
+    from pipeline.cluster import guard_workers
+
+    with guard_workers(client, spec.method):  # workers lost for memory: one line, no hang
+        result = method.run(spec, a, ctx)
     result["seconds"] = time.perf_counter() - t0
     if client is not None:  # provenance: which cluster computed it
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
@@ -230,7 +255,11 @@ def compute(run: PreparedRun, index: int) -> dict[str, Any]:
 
 
 def publish(run: PreparedRun, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Write ``metrics.json`` and the report, move the result into place; return the metrics."""
+    """Write ``metrics.json`` and the report, move the result into place; return the metrics.
+
+    Safe to repeat (Prefect retries it): a publish of this run that already got the
+    result in place returns that result's metrics (see :mod:`pipeline.io.artifacts`).
+    """
     config = run.config
     fro = next((r["fro_norm"] for r in results.values() if "fro_norm" in r), None)
     report = {
@@ -245,8 +274,13 @@ def publish(run: PreparedRun, results: dict[str, dict[str, Any]]) -> dict[str, A
     }
     out = run.output()
     report["output"] = redact(out.final_url)
-    out.write_bytes(REPORT, report_markdown(report).encode())
-    out.publish(report)
+    report["run_id"] = out.run_id
+    done = out.published()  # a retried publish whose first try got the result in place
+    if done is not None:
+        report = done
+    else:
+        out.write_bytes(REPORT, report_markdown(report).encode())
+    out.publish(report)  # idempotent; also removes staging a first try left behind
     for spec in config.methods:
         hook = METHODS[spec.method].on_published
         if hook is not None:

@@ -28,6 +28,11 @@ from tests.conftest import REPO, factorize_cmd, job_dict, write_array, write_job
 
 BIN = Path(sys.executable).parent
 POOL = "factorize"
+# Credentials that only the worker's environment holds (jobs refer to them by name).
+WORKER_SECRETS = {
+    "ZF_SUBMIT_KEY": "AKIAZFSUBMIT00000003",
+    "ZF_SUBMIT_SECRET": "zf-submit-secret-S12",
+}
 
 
 def _free_port() -> int:
@@ -139,7 +144,7 @@ def worker(server: Server, tmp_path_factory) -> Iterator[Server]:
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [prefect, "worker", "start", "--pool", POOL],
-        env=server.env,
+        env={**server.env, **WORKER_SECRETS},  # flow runs inherit them
         cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -310,3 +315,51 @@ def test_serve_runs_a_job_on_an_interval_schedule(tmp_path, server: Server):
     finally:
         _stop(proc)
         log.close()
+
+
+def test_submit_sends_references_never_literal_credentials(tmp_path, worker: Server, s3):
+    """A literal credential is refused before submission; ``${env:…}`` references are
+    resolved by the worker, and no byte of the server's PREFECT_HOME (its database
+    included) holds a secret value."""
+    fs = s3.filesystem()
+    write_array(tmp_path / "in.zarr", np.random.default_rng(4).standard_normal((1000, 5)))
+    bucket = s3.make_bucket("zf-submit")
+    fs.put(str(tmp_path / "in.zarr"), "zf-submit/in.zarr", recursive=True)
+
+    def job(name: str, key: str, secret: str) -> Path:
+        options = {"key": key, "secret": secret, "endpoint_url": s3.endpoint}
+        spec = job_dict(
+            tmp_path,
+            f"{bucket}/in.zarr",
+            name=name,
+            input={"url": f"{bucket}/in.zarr", "storage_options": options},
+            cluster={"n_workers": 1, "threads_per_worker": 1},
+        )
+        return write_job(tmp_path, spec, f"{name}.yaml")
+
+    before = len(worker.flow_runs())
+    literal = job("literal", *WORKER_SECRETS.values())
+    r = _submit(worker, str(literal))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "input.storage_options.key (and 1 more): a literal credential" in r.stderr
+    assert "${env:NAME}" in r.stderr and "${secret:NAME}" in r.stderr
+    assert len(worker.flow_runs()) == before
+
+    referenced = job("referenced", "${env:ZF_SUBMIT_KEY}", "${env:ZF_SUBMIT_SECRET}")
+    # The submitter does not hold the variables: only the worker opens the input.
+    r = _submit(worker, str(referenced), "--no-check-input", "--wait")
+    assert r.returncode == 0, r.stdout + r.stderr
+    metrics = json.loads((tmp_path / "out" / "referenced" / "metrics.json").read_text())
+    assert metrics["config"]["input"]["storage_options"]["secret"] == "${env:ZF_SUBMIT_SECRET}"
+    run = worker.get(f"/flow_runs/{_run_id(r.stdout)}")
+    assert run["parameters"]["config"]["input"]["storage_options"]["key"] == "${env:ZF_SUBMIT_KEY}"
+    home = Path(worker.env["PREFECT_HOME"])
+    leaks = [
+        f"{path}: {value}"
+        for path in [*home.rglob("*"), *(tmp_path / "out").rglob("*")]
+        if path.is_file()
+        for value in WORKER_SECRETS.values()
+        if value.encode() in path.read_bytes()
+    ]
+    assert leaks == []
+    assert not [v for v in WORKER_SECRETS.values() if v in r.stdout + r.stderr]
