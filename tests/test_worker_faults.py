@@ -139,17 +139,19 @@ def test_workers_dying_for_memory_end_the_run_with_one_line(
     tmp_path, matrix, small_client, monkeypatch
 ):
     """Past the check (a kernel needing more than estimated), workers restarted for
-    memory end the run with a ClusterError naming the limit, instead of restarts without
-    end."""
+    memory — or paused at their limit, whichever the machine's timing makes them do first
+    — end the run with a ClusterError naming the limit, instead of restarts without end."""
     import pipeline.cluster
 
     monkeypatch.setattr(pipeline.cluster, "check_block_memory", lambda *args: None)
+    monkeypatch.setattr(pipeline.cluster, "PAUSED_TIMEOUT", 10.0)
     t0 = time.perf_counter()
     with pytest.raises(ClusterError) as info:
         run_job(_one_block_job(tmp_path, matrix), client=small_client)
     print(f"memory failure reported after {time.perf_counter() - t0:.1f} s: {info.value}")
     message = str(info.value)
-    assert "\n" not in message and "memory_limit 200 MiB per worker" in message, message
+    assert "\n" not in message and "200 MiB per worker" in message, message
+    assert "restarted" in message or "stayed paused for 10 s" in message, message
     assert not (tmp_path / "out" / "small").exists()
 
 
