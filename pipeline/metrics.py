@@ -14,20 +14,24 @@ import numpy as np
 
 from pipeline.backend import array_module, sum_squares_f64, to_host
 
+# Every per-block piece is a small float64 host array (device blocks reduce on the device
+# inside the task, see pipeline.backend), so the sums never move device arrays around.
+_HOST64 = np.empty((0, 0), dtype=np.float64)
 
-def _block_residual_sq(a: Any, q: Any, r: Any, shift: Any | None = None) -> Any:
+
+def _block_residual_sq(a: Any, q: Any, r: Any, shift: Any | None = None) -> np.ndarray:
     total, _ = sum_squares_f64(a, shift=shift, q=q, r=r)
-    return array_module(a).full((1, 1), total)
+    return np.full((1, 1), total)
 
 
-def _block_gram(q: Any) -> Any:
+def _block_gram(q: Any) -> np.ndarray:
     q64 = q.astype(array_module(q).float64)
-    return q64.T @ q64
+    return to_host(q64.T @ q64)
 
 
-def _block_sumsq(a: Any) -> Any:
+def _block_sumsq(a: Any) -> np.ndarray:
     total, _ = sum_squares_f64(a)
-    return array_module(a).full((1, 1), total)
+    return np.full((1, 1), total)
 
 
 def residual_sq(a: da.Array, q: da.Array, r: Any, shift: Any | None = None) -> da.Array:
@@ -47,7 +51,7 @@ def residual_sq(a: da.Array, q: da.Array, r: Any, shift: Any | None = None) -> d
         shift,
         chunks=((1,) * a1.numblocks[0], (1,)),
         dtype=np.float64,
-        meta=a1._meta.astype(np.float64),
+        meta=_HOST64,
     )
     return parts.sum()
 
@@ -61,7 +65,7 @@ def gram(q: da.Array) -> da.Array:
         q1,
         chunks=((k,) * nblocks, (k,)),
         dtype=np.float64,
-        meta=q1._meta.astype(np.float64),
+        meta=_HOST64,
     )
     return parts.reshape(nblocks, k, k).sum(axis=0)
 
@@ -73,7 +77,7 @@ def sumsq(a: da.Array) -> da.Array:
         a,
         chunks=((1,) * a.numblocks[0], (1,) * a.numblocks[1]),
         dtype=np.float64,
-        meta=a._meta.astype(np.float64),
+        meta=_HOST64,
     )
     return parts.sum()
 

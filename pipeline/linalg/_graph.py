@@ -7,6 +7,7 @@ from typing import Any
 
 import dask
 import dask.array as da
+import numpy as np
 from dask._task_spec import Alias
 from dask.base import tokenize
 from dask.delayed import Delayed, delayed
@@ -83,3 +84,22 @@ class UnfusedArray(da.Array):
 def unfused(x: da.Array) -> UnfusedArray:
     """``x`` as an :class:`UnfusedArray` (same graph, name, chunks and meta)."""
     return UnfusedArray(x.dask, x.name, x.chunks, dtype=x.dtype, meta=x._meta)
+
+
+def sum_block_pieces(
+    a: da.Array, func: Any, piece: tuple[int, int], *args: Any, **kw: Any
+) -> da.Array:
+    """Lazy sum (float64) of ``func(block, *args)`` over the row blocks of ``a``, where each
+    call returns a ``piece``-shaped host array (the small result of a block kernel; see
+    :mod:`pipeline.backend`)."""
+    nb, (rows, cols) = a.numblocks[0], piece
+    parts = da.map_blocks(
+        func,
+        a,
+        *args,
+        chunks=((rows,) * nb, (cols,)),
+        dtype=a.dtype,
+        meta=np.empty((0, 0), dtype=a.dtype),
+        **kw,
+    )
+    return parts.reshape(nb, rows, cols).sum(axis=0, dtype=np.float64)

@@ -1,8 +1,9 @@
 """Per-block pure functions used by the dask graphs in this package.
 
-They take and return arrays of one backend (numpy or cupy) and small Python objects, and
-call only functions that dispatch on the array type (``a.T @ a``, ``xp.linalg.*``) or the
-helpers in :mod:`pipeline.backend`.
+Row blocks are numpy or device (cupy) arrays; everything n × n — Grams once formed,
+Cholesky factors, the reduction tree — is numpy on the host (see :mod:`pipeline.backend`):
+a block's Gram is copied to the host once, and host factors go back to the block's device
+with :func:`~pipeline.backend.like_block` only to be applied to it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backend import array_module, eye_like, solve_right_upper, solve_upper
+from pipeline.backend import array_module, like_block, solve_right_upper, solve_upper, to_host
 from pipeline.errors import NonFiniteInputError
 
 # A Cholesky QR round is accepted when the Gram of its input is this close to I
@@ -62,46 +63,50 @@ class BlockFactor:
     folded: int = 1
 
 
-def _chol_upper(g: Any) -> Any | None:
+def _chol_upper(g: np.ndarray) -> np.ndarray | None:
     """Upper Cholesky factor of ``g``, or ``None`` when ``g`` is not numerically SPD."""
-    xp = array_module(g)
     try:
-        r = xp.linalg.cholesky(g).T
+        r = np.linalg.cholesky(g).T
     except np.linalg.LinAlgError:
         return None
-    if not bool(xp.isfinite(r).all()):  # cupy returns NaN instead of raising
-        return None
-    return r
+    return r if np.isfinite(r).all() else None
 
 
-def _gram_defect(g: Any) -> float:
-    return float(array_module(g).linalg.norm(g - eye_like(g.shape[0], g)))
+def _gram(q: Any) -> np.ndarray:
+    """``qᵀq`` formed on ``q``'s backend, on the host."""
+    return to_host(q.T @ q)
 
 
-def _householder_r(a: Any) -> Any:
-    xp = array_module(a)
-    r = xp.linalg.qr(a, mode="r")
+def _gram_defect(g: np.ndarray) -> float:
+    return float(np.linalg.norm(g - np.eye(g.shape[0], dtype=g.dtype)))
+
+
+def _householder_r(a: Any) -> np.ndarray:
+    r = to_host(array_module(a).linalg.qr(a, mode="r"))
     return _positive_diagonal(r)[0]
 
 
-def _positive_diagonal(r: Any) -> tuple[Any, Any]:
+def _positive_diagonal(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flip rows of ``r`` so its diagonal is ≥ 0; return ``(r, signs)``."""
-    xp = array_module(r)
-    signs = xp.where(xp.diagonal(r) < 0, -1, 1).astype(r.dtype)
+    signs = np.where(np.diagonal(r) < 0, -1, 1).astype(r.dtype)
     return r * signs[:, None], signs
 
 
-def _times_inverse(q: Any, r: Any, defect: float | None, own: bool) -> Any:
+def _inverse(r: np.ndarray) -> np.ndarray:
+    return solve_upper(r, np.eye(r.shape[0], dtype=r.dtype))
+
+
+def _times_inverse(q: Any, r: np.ndarray, defect: float | None, own: bool) -> Any:
     """``q @ inv(r)``: a product with the small inverse when ``r`` came from a Gram within
     :data:`WELL_CONDITIONED` of I, else a triangular solve (``own``: ``q`` may be reused)."""
     if defect is not None and defect <= WELL_CONDITIONED:
-        return q @ solve_upper(r, eye_like(r.shape[0], r))
+        return q @ like_block(_inverse(r), q)
     return solve_right_upper(q, r, overwrite=own)
 
 
 def _cholqr_chain(
-    a: Any, g: Any, shift: float, rounds: int, extra: int = 0
-) -> tuple[tuple[Any, ...], int] | None:
+    a: Any, g: np.ndarray, shift: float, rounds: int, extra: int = 0
+) -> tuple[tuple[np.ndarray, ...], int] | None:
     """Cholesky QR rounds on ``a`` (with Gram ``g``): ``(factors, folded)``, or ``None``.
 
     The first round factors ``g`` (plus ``shift · I`` when shifted), the next
@@ -112,14 +117,14 @@ def _cholqr_chain(
     came from Grams within :data:`WELL_CONDITIONED` of I.
     """
     n = g.shape[0]
-    r = _chol_upper(g + shift * eye_like(n, g) if shift else g)
+    r = _chol_upper(g + shift * np.eye(n, dtype=g.dtype) if shift else g)
     if r is None:
         return None
     chain, defects = [r], [None]  # defects: of the Gram each factor was computed from
     q = a
     while True:
         q = _times_inverse(q, chain[-1], defects[-1], own=q is not a)
-        g = q.T @ q
+        g = _gram(q)
         defect = _gram_defect(g)
         # Only a final round is guarded: after a shifted first round Q may still be far
         # from orthonormal, which the rounds before the final one repair.
@@ -159,8 +164,8 @@ def factor_block(a: Any, row_offset: int = 0) -> BlockFactor:
             "clean or mask the data before factorizing"
         )
     m, n = a.shape
-    g = a.T @ a
-    sumsq = float(xp.trace(g))
+    g = _gram(a)
+    sumsq = float(np.trace(g))
     if not np.isfinite(sumsq):
         raise NonFiniteInputError(
             f"input overflows {a.dtype} in rows {row_offset}-{row_offset + m - 1} "
@@ -168,7 +173,7 @@ def factor_block(a: Any, row_offset: int = 0) -> BlockFactor:
         )
     found, method = _cholqr_chain(a, g, 0.0, rounds=2), "cholqr"
     if found is None:
-        u = float(xp.finfo(a.dtype).eps) / 2
+        u = float(np.finfo(a.dtype).eps) / 2
         shift = 11.0 * (m * n + n * (n + 1)) * u * sumsq
         found, method = _cholqr_chain(a, g, shift, rounds=3, extra=SHIFTED_EXTRA_ROUNDS), "scholqr"
     if found is None:
@@ -196,25 +201,23 @@ def block_q(a: Any, factor: BlockFactor, transform: Any | None = None) -> Any:
         for rk in factor.chain[:cut]:
             q = solve_right_upper(q, rk, overwrite=q is not a)
         last = factor.chain[-1]
-        small = eye_like(last.shape[0], last) if transform is None else transform
+        small = np.eye(last.shape[0], dtype=last.dtype) if transform is None else transform
         for rk in reversed(factor.chain[cut:]):
             small = solve_upper(rk, small)
-        return q @ small
-    xp = array_module(a)
-    q, r = xp.linalg.qr(a)
-    _, signs = _positive_diagonal(r)
-    q = q * signs[None, :]
-    return q if transform is None else q @ transform
+        return q @ like_block(small, q)
+    q, r = array_module(a).linalg.qr(a)
+    _, signs = _positive_diagonal(to_host(r))
+    q = q * like_block(signs, q)[None, :]
+    return q if transform is None else q @ like_block(transform, q)
 
 
-def stack_qr(*rs: Any, root: bool = False) -> tuple[Any, Any]:
-    """QR of the vertically stacked ``R`` factors of a tree node.
+def stack_qr(*rs: np.ndarray, root: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """QR of the vertically stacked ``R`` factors of a tree node (host).
 
     Returns ``(q, r)`` with ``q`` of shape (k·n, n). At the root the diagonal of ``r`` is
     made non-negative (the sign flip is folded into ``q``).
     """
-    xp = array_module(rs[0])
-    q, r = xp.linalg.qr(xp.concatenate(rs, axis=0))
+    q, r = np.linalg.qr(np.concatenate(rs, axis=0))
     if root:
         r, signs = _positive_diagonal(r)
         q = q * signs[None, :]

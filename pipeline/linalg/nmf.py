@@ -38,9 +38,9 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed, delayed
 
-from pipeline.backend import array_module, random_state, to_host
+from pipeline.backend import array_module, is_device, like_block, to_device, to_host
 from pipeline.errors import InputError
-from pipeline.linalg._graph import fetch, persist, stack_row_blocks
+from pipeline.linalg._graph import fetch, persist, stack_row_blocks, sum_block_pieces
 from pipeline.linalg._validation import (
     as_matrix,
     check_choice,
@@ -103,18 +103,19 @@ class NMFResult:
 # --------------------------------------------------------------------------- block kernels
 
 
-def _hals_columns(x: Any, num: Any, gram: Any) -> Any:
+def _hals_columns(x: Any, num: Any, gram: Any, diag: np.ndarray) -> Any:
     """One HALS sweep over the k columns of ``x`` (in place): x_j += (num_j − x gram_j)/gram_jj.
 
-    Entries are clipped at 0 and a column whose Gram diagonal is 0 is left alone, as in
-    scikit-learn's ``cd`` solver (a positive floor would keep dead columns barely alive,
-    and the next update of the other factor would divide by their ~0 norm).
+    Entries are clipped at 0 and a column whose Gram diagonal (``diag``, on the host: no
+    device sync per column) is 0 is left alone, as in scikit-learn's ``cd`` solver (a
+    positive floor would keep dead columns barely alive, and the next update of the other
+    factor would divide by their ~0 norm).
     """
     xp = array_module(x)
     for j in range(x.shape[1]):
-        if gram[j, j] <= 0:
+        if diag[j] <= 0:
             continue
-        step = (num[:, j] - x @ gram[:, j]) / gram[j, j]
+        step = (num[:, j] - x @ gram[:, j]) / diag[j]
         x[:, j] = xp.maximum(x[:, j] + step, 0)
     return x
 
@@ -123,16 +124,17 @@ def _mu(x: Any, num: Any, gram: Any) -> Any:
     return x * num / (x @ gram + EPS)
 
 
-def _sweeps(x: Any, num: Any, gram: Any, solver: str, sweeps: int) -> Any:
+def _sweeps(x: Any, num: Any, gram: Any, solver: str, sweeps: int, diag: np.ndarray) -> Any:
     """Up to ``sweeps`` updates of ``x`` from the same ``num``/``gram`` (Gillis & Glineur).
 
-    Stops once a sweep moves ``x`` by less than ``INNER_STOP`` × the first sweep's move.
+    ``diag`` is ``gram``'s diagonal on the host. Stops once a sweep moves ``x`` by less
+    than ``INNER_STOP`` × the first sweep's move (one host sync per sweep on a device).
     """
     xp = array_module(x)
     first = None
     for _ in range(sweeps):
         before = x.copy() if sweeps > 1 else None
-        x = _hals_columns(x, num, gram) if solver == "hals" else _mu(x, num, gram)
+        x = _hals_columns(x, num, gram, diag) if solver == "hals" else _mu(x, num, gram)
         if before is None:
             break
         moved = float(xp.linalg.norm(x - before))
@@ -146,12 +148,14 @@ def _sweeps(x: Any, num: Any, gram: Any, solver: str, sweeps: int) -> Any:
 def block_step(
     a: Any, w: Any, h: Any, hht: Any, solver: str, sweeps: int = 1
 ) -> tuple[Any, Any, Any]:
-    """Update one row block of W, then return it with ``W_iᵀA_i`` and ``W_iᵀW_i``."""
-    xp = array_module(a)
-    h = xp.asarray(h, dtype=a.dtype)
-    hht = xp.asarray(hht, dtype=a.dtype)
+    """Update one row block of W, then return it with ``W_iᵀA_i`` and ``W_iᵀW_i``.
+
+    ``h`` and ``hht`` are host arrays; the two small products come back as host arrays.
+    """
+    diag = np.diagonal(hht).astype(a.dtype)
+    h, hht = like_block(h, a), like_block(hht, a)
     aht = a @ h.T
-    w = _sweeps(w.copy(), aht, hht, solver, sweeps)
+    w = _sweeps(w.copy(), aht, hht, solver, sweeps, diag)
     return w, to_host(w.T @ a).astype(np.float64), to_host(w.T @ w).astype(np.float64)
 
 
@@ -167,9 +171,20 @@ def block_stats(a: Any, row_offset: int) -> tuple[float, float, float]:
     return float(xp.sum(a64 * a64)), float(a.min()), float(xp.sum(a64))
 
 
-def _random_block(shape: tuple[int, int], scale: float, seed: Any, like: Any) -> Any:
-    rng = random_state(seed, like)
-    return (scale * abs(rng.standard_normal(shape))).astype(like.dtype)
+def _random_block(
+    shape: tuple[int, int], scale: float, seed: Any, dtype: Any, on_device: bool
+) -> Any:
+    """A block of the random initial W, drawn on the host (see pipeline.backend)."""
+    rng = np.random.default_rng(seed)
+    block = (scale * abs(rng.standard_normal(shape))).astype(dtype)
+    return to_device(block) if on_device else block
+
+
+def _signed_sumsq(u: Any) -> np.ndarray:
+    """``[Σ max(u, 0)², Σ max(−u, 0)²]`` per column of a block, as a (2, k) host array."""
+    xp = array_module(u)
+    pos, neg = xp.maximum(u, 0), xp.maximum(-u, 0)
+    return np.stack([to_host((pos * pos).sum(axis=0)), to_host((neg * neg).sum(axis=0))])
 
 
 def _nndsvd_block(u: Any, s: Any, pos: Any, fill: float, like_dtype: Any) -> Any:
@@ -215,7 +230,8 @@ def _update_h(
     h: np.ndarray, wta: np.ndarray, wtw: np.ndarray, solver: str, sweeps: int
 ) -> np.ndarray:
     """New ``H`` from ``WᵀA`` and ``WᵀW`` (works on ``Hᵀ``: HALS sweeps columns)."""
-    return np.ascontiguousarray(_sweeps(h.T.copy(), wta.T, wtw, solver, sweeps).T)
+    diag = np.diagonal(wtw)
+    return np.ascontiguousarray(_sweeps(h.T.copy(), wta.T, wtw, solver, sweeps, diag).T)
 
 
 def input_stats(a: da.Array) -> tuple[float, float, float]:
@@ -246,12 +262,13 @@ def initialize(
     the mean of ``A`` (better for both solvers, which cannot move entries away from 0).
     """
     n = a.shape[1]
-    like = a._meta
     if init == "random":
         scale = np.sqrt(max(mean, 0.0) / rank)
         h = scale * np.abs(np.random.default_rng([seed, 0]).standard_normal((rank, n)))
         blocks = [
-            delayed(_random_block, pure=True)((rows, rank), scale, [seed, 1, i], like)
+            delayed(_random_block, pure=True)(
+                (rows, rank), scale, [seed, 1, i], a.dtype, is_device(a._meta)
+            )
             for i, rows in enumerate(a.chunks[0])
         ]
         (blocks,) = persist(blocks)
@@ -260,13 +277,8 @@ def initialize(
     s, vt = np.asarray(to_host(s), dtype=np.float64), np.asarray(to_host(vt), dtype=np.float64)
     if u.chunks[0] != a.chunks[0]:  # W's blocks must pair with A's row blocks
         u = u.rechunk((a.chunks[0], rank))
-    col_norms = da.stack(
-        [
-            da.sqrt((da.maximum(u, 0) ** 2).sum(axis=0)),
-            da.sqrt((da.maximum(-u, 0) ** 2).sum(axis=0)),
-        ]
-    )
-    up, un = (to_host(v).astype(np.float64) for v in col_norms.compute(**UNOPTIMIZED))
+    sq = sum_block_pieces(u, _signed_sumsq, (2, rank)).compute(**UNOPTIMIZED)
+    up, un = np.sqrt(sq)
     vp, vn = np.linalg.norm(np.maximum(vt, 0), axis=1), np.linalg.norm(np.maximum(-vt, 0), axis=1)
     pos = up * vp >= un * vn
     pos[0] = True  # the first triplet is non-negative up to sign

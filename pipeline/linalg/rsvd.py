@@ -43,8 +43,8 @@ import numpy as np
 from dask.delayed import delayed
 from scipy.linalg import solve_triangular
 
-from pipeline.backend import array_module, random_state, sum_squares_f64, to_host
-from pipeline.linalg._graph import fetch, persist, stack_row_blocks
+from pipeline.backend import array_module, gaussian, like_block, sum_squares_f64, to_host
+from pipeline.linalg._graph import fetch, persist, stack_row_blocks, sum_block_pieces
 from pipeline.linalg._validation import as_matrix, check_bool, check_int, check_rank
 from pipeline.linalg.tsqr import UNOPTIMIZED, row_blocks, tsqr
 
@@ -104,20 +104,22 @@ class RSVDResult:
 
 
 def _gaussian(seed: Any, shape: tuple[int, int], like: Any) -> Any:
-    return random_state(seed, like).standard_normal(shape).astype(like.dtype, copy=False)
+    """Gaussian test matrix drawn on the host (any backend draws the same numbers), then
+    moved to ``like``'s backend and dtype."""
+    return like_block(gaussian(seed, shape, like.dtype), like)
 
 
 def _times_omega(a: Any, seed: int, width: int) -> Any:
-    """``A_i Ω`` with Ω (n × width) drawn from ``seed`` on the block's backend."""
+    """``A_i Ω`` with Ω (n × width) drawn from ``seed``."""
     return a @ _gaussian(seed, (a.shape[1], width), a)
 
 
-def _times_small(a: Any, z: Any, shift: Any | None) -> Any:
-    """``A_i Z − 1 shift`` with the small ``Z`` moved to the block's backend."""
-    xp = array_module(a)
-    out = a @ xp.asarray(z, dtype=a.dtype)
+def _times_small(a: Any, z: Any | None, shift: Any | None) -> Any:
+    """``A_i Z − 1 shift`` with the small host ``Z`` (``None``: the identity) and ``shift``
+    moved to the block's backend."""
+    out = a @ like_block(z, a) if z is not None else a.copy()
     if shift is not None:
-        out -= xp.asarray(shift, dtype=a.dtype)[None, :]
+        out -= like_block(shift, a)[None, :]
     return out
 
 
@@ -126,28 +128,33 @@ def _psi(seed: int, block: int, rows: int, width: int, like: Any) -> Any:
     return _gaussian([seed, 1, block], (width, rows), like)
 
 
-def _psi_times(a: Any, seed: int, width: int, block_info: Any = None) -> Any:
-    """``Ψ_i A_i`` stacked as a (width, n) piece; summed over blocks outside."""
+def _psi_times(a: Any, seed: int, width: int, block_info: Any = None) -> np.ndarray:
+    """``Ψ_i A_i`` stacked as a (width, n) host piece; summed over blocks outside."""
     i = block_info[0]["chunk-location"][0]
-    return _psi(seed, i, a.shape[0], width, a) @ a
+    return to_host(_psi(seed, i, a.shape[0], width, a) @ a)
 
 
-def _psi_ones(a: Any, seed: int, width: int, block_info: Any = None) -> Any:
-    """``Ψ_i 1`` as a (width, 1) piece (the centring term of the co-range sketch)."""
+def _psi_ones(a: Any, seed: int, width: int, block_info: Any = None) -> np.ndarray:
+    """``Ψ_i 1`` as a (width, 1) host piece (the centring term of the co-range sketch)."""
     i = block_info[0]["chunk-location"][0]
-    return _psi(seed, i, a.shape[0], width, a).sum(axis=1, keepdims=True)
+    psi = gaussian([seed, 1, i], (width, a.shape[0]), a.dtype)
+    return psi.sum(axis=1, keepdims=True)
 
 
-def _block_sumsq_centred(a: Any, mean: Any) -> Any:
+def _block_sumsq_centred(a: Any, mean: Any) -> np.ndarray:
     total, _ = sum_squares_f64(a, shift=mean)
-    return array_module(a).full((1, 1), total)
+    return np.full((1, 1), total)
 
 
-def _block_stats(a: Any) -> Any:
-    """``[column sums…, ‖A_i‖²]`` of a block as one (1, n + 1) float64 row."""
-    xp = array_module(a)
+def _block_stats(a: Any) -> np.ndarray:
+    """``[column sums…, ‖A_i‖²]`` of a block as one (1, n + 1) float64 host row."""
     total, colsum = sum_squares_f64(a)
-    return xp.concatenate([colsum, xp.full((1,), total)])[None, :]
+    return np.concatenate([to_host(colsum), [total]])[None, :]
+
+
+def _block_colsum(x: Any) -> np.ndarray:
+    """Column sums of a block as a (1, k) float64 host row."""
+    return to_host(x.sum(axis=0, dtype=array_module(x).float64))[None, :]
 
 
 def _power_block(
@@ -168,10 +175,8 @@ def _power_block(
     """
     xp = array_module(a)
     if seed is not None:
-        z = _gaussian(seed, z, a)  # z is Ω's shape here
-    y = a @ xp.asarray(z, dtype=a.dtype)
-    if shift is not None:
-        y -= xp.asarray(shift, dtype=a.dtype)[None, :]
+        z = gaussian(seed, z, a.dtype)  # z is Ω's shape here
+    y = _times_small(a, z, shift)
     out = {
         "c": to_host(a.T @ y).astype(np.float64),
         "ysum": to_host(y.sum(axis=0, dtype=xp.float64)),
@@ -188,11 +193,11 @@ def _power_block(
     return y, out
 
 
-def _block_extremes(u: Any) -> Any:
-    """The signed entry of largest magnitude in each column of a block, as (1, k)."""
+def _block_extremes(u: Any) -> np.ndarray:
+    """The signed entry of largest magnitude in each column of a block, as (1, k) host."""
     xp = array_module(u)
     idx = xp.argmax(xp.abs(u), axis=0)
-    return u[idx, xp.arange(u.shape[1])][None, :]
+    return to_host(u[idx, xp.arange(u.shape[1])])[None, :]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -258,29 +263,25 @@ def _centred_sumsq(a: da.Array, mean: np.ndarray) -> da.Array:
         mean,
         chunks=((1,) * a.numblocks[0], (1,)),
         dtype=np.float64,
-        meta=a._meta.astype(np.float64),
+        meta=np.empty((0, 0), dtype=np.float64),
     ).sum()
 
 
-def _block_cross(x: Any, y: Any) -> Any:
-    """``X_iᵀ Y_i`` for aligned row blocks (BLAS reads the transpose in place)."""
-    return x.T @ y
+def _block_cross(x: Any, y: Any) -> np.ndarray:
+    """``X_iᵀ Y_i`` for aligned row blocks, on the host (BLAS reads the transpose in place)."""
+    return to_host(x.T @ y)
 
 
 def _cross(x: da.Array, y: da.Array) -> da.Array:
     """Lazy ``XᵀY`` (float64) for arrays with the same row chunks, one product per block."""
-    nb, (p, q) = x.numblocks[0], (x.shape[1], y.shape[1])
-    parts = da.map_blocks(_block_cross, x, y, chunks=((p,) * nb, (q,)), dtype=x.dtype, meta=x._meta)
-    return parts.reshape(nb, p, q).sum(axis=0, dtype=np.float64)
+    return sum_block_pieces(x, _block_cross, (x.shape[1], y.shape[1]), y)
 
 
-def _stacked(a: da.Array, func: Any, piece: tuple[int, int], **kw: Any) -> da.Array:
-    """Apply ``func`` to each row block giving a ``piece``-shaped array; sum the pieces."""
-    nb, (rows, cols) = a.numblocks[0], piece
-    parts = da.map_blocks(
-        func, a, chunks=((rows,) * nb, (cols,)), dtype=a.dtype, meta=a._meta, **kw
-    )
-    return parts.reshape(nb, rows, cols).sum(axis=0, dtype=np.float64)
+def _centred_columns(y: da.Array) -> da.Array:
+    """Lazy ``Y − 1 (column means of Y)ᵀ``, the means summed on the host from the kept ``Y``."""
+    sums = to_host(sum_block_pieces(y, _block_colsum, (1, y.shape[1])).compute(**UNOPTIMIZED))
+    mean = sums[0] / y.shape[0]
+    return da.map_blocks(_times_small, y, None, mean, dtype=y.dtype, meta=y._meta)
 
 
 def _orthonormal_rows(y: da.Array) -> da.Array:
@@ -322,7 +323,8 @@ def rsvd(
     oversample : extra sketch columns; ``rank + oversample`` is capped at ``min(m, n)``
     power_iters : subspace iterations (one pass over ``a`` each, plus one final pass)
     center : subtract the column means implicitly (PCA)
-    seed : seed of the Gaussian test matrices (an int ≥ 0, drawn on the data's backend)
+    seed : seed of the Gaussian test matrices (an int ≥ 0; drawn on the host, so every
+        backend uses the same numbers)
     single_pass : one read of ``a`` (Tropp et al. 2017 sketch); ignores ``power_iters``
     block_rows : rows per block (default about 64 MiB)
 
@@ -394,7 +396,7 @@ def _project(
     centred = mean is not None
     b, qsum, total = dask.compute(
         _cross(q, a),
-        q.sum(axis=0, dtype=np.float64) if centred else None,
+        sum_block_pieces(q, _block_colsum, (1, q.shape[1]))[0] if centred else None,
         _centred_sumsq(a, mean) if centred and with_total else None,
         **UNOPTIMIZED,
     )
@@ -430,13 +432,7 @@ def _gram_basis(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 def _sketch_and_stats(a: da.Array, seed: int, width: int) -> tuple[da.Array, ...]:
     """Lazy ``Y = AΩ``, column sums and ``‖A‖²`` (one pass when computed together)."""
     n = a.shape[1]
-    stats = da.map_blocks(
-        _block_stats,
-        a,
-        chunks=((1,) * a.numblocks[0], (n + 1,)),
-        dtype=np.float64,
-        meta=a._meta.astype(np.float64),
-    ).sum(axis=0)
+    stats = sum_block_pieces(a, _block_stats, (1, n + 1))[0]
     y = da.map_blocks(
         _times_omega, a, seed, width, chunks=(a.chunks[0], (width,)), dtype=a.dtype, meta=a._meta
     )
@@ -451,7 +447,7 @@ def _no_power_iters(a: da.Array, rank: int, width: int, center: bool, seed: int)
     colsum, input_sumsq = (to_host(v) for v in dask.compute(colsum, sumsq, **UNOPTIMIZED))
     mean = colsum / m if center else None
     if center:  # (A − 1μᵀ)Ω = Y − 1 (μᵀΩ), and μᵀΩ is the column mean of Y
-        y = y - y.mean(axis=0, dtype=np.float64).astype(a.dtype)
+        y = _centred_columns(y)
     q = _orthonormal_rows(y)
     b, total = _project(a, q, mean)  # pass 2, with the exact centred total now μ is known
     total_sumsq = total if total is not None else float(input_sumsq)
@@ -462,8 +458,8 @@ def _single_pass(a: da.Array, rank: int, width: int, center: bool, seed: int) ->
     m, n = a.shape
     y, colsum, sumsq = _sketch_and_stats(a, seed, width)
     width2 = min(2 * width + 1, m)  # co-range sketch size recommended by Tropp et al.
-    w = _stacked(a, _psi_times, (width2, n), seed=seed, width=width2)
-    psi1 = _stacked(a, _psi_ones, (width2, 1), seed=seed, width=width2) if center else None
+    w = sum_block_pieces(a, _psi_times, (width2, n), seed=seed, width=width2)
+    psi1 = sum_block_pieces(a, _psi_ones, (width2, 1), seed=seed, width=width2) if center else None
     y, w, colsum, sumsq, psi1 = persist(y, w, colsum, sumsq, psi1, **UNOPTIMIZED)  # the one pass
     w, colsum, input_sumsq, psi1 = (
         None if v is None else to_host(v)
@@ -471,13 +467,13 @@ def _single_pass(a: da.Array, rank: int, width: int, center: bool, seed: int) ->
     )
     mean = colsum / m if center else None
     if center:
-        y = y - y.mean(axis=0, dtype=np.float64).astype(a.dtype)
+        y = _centred_columns(y)
         w = w - psi1 @ mean[None, :]
     q = _orthonormal_rows(y)
     assert q.chunks[0] == a.chunks[0], "Ψ is generated per row block of A"
     # ΨQ from the kept Q (no pass over A): Σ_i Ψ_i Q_i.
     psi_q = to_host(
-        _stacked(q, _psi_times, (width2, q.shape[1]), seed=seed, width=width2).compute()
+        sum_block_pieces(q, _psi_times, (width2, q.shape[1]), seed=seed, width=width2).compute()
     )
     x, *_ = np.linalg.lstsq(psi_q, w, rcond=None)
     # Without centring ‖A‖² is exact from the pass; with it, ‖A‖² − m‖μ‖² may lose digits
@@ -509,7 +505,11 @@ def _finish(
     u = _times_small_lazy(q, ub)
     nb = u.numblocks[0]
     ext = da.map_blocks(
-        _block_extremes, u, chunks=((1,) * nb, (rank,)), dtype=u.dtype, meta=u._meta
+        _block_extremes,
+        u,
+        chunks=((1,) * nb, (rank,)),
+        dtype=u.dtype,
+        meta=np.empty((0, 0), dtype=u.dtype),
     )
     ext = to_host(ext.compute(**UNOPTIMIZED))
     signs = np.sign(ext[np.argmax(np.abs(ext), axis=0), np.arange(rank)])

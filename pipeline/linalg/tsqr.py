@@ -25,7 +25,7 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed, delayed
 
-from pipeline.backend import array_module
+from pipeline.backend import to_host
 from pipeline.linalg import _kernels as k
 from pipeline.linalg._graph import fetch, persist, stack_row_blocks, unfused
 from pipeline.linalg._validation import as_matrix, check_bool, check_int, check_tall
@@ -80,7 +80,7 @@ class TSQRResult:
         if self.factors is None:
             raise ValueError("q_times needs the factors of tsqr(..., compute_q=True)")
         n = self.a.shape[1]
-        m = m if hasattr(m, "shape") else np.asarray(m)  # numpy or cupy
+        m = to_host(m)  # small: kept on the host (see pipeline.backend)
         if m.ndim != 2 or m.shape[0] != n:
             raise ValueError(f"M must have shape ({n}, k); got {m.shape}")
         md = delayed(m, pure=True)
@@ -205,9 +205,9 @@ def tsqr(
 
 
 def _block_q_times(a: Any, factor: k.BlockFactor, transform: Any | None, m: Any | None) -> Any:
-    """``Q_i · transform · M`` of one block (``M`` moved to the block's backend and dtype)."""
+    """``Q_i · transform · M`` of one block (``transform · M`` formed on the host)."""
     if m is not None:
-        m = array_module(a).asarray(m, dtype=a.dtype)
+        m = to_host(m).astype(a.dtype, copy=False)
         transform = m if transform is None else transform @ m
     return k.block_q(a, factor, transform)
 
