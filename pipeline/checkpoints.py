@@ -22,6 +22,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from pipeline.backend import host_blocks
 from pipeline.config import OutputSpec
 from pipeline.errors import InputError
 from pipeline.io.artifacts import remove_tree, replace_tree
@@ -82,7 +83,7 @@ class Checkpoints:
             target = zarr.create_array(
                 store=store, shape=x.shape, dtype=x.dtype, chunks=(rows, *x.shape[1:])
             )
-            da.store(x.rechunk((rows, *x.shape[1:])), target, lock=False)
+            da.store(host_blocks(x).rechunk((rows, *x.shape[1:])), target, lock=False)
         for key, x in small.items():
             with self.fs.open(f"{tmp}/{key}.npy", "wb") as f:
                 np.save(f, x)

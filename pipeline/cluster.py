@@ -11,14 +11,18 @@ from typing import Any
 import dask.array as da
 from distributed import Client
 
-from pipeline.config import ClusterSpec
-from pipeline.errors import ClusterError
+from pipeline.config import ClusterSpec, JobConfig
+from pipeline.errors import ClusterError, ConfigError
 
 log = logging.getLogger(__name__)
 
 # Fraction of the workers' total memory_limit an input may take to be kept in memory
 # between passes; the rest is head-room for blocks in flight and factor outputs.
 PERSIST_FRACTION = 0.4
+
+# Threads of a local-cuda worker (one worker per GPU): blocks are decoded on the host by
+# one thread while another's block products run on the device.
+GPU_WORKER_THREADS = 4
 
 _BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -65,7 +69,7 @@ def check_cluster_available(spec: ClusterSpec) -> None:
         if importlib.util.find_spec("dask_cuda") is None:
             raise ClusterError(
                 "cluster.kind: local-cuda needs dask-cuda and cupy; install them with "
-                "pip install 'zarr-factorize[gpu]'"
+                "pip install 'zarr-factorize[gpu-cu12]' (CUDA 12) or '[gpu-cu13]' (CUDA 13)"
             )
 
 
@@ -105,13 +109,17 @@ def cluster_from_spec(spec: ClusterSpec) -> Iterator[Client]:
         except ImportError:
             raise ClusterError(
                 "cluster.kind: local-cuda needs dask-cuda and cupy; install them with "
-                "pip install 'zarr-factorize[gpu]'"
+                "pip install 'zarr-factorize[gpu-cu12]' (CUDA 12) or '[gpu-cu13]' (CUDA 13)"
             ) from None
-        kwargs = {"dashboard_address": ":0", "memory_limit": spec.memory_limit}
+        kwargs = {
+            "dashboard_address": ":0",
+            "memory_limit": spec.memory_limit,
+            # one worker per GPU; more than one thread, so the next block is read and
+            # decoded on the host while the device works on this one
+            "threads_per_worker": spec.threads_per_worker or GPU_WORKER_THREADS,
+        }
         if spec.n_workers:
             kwargs["n_workers"] = spec.n_workers
-        if spec.threads_per_worker:
-            kwargs["threads_per_worker"] = spec.threads_per_worker
         cluster = LocalCUDACluster(**kwargs)
     else:
         from distributed import LocalCluster
@@ -154,29 +162,88 @@ def _client_for(address: str | None) -> Client | None:
     return client if client.scheduler.address == address else None
 
 
-def cluster_memory(client: Client | None) -> int:
-    """Sum of the workers' ``memory_limit`` in bytes (0 when unknown or unlimited)."""
+def cluster_memory(client: Client | None, on_device: bool = False) -> int:
+    """Sum of the workers' ``memory_limit`` in bytes, or with ``on_device`` of their
+    devices' memory (0 when unknown or unlimited)."""
     if client is None:
         return 0
+    if on_device:
+        from pipeline.backend import device
+
+        return int(sum(client.run(lambda: device().memory_bytes()).values()))
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     return int(sum(w.get("memory_limit") or 0 for w in workers))
 
 
-def keep_in_memory(x: da.Array, client: Client | None) -> tuple[da.Array, bool]:
+def keep_in_memory(
+    x: da.Array, client: Client | None, on_device: bool = False
+) -> tuple[da.Array, bool]:
     """Persist ``x`` on the cluster when it fits comfortably, so later passes skip I/O.
 
-    Returns ``(array, persisted)``; the array is unchanged when it does not fit.
+    Device blocks are budgeted from the devices' memory, host blocks from the workers'
+    ``memory_limit``. Returns ``(array, persisted)``; the array is unchanged when it does
+    not fit.
     """
-    budget = cluster_memory(client) * PERSIST_FRACTION
+    where = "device" if on_device else "cluster"
+    budget = cluster_memory(client, on_device) * PERSIST_FRACTION
     if budget and x.nbytes <= budget:
         log.info(
-            "input (%.2f GiB) fits in %.0f%% of cluster memory: reading it once and keeping it",
+            "input (%.2f GiB) fits in %.0f%% of %s memory: reading it once and keeping it",
             x.nbytes / 2**30,
             PERSIST_FRACTION * 100,
+            where,
         )
         return x.persist(), True
     log.info("input (%.2f GiB) is streamed from storage on every pass", x.nbytes / 2**30)
     return x, False
+
+
+# --------------------------------------------------------------------------- backend
+
+
+def check_backend_available(config: JobConfig) -> None:
+    """Refuse ``compute.backend: cupy`` before anything starts when this machine cannot
+    use it (local kinds; an ``address`` cluster's workers are asked at compute time).
+
+    Raises
+    ------
+    ConfigError
+    """
+    if config.compute.backend != "cupy" or config.cluster.kind == "address":
+        return
+    from pipeline.backend import device_problem
+
+    problem = device_problem()
+    if problem:
+        raise ConfigError(f"compute.backend: cupy cannot run here: {problem}")
+
+
+def resolve_backend(config: JobConfig, client: Client | None) -> str:
+    """``numpy`` or ``cupy`` for this job on this cluster.
+
+    ``auto`` is cupy on ``local-cuda`` and on an ``address`` cluster whose every worker
+    can use a GPU; an explicit ``cupy`` the workers cannot honour is refused.
+
+    Raises
+    ------
+    ConfigError
+    """
+    from pipeline.backend import device_problem
+
+    choice, kind = config.compute.backend, config.cluster.kind
+    if choice == "numpy" or (choice == "auto" and kind == "local"):
+        return "numpy"
+    if client is None:
+        problems = {"this process": device_problem()}
+    else:
+        problems = client.run(device_problem)
+    bad = {worker: p for worker, p in problems.items() if p}
+    if not bad and problems:
+        return "cupy"
+    if choice == "auto" and kind != "local-cuda":
+        return "numpy"
+    worker, problem = next(iter(bad.items()), ("the cluster", "it has no workers"))
+    raise ConfigError(f"compute.backend: cupy cannot run on {worker}: {problem}")
 
 
 # --------------------------------------------------------------------------- worker memory

@@ -152,6 +152,17 @@ class ClusterSpec(StrictModel):
         return self
 
 
+class ComputeSpec(StrictModel):
+    """Where the block products run: host numpy or a GPU's cupy."""
+
+    backend: Literal["auto", "numpy", "cupy"] = Field(
+        "auto",
+        description="numpy: the CPU; cupy: blocks on the workers' GPUs (needs a gpu extra and a "
+        "visible GPU); auto: cupy on cluster.kind local-cuda or when the workers report a GPU, "
+        "else numpy",
+    )
+
+
 AnyMethodSpec = Annotated[
     Union[tuple(m.spec for m in METHODS.values())],  # noqa: UP007 (built at run time)
     Field(discriminator="method"),
@@ -178,6 +189,7 @@ class JobConfig(StrictModel):
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     methods: list[AnyMethodSpec] = Field(min_length=1)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    compute: ComputeSpec = Field(default_factory=ComputeSpec)
     skip_if_complete: bool = Field(
         False,
         description="do nothing when the output holds a complete result of this same config "

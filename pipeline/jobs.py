@@ -133,9 +133,10 @@ def inspect_job(config: JobConfig, *, output: bool = True) -> InputManifest:
     ------
     InputError, ConfigError, ArtifactExistsError, ClusterError
     """
-    from pipeline.cluster import check_cluster_available
+    from pipeline.cluster import check_backend_available, check_cluster_available
 
     check_cluster_available(config.cluster)
+    check_backend_available(config)
     _, manifest = open_matrix(config.input, check_chunks=True)
     check_methods(config, manifest.shape)
     check_output_writable(config.output, config.name)  # also in prepare: flows skip the CLI
@@ -151,10 +152,11 @@ def precheck(config: JobConfig) -> InputManifest | None:
     (then only the cluster kind and the output are checked). A job that
     ``skip_if_complete`` will skip passes (its output exists, and that is fine).
     """
-    from pipeline.cluster import check_cluster_available
+    from pipeline.cluster import check_backend_available, check_cluster_available
 
     if input_will_be_created(config):
         check_cluster_available(config.cluster)
+        check_backend_available(config)
         check_input_creatable(config.input)
         check_output_writable(config.output, config.name)
         check_output_free(config.output, config.name)
@@ -235,13 +237,15 @@ def compute(run: PreparedRun, index: int) -> dict[str, Any]:
     spec = config.methods[index]
     method = METHODS[spec.method]
     t0 = time.perf_counter()
-    a, _ = open_matrix(config.input)
-    client = _current_client()
-    ctx = RunContext(method, run.output(), client, config.name, config.output)
-    from pipeline.cluster import guard_workers
+    from pipeline.cluster import guard_workers, resolve_backend
 
+    client = _current_client()
+    backend = resolve_backend(config, client)
+    a, _ = open_matrix(config.input, on_device=backend != "numpy")
+    ctx = RunContext(method, run.output(), client, config.name, config.output, backend)
     with guard_workers(client, spec.method):  # workers lost for memory: one line, no hang
         result = method.run(spec, a, ctx)
+    result["backend"] = backend
     result["seconds"] = time.perf_counter() - t0
     if client is not None:  # provenance: which cluster computed it
         workers = client.scheduler_info(n_workers=-1)["workers"].values()

@@ -83,7 +83,7 @@ def _bad_cases(tmp_path):
         ("non-numeric", on("text", tmp_path / "text.zarr"), ["non-numeric dtype"]),
         ("empty", on("empty", tmp_path / "empty.zarr"), ["is empty"]),
         ("wide", on("wide", tmp_path / "wide.zarr"), ["methods[0]", "transpose: true"]),
-        ("no cuda", job("cuda", cluster={"kind": "local-cuda"}), ["local-cuda", "[gpu]"]),
+        ("no cuda", job("cuda", cluster={"kind": "local-cuda"}), ["local-cuda", "[gpu-cu12]"]),
         (
             "rsvd rank 0",
             job("rank0", methods=[{"method": "rsvd", "rank": 0}]),

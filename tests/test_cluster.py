@@ -26,7 +26,7 @@ def test_local_defaults_follow_the_machine():
 
 
 def test_local_cuda_without_dask_cuda_is_a_clear_error():
-    with pytest.raises(ClusterError, match=r"pip install 'zarr-factorize\[gpu\]'"):
+    with pytest.raises(ClusterError, match=r"pip install 'zarr-factorize\[gpu-cu12\]' \(CUDA 12\)"):
         check_cluster_available(ClusterSpec(kind="local-cuda"))
     with pytest.raises(ClusterError, match="dask-cuda"):
         with cluster_from_spec(ClusterSpec(kind="local-cuda")):

@@ -67,7 +67,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from pipeline.backend import to_host
+from pipeline.backend import host_blocks, to_host
 from pipeline.config import OutputSpec, redact
 from pipeline.errors import ArtifactExistsError, ConfigError
 from pipeline.io.owners import remove_owner, write_owner
@@ -323,8 +323,8 @@ class RunOutput:
             attributes=attrs or {},
             overwrite=True,
         )
-        if isinstance(x, da.Array):
-            return da.store(x, arr, lock=False, compute=False)
+        if isinstance(x, da.Array):  # device blocks leave the device explicitly
+            return da.store(host_blocks(x), arr, lock=False, compute=False)
         arr[...] = np.asarray(x)
         return None
 

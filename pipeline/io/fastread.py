@@ -31,6 +31,7 @@ import dask.array as da
 import numcodecs
 import numpy as np
 
+from pipeline.backend import empty_meta, to_device
 from pipeline.errors import InputError, UserError
 from pipeline.io.stores import is_local
 
@@ -306,20 +307,36 @@ def plan(
     )
 
 
-def _read_block(reader: ChunkReader, block_info: Any = None) -> np.ndarray:
+def _read_block(
+    reader: ChunkReader, dtype: np.dtype, on_device: bool, block_info: Any = None
+) -> Any:
+    """One chunk, decoded on the host; with ``on_device`` copied to the device in this same
+    task (the host buffer is dropped when it returns) and cast there to ``dtype``."""
     info = block_info[None]
     i, j = info["chunk-location"]
-    return reader.read(i, j, info["chunk-shape"])
+    block = reader.read(i, j, info["chunk-shape"])
+    if on_device:
+        return to_device(block, dtype)
+    return block if block.dtype == dtype else block.astype(dtype)
 
 
-def read_array(reader: ChunkReader, shape: tuple[int, int]) -> da.Array:
-    """The whole array as a dask array with the storage chunks, one task per chunk."""
+def read_array(
+    reader: ChunkReader, shape: tuple[int, int], dtype: Any = None, *, on_device: bool = False
+) -> da.Array:
+    """The whole array as a dask array with the storage chunks, one task per chunk.
+
+    ``dtype``: cast each chunk to it (default: the stored dtype); ``on_device``: blocks are
+    device arrays (see :mod:`pipeline.backend`).
+    """
+    dtype = np.dtype(dtype or reader.dtype)
     chunks = da.core.normalize_chunks(reader.chunk_shape, shape)
     return da.map_blocks(
         _read_block,
         reader,
+        dtype,
+        on_device,
         chunks=chunks,
-        dtype=reader.dtype,
-        meta=np.empty((0, 0), dtype=reader.dtype),
-        name=f"read-zarr-{reader.token}",
+        dtype=dtype,
+        meta=empty_meta(dtype, on_device),
+        name=f"read-zarr-{reader.token}-{dtype}-{'device' if on_device else 'host'}",
     )

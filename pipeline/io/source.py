@@ -12,6 +12,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from pipeline.backend import empty_meta, to_device
 from pipeline.config import InputSpec, redact
 from pipeline.errors import InputError
 from pipeline.io.fastread import plan, read_array
@@ -170,13 +171,17 @@ def check_stored_chunks(arr: Any, spec: InputSpec, fs: Any, root: str) -> None:
     )
 
 
-def open_matrix(spec: InputSpec, *, check_chunks: bool = False) -> tuple[da.Array, InputManifest]:
+def open_matrix(
+    spec: InputSpec, *, check_chunks: bool = False, on_device: bool = False
+) -> tuple[da.Array, InputManifest]:
     """Open and validate the input, without reading its values.
 
     Integers are cast to float64, float16 to float32; float32 and float64 stay as stored.
     The dask chunks are the storage chunks, read directly where the layout allows it
     (:mod:`pipeline.io.fastread`), else through zarr. With ``check_chunks`` the store is
     listed once and missing chunks are refused or counted (:func:`check_stored_chunks`).
+    With ``on_device`` the blocks are device arrays: each chunk is copied to the device
+    as stored and cast there (see :mod:`pipeline.backend`).
 
     Returns
     -------
@@ -195,10 +200,16 @@ def open_matrix(spec: InputSpec, *, check_chunks: bool = False) -> tuple[da.Arra
     if check_chunks:
         check_stored_chunks(arr, spec, fs, root)
     reader = plan(arr, fs, root, name=array_name(spec), missing=spec.missing_chunks)
-    x = read_array(reader, tuple(arr.shape)) if reader else da.from_zarr(arr)
     dtype = np.dtype(arr.dtype)
-    if working_dtype(dtype) != dtype:  # the library's one rule: ints → f64, f16 → f32
-        x = x.astype(working_dtype(dtype))
+    work = working_dtype(dtype)  # the library's one rule: ints → f64, f16 → f32
+    if reader:
+        x = read_array(reader, tuple(arr.shape), work, on_device=on_device)
+    else:
+        x = da.from_zarr(arr)
+        if on_device:
+            x = x.map_blocks(to_device, work, dtype=work, meta=empty_meta(work, True))
+        elif work != dtype:
+            x = x.astype(work)
     manifest = InputManifest(
         url=redact(spec.url),
         array=spec.array,

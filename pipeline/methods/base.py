@@ -173,6 +173,7 @@ class RunContext:
     client: Client | None
     job_name: str
     output: OutputSpec
+    backend: str = "numpy"  # where the blocks live: numpy (host) or cupy (device)
 
     def write(self, name: str, x: Any) -> Any:
         """Write a declared factor array; a dask array returns a lazy store to compute."""
@@ -191,4 +192,4 @@ class RunContext:
         """Persist ``a`` on the cluster when it fits (:func:`pipeline.cluster.keep_in_memory`)."""
         from pipeline.cluster import keep_in_memory
 
-        return keep_in_memory(a, self.client)
+        return keep_in_memory(a, self.client, on_device=self.backend != "numpy")

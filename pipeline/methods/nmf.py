@@ -93,11 +93,13 @@ def _save(store: Checkpoints, st: NMFState, w: da.Array, spec: NMFSpec, a: da.Ar
 
 
 def _load(store: Checkpoints, spec: NMFSpec, a: da.Array) -> NMFState:
+    from pipeline.backend import blocks_like
     from pipeline.linalg import NMFState
 
     state, tall, small = store.load(_identity(spec, a), a.chunks[0])
+    w = blocks_like(tall["W"], a)  # back on the device when the job computes there
     return NMFState(
-        w_blocks=tall["W"].to_delayed(optimize_graph=False)[:, 0].tolist(),
+        w_blocks=w.to_delayed(optimize_graph=False)[:, 0].tolist(),
         h=small["H"],
         iteration=int(state["iteration"]),
         history=list(state["history"]),
