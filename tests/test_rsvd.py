@@ -116,13 +116,18 @@ def test_bad_rank_is_refused():
 
 
 def test_seeds_are_reproducible(client):
+    """Same seed, same result up to the last bits; another seed, another sketch.
+
+    Not bitwise: numpy's SIMD sums and BLAS round differently with the memory alignment of
+    their operands, and blocks that travel between workers arrive at other addresses (this
+    test was seen to differ by 1 ulp between two runs on one cluster)."""
     a = decaying(1500, 100, decay=0.5, seed=6)
     x = da.from_array(a, chunks=(300, 100))
     r1, r2 = rsvd(x, 5, seed=7, power_iters=0), rsvd(x, 5, seed=7, power_iters=0)
-    np.testing.assert_array_equal(r1.s, r2.s)
-    np.testing.assert_array_equal(r1.u.compute(), r2.u.compute())
+    np.testing.assert_allclose(r1.s, r2.s, rtol=1e-13)
+    np.testing.assert_allclose(r1.u.compute(), r2.u.compute(), rtol=1e-10, atol=1e-13)
     r3 = rsvd(x, 5, seed=8, power_iters=0)
-    assert not np.array_equal(r1.s, r3.s)
+    assert np.max(np.abs(r1.s - r3.s) / r1.s) > 1e-9  # far above rounding
 
 
 def test_power_iterations_fix_the_float32_trap(client):
