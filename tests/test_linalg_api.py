@@ -341,9 +341,10 @@ def test_nmf_fit_nn_output(client):
 
 
 def test_nmf_fit_close(client):
-    """sklearn test_nmf_fit_close: 6 × 5, rank 5, small absolute reconstruction error."""
+    """sklearn test_nmf_fit_close: 6 × 5, rank 5, small absolute reconstruction error
+    (sklearn gives cd 600 iterations; 100 accelerated HALS iterations reach 0.02)."""
     a = np.abs(np.random.default_rng(42).standard_normal((6, 5)))
-    res = nmf(a, 5, max_iter=600, tol=1e-10)
+    res = nmf(a, 5, max_iter=100, tol=1e-10)
     err = np.linalg.norm(a - res.w.compute() @ res.h)
     assert err < 0.1
 
