@@ -386,9 +386,16 @@ def move_to_environment(config: Any) -> Any:
 # --------------------------------------------------------------------------- logs, errors
 
 
+def _is_shutdown_chatter(record: logging.LogRecord) -> bool:
+    """distributed's INFO records with a traceback (e.g. "Batched Comm Closed" while a
+    cluster closes after a failed run): not an error, and no traceback for the user."""
+    root = record.name.split(".", 1)[0]
+    return root in ("distributed", "tornado") and record.levelno < logging.WARNING
+
+
 def _scrub_record(record: logging.LogRecord) -> None:
     exc = record.exc_info[1] if isinstance(record.exc_info, tuple) else None
-    if isinstance(exc, UserError):
+    if isinstance(exc, UserError) or (exc is not None and _is_shutdown_chatter(record)):
         # The one-line message is the whole story; the traceback would break the contract.
         record.exc_info, record.exc_text = None, None
     elif exc is not None:

@@ -243,6 +243,33 @@ def test_log_records_are_scrubbed_and_user_errors_lose_their_traceback():
     assert "zf-unit-log-secret-9" not in "".join(text)
 
 
+def test_distributed_shutdown_chatter_loses_its_traceback():
+    """Seen on CI after a user error: a closing cluster logs "Batched Comm Closed" at INFO
+    with a traceback, which broke the no-traceback contract on stdout."""
+    secrets.install_log_scrubber()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    loggers = [logging.getLogger(n) for n in ("distributed.batched", "distributed.core")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        try:
+            raise OSError("stream closed")
+        except OSError:
+            loggers[0].info("Batched Comm Closed %r", "<TCP (closed)>", exc_info=True)
+            loggers[1].error("real failure", exc_info=True)
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    text = [logging.Formatter().format(r) for r in records]
+    assert text[0] == "Batched Comm Closed '<TCP (closed)>'"
+    assert "Traceback" in text[1]  # errors keep theirs
+
+
 def test_scrubbed_errors_keep_the_type_and_mask_the_message():
     secrets.register_secret("zf-unit-exc-secret-10")
     with pytest.raises(InputError) as err:
