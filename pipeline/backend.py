@@ -141,6 +141,19 @@ def to_device(block: np.ndarray, dtype: Any | None = None) -> Any:
     return x
 
 
+def is_sparse(x: Any) -> bool:
+    """True for a scipy sparse block (sparse blocks always live on the host)."""
+    import scipy.sparse
+
+    return scipy.sparse.issparse(x)
+
+
+def dense_meta(x: Any) -> Any:
+    """The meta of a dense result computed from the dask array ``x``'s blocks (a product
+    of a sparse block with a dense matrix is dense)."""
+    return empty_meta(x.dtype, is_device(x._meta))
+
+
 def like_block(small: Any, block: Any) -> Any:
     """A small host matrix on ``block``'s backend, in ``block``'s dtype."""
     return array_module(block).asarray(small, dtype=block.dtype)
@@ -228,6 +241,8 @@ def sum_squares_f64(
     measured). The sum accumulates on the block's backend and is read once at the end (one
     host sync per block on a device, not one per slice).
     """
+    if is_sparse(a) and q is None:
+        return _sparse_sum_squares(a, shift)
     xp = array_module(a)
     m, n = a.shape
     rows = min(ROWS_PER_SLICE, m)
@@ -240,7 +255,7 @@ def sum_squares_f64(
     for i in range(0, m, rows):
         k = min(rows, m - i)
         d = buf[:k]
-        d[...] = a[i : i + k]
+        d[...] = a[i : i + k].toarray() if is_sparse(a) else a[i : i + k]
         colsum += d.sum(axis=0)
         if q is not None:
             xp.matmul(q[i : i + k].astype(xp.float64), r64, out=tmp[:k])
@@ -249,3 +264,21 @@ def sum_squares_f64(
             d -= s64
         total += xp.vdot(d.ravel(), d.ravel())
     return float(total), colsum
+
+
+def _sparse_sum_squares(a: Any, shift: Any | None) -> tuple[float, np.ndarray]:
+    """:func:`sum_squares_f64` of a canonical sparse block, exactly and without densifying.
+
+    With ``shift`` (PCA's mean μ): ``Σ_nz (a − μ_j)² + Σ_j (rows − nnz_j) μ_j²`` — the
+    stored entries and the implicit zeros separately, so no ``‖A‖² − m‖μ‖²`` cancellation.
+    """
+    a = a.tocsr()
+    m, n = a.shape
+    data, cols = a.data.astype(np.float64), a.indices
+    colsum = np.bincount(cols, weights=data, minlength=n)
+    if shift is None:
+        return float(data @ data), colsum
+    mu = np.asarray(to_host(shift), dtype=np.float64)
+    d = data - mu[cols]
+    zeros = m - np.bincount(cols, minlength=n)
+    return float(d @ d + zeros @ (mu * mu)), colsum

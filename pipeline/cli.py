@@ -66,9 +66,15 @@ def _validate(args: argparse.Namespace) -> int:
             )
             continue
         arr = f" array {m.array}" if m.array else ""
+        layout = (
+            f"{m.format.upper()}, nnz {m.nnz} (density {m.density:.3g}), "
+            f"row blocks of {m.chunks[0]}"
+            if m.nnz is not None
+            else f"dense, chunks {m.chunks[0]}×{m.chunks[1]}"
+        )
         print(
-            f"{path}: ok — input {m.url}{arr}: shape {m.shape[0]}×{m.shape[1]}, "
-            f"chunks {m.chunks[0]}×{m.chunks[1]}, dtype {m.dtype} (Zarr v{m.zarr_format}); "
+            f"{path}: ok — input {m.url}{arr}: shape {m.shape[0]}×{m.shape[1]}, {layout}, "
+            f"dtype {m.dtype} (Zarr v{m.zarr_format}); "
             f"methods: {', '.join(s.method for s in cfg.methods)}"
         )
     return 0

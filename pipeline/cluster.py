@@ -11,6 +11,7 @@ from typing import Any
 import dask.array as da
 from distributed import Client
 
+from pipeline.backend import is_sparse
 from pipeline.config import ClusterSpec, JobConfig
 from pipeline.errors import ClusterError, ConfigError
 
@@ -176,25 +177,27 @@ def cluster_memory(client: Client | None, on_device: bool = False) -> int:
 
 
 def keep_in_memory(
-    x: da.Array, client: Client | None, on_device: bool = False
+    x: da.Array, client: Client | None, on_device: bool = False, nbytes: int | None = None
 ) -> tuple[da.Array, bool]:
     """Persist ``x`` on the cluster when it fits comfortably, so later passes skip I/O.
 
     Device blocks are budgeted from the devices' memory, host blocks from the workers'
-    ``memory_limit``. Returns ``(array, persisted)``; the array is unchanged when it does
-    not fit.
+    ``memory_limit``; ``nbytes`` is ``x``'s size in memory when that is not its dense
+    size (sparse blocks). Returns ``(array, persisted)``; the array is unchanged when it
+    does not fit.
     """
     where = "device" if on_device else "cluster"
+    size = x.nbytes if nbytes is None else nbytes
     budget = cluster_memory(client, on_device) * PERSIST_FRACTION
-    if budget and x.nbytes <= budget:
+    if budget and size <= budget:
         log.info(
             "input (%.2f GiB) fits in %.0f%% of %s memory: reading it once and keeping it",
-            x.nbytes / 2**30,
+            size / 2**30,
             PERSIST_FRACTION * 100,
             where,
         )
         return x.persist(), True
-    log.info("input (%.2f GiB) is streamed from storage on every pass", x.nbytes / 2**30)
+    log.info("input (%.2f GiB) is streamed from storage on every pass", size / 2**30)
     return x, False
 
 
@@ -296,7 +299,7 @@ def check_block_memory(client: Client | None, a: da.Array, buffers: int, method:
         One line naming the memory needed per worker and the two fixes.
     """
     limit = worker_memory_limit(client)
-    if not limit:
+    if not limit or is_sparse(a._meta):  # sparse blocks are planned by stored bytes
         return
     rows, n = max(a.chunks[0]), a.shape[1]
     row_bytes = n * a.dtype.itemsize

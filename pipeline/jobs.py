@@ -31,10 +31,12 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config import JobConfig, config_from_any, redact, redacted_dump
 from pipeline.datasets import write_synthetic
 from pipeline.fingerprint import job_fingerprint
+from pipeline.io.anndata_out import ADATA, write_anndata_output
 from pipeline.io.artifacts import RunOutput, check_output_free, read_published
 from pipeline.io.owners import remove_stale_staging
 from pipeline.io.preflight import check_input_creatable, check_output_writable
 from pipeline.io.source import InputManifest, open_matrix
+from pipeline.io.sparse import densified
 from pipeline.io.stores import is_local, split_url
 from pipeline.methods import METHODS, RunContext
 from pipeline.reports import report_markdown
@@ -241,8 +243,12 @@ def compute(run: PreparedRun, index: int) -> dict[str, Any]:
 
     client = _current_client()
     backend = resolve_backend(config, client)
-    a, _ = open_matrix(config.input, on_device=backend != "numpy")
-    ctx = RunContext(method, run.output(), client, config.name, config.output, backend)
+    a, manifest = open_matrix(config.input, on_device=backend != "numpy")
+    if manifest.format != "dense" and not method.sparse:
+        a = densified(a)  # one dense row block per task, never the whole matrix
+    ctx = RunContext(
+        method, run.output(), client, config.name, config.output, backend, manifest.stored_bytes
+    )
     with guard_workers(client, spec.method):  # workers lost for memory: one line, no hang
         result = method.run(spec, a, ctx)
     result["backend"] = backend
@@ -283,6 +289,13 @@ def publish(run: PreparedRun, results: dict[str, dict[str, Any]]) -> dict[str, A
     if done is not None:
         report = done
     else:
+        slots = {
+            spec.method: METHODS[spec.method].anndata(spec)
+            for spec in config.methods
+            if METHODS[spec.method].anndata is not None
+        }
+        if write_anndata_output(out, config.input, slots, results):
+            report["anndata"] = ADATA
         out.write_bytes(REPORT, report_markdown(report).encode())
     out.publish(report)  # idempotent; also removes staging a first try left behind
     for spec in config.methods:

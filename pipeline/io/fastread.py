@@ -119,7 +119,7 @@ def _user_error_names() -> set[str]:
     return names
 
 
-def _quiet_worker_log() -> None:
+def quiet_worker_log() -> None:
     """Install :class:`_OneLineUserErrors` once, in the process that raises (a worker)."""
     worker_log = logging.getLogger("distributed.worker")
     if not any(isinstance(f, _OneLineUserErrors) for f in worker_log.filters):
@@ -194,7 +194,7 @@ class ChunkReader:
         return chunk
 
     def _error(self, where: tuple[int, int], what: str) -> InputError:
-        _quiet_worker_log()
+        quiet_worker_log()
         return InputError(f"input: chunk {where} of {self.name} {what}")
 
     def _fetch(self, path: str, where: tuple[int, int]) -> bytes | None:

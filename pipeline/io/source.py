@@ -16,6 +16,7 @@ from pipeline.backend import empty_meta, to_device
 from pipeline.config import InputSpec, redact
 from pipeline.errors import InputError
 from pipeline.io.fastread import plan, read_array
+from pipeline.io.sparse import inspect_sparse, sparse_array, sparse_encoding
 from pipeline.io.stores import split_url, zarr_store
 from pipeline.linalg import working_dtype
 
@@ -33,6 +34,10 @@ class InputManifest:
     dtype: str
     zarr_format: int
     fingerprint: str | None = None  # set by the run (see pipeline.fingerprint)
+    format: str = "dense"  # dense, csr or csc (see pipeline.io.sparse)
+    nnz: int | None = None  # sparse: stored entries
+    density: float | None = None  # sparse: nnz / (rows × cols)
+    stored_bytes: int | None = None  # sparse: data + indices + indptr in memory
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -41,8 +46,9 @@ class InputManifest:
         return d
 
 
-def _open_node(spec: InputSpec) -> Any:
-    """The Zarr array named by ``spec`` (store may be v2 or v3)."""
+def _open_node(spec: InputSpec) -> tuple[Any, InputSpec]:
+    """The Zarr array or sparse group named by ``spec`` (store may be v2 or v3), and the
+    spec with ``array`` filled in (``X`` for an AnnData root given without one)."""
     where = redact(spec.url)
     try:
         fs, path = split_url(spec.url, spec.storage_options)
@@ -59,6 +65,11 @@ def _open_node(spec: InputSpec) -> Any:
         node = zarr.open(store=store, mode="r")
     except Exception as exc:
         raise InputError(f"input.url: {where!r} is not a Zarr store ({exc})") from None
+    if spec.array is None and isinstance(node, zarr.Group):
+        if node.attrs.get("encoding-type") == "anndata":
+            spec = spec.model_copy(update={"array": "X"})
+        elif sparse_encoding(node):
+            return node, spec
     if spec.array is None:
         if isinstance(node, zarr.Group):
             names = sorted(name for name, _ in node.arrays())
@@ -67,7 +78,7 @@ def _open_node(spec: InputSpec) -> Any:
                 f"input.array: {where!r} is a Zarr group; set input.array to one of its "
                 f"arrays{hint}"
             )
-        return node
+        return node, spec
     if not isinstance(node, zarr.Group):
         raise InputError(
             f"input.array: {where!r} is itself an array; remove input.array (got {spec.array!r})"
@@ -80,9 +91,11 @@ def _open_node(spec: InputSpec) -> Any:
             f"input.array: {spec.array!r} not found in {where!r}"
             + (f"; it holds arrays: {', '.join(names)}" if names else "; it holds no arrays")
         ) from None
+    if isinstance(arr, zarr.Group) and "encoding-type" in arr.attrs:
+        return arr, spec  # a sparse matrix (anything else is refused by inspect_sparse)
     if not isinstance(arr, zarr.Array):
         raise InputError(f"input.array: {spec.array!r} in {where!r} is a group, not an array")
-    return arr
+    return arr, spec
 
 
 def array_name(spec: InputSpec) -> str:
@@ -193,10 +206,12 @@ def open_matrix(
         Missing store or array, not 2-D, empty, a non-real-numeric dtype, or (with
         ``check_chunks``) missing chunks.
     """
-    arr = _open_node(spec)
-    _check_array(arr, spec)
+    arr, spec = _open_node(spec)
     fs, root = split_url(spec.url, spec.storage_options)
     root = f"{root.rstrip('/')}/{spec.array}" if spec.array else root
+    if isinstance(arr, zarr.Group):
+        return _open_sparse(arr, spec, fs, root, check_chunks=check_chunks, on_device=on_device)
+    _check_array(arr, spec)
     if check_chunks:
         check_stored_chunks(arr, spec, fs, root)
     reader = plan(arr, fs, root, name=array_name(spec), missing=spec.missing_chunks)
@@ -217,5 +232,37 @@ def open_matrix(
         chunks=(int(arr.chunks[0]), int(arr.chunks[1])),
         dtype=str(dtype),
         zarr_format=int(arr.metadata.zarr_format),
+    )
+    return x, manifest
+
+
+def _open_sparse(
+    group: Any, spec: InputSpec, fs: Any, root: str, *, check_chunks: bool, on_device: bool
+) -> tuple[da.Array, InputManifest]:
+    """A sparse CSR/CSC group as a dask array of sparse row blocks (:mod:`pipeline.io.sparse`)."""
+    name = array_name(spec)
+    layout, reader = inspect_sparse(group, name)
+    if on_device:
+        raise InputError(
+            f"input: {name} is sparse; the device backend takes dense input only — "
+            "set compute.backend: numpy"
+        )
+    if check_chunks:
+        for key in ("data", "indices", "indptr"):
+            part = spec.model_copy(update={"array": f"{spec.array or ''}/{key}".lstrip("/")})
+            check_stored_chunks(group[key], part, fs, f"{root.rstrip('/')}/{key}")
+    work = working_dtype(layout.dtype)
+    x = sparse_array(layout, reader, work)
+    manifest = InputManifest(
+        url=redact(spec.url),
+        array=spec.array,
+        shape=layout.shape,
+        chunks=(int(x.chunks[0][0]), layout.shape[1]),
+        dtype=str(layout.dtype),
+        zarr_format=int(group.metadata.zarr_format),
+        format=layout.fmt,
+        nnz=layout.nnz,
+        density=layout.density,
+        stored_bytes=layout.stored_bytes,
     )
     return x, manifest

@@ -13,6 +13,8 @@ from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 from dask.highlevelgraph import HighLevelGraph
 
+from pipeline.backend import dense_meta
+
 
 def persist(*collections: Any, **kwargs: Any) -> tuple[Any, ...]:
     """``dask.persist`` that returns only once the results exist.
@@ -57,7 +59,8 @@ def stack_row_blocks(blocks: list[Any], like: da.Array, width: int, prefix: str)
     name = f"{prefix}-{tokenize([b.key for b in blocks], like.dtype, width)}"
     layer = {(name, i, 0): Alias((name, i, 0), b.key) for i, b in enumerate(blocks)}
     graph = HighLevelGraph.from_collections(name, layer, dependencies=blocks)
-    return da.Array(graph, name, (like.chunks[0], (width,)), dtype=like.dtype, meta=like._meta)
+    meta = dense_meta(like)  # dense blocks, also when ``like``'s are sparse
+    return da.Array(graph, name, (like.chunks[0], (width,)), dtype=like.dtype, meta=meta)
 
 
 def _cull_only(dsk: Any, keys: Any, **kwargs: Any) -> Any:

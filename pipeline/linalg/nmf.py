@@ -38,7 +38,15 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed, delayed
 
-from pipeline.backend import array_module, is_device, like_block, to_device, to_host
+from pipeline.backend import (
+    array_module,
+    dense_meta,
+    is_device,
+    is_sparse,
+    like_block,
+    to_device,
+    to_host,
+)
 from pipeline.errors import InputError
 from pipeline.linalg._graph import fetch, persist, stack_row_blocks, sum_block_pieces
 from pipeline.linalg._validation import (
@@ -163,6 +171,9 @@ def block_stats(a: Any, row_offset: int) -> tuple[float, float, float]:
     """``(‖A_i‖², min A_i, sum A_i)``, refusing NaN/Inf."""
     from pipeline.errors import NonFiniteInputError
 
+    if is_sparse(a):  # the reader refused NaN/Inf; implicit zeros count in min and sums
+        data = a.data.astype(np.float64)
+        return float(data @ data), float(a.min()), float(data.sum())
     xp = array_module(a)
     if not bool(xp.isfinite(a).all()):
         bad = int(xp.argmax(~xp.isfinite(a).all(axis=1)))
@@ -291,7 +302,8 @@ def initialize(
     fill = mean if init == "nndsvda" else 0.0
     if fill:
         h = np.where(h == 0, fill, h)
-    w = da.map_blocks(_nndsvd_block, u, scale_w, pos, fill, a.dtype, dtype=a.dtype, meta=a._meta)
+    meta = dense_meta(a)
+    w = da.map_blocks(_nndsvd_block, u, scale_w, pos, fill, a.dtype, dtype=a.dtype, meta=meta)
     # Persist while u (and the sketch futures under it) is still referenced here.
     (blocks,) = persist(w.to_delayed(optimize_graph=False)[:, 0].tolist())
     return NMFState(blocks, np.asarray(h, dtype=np.float64))

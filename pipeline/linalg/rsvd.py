@@ -43,7 +43,15 @@ import numpy as np
 from dask.delayed import delayed
 from scipy.linalg import solve_triangular
 
-from pipeline.backend import array_module, gaussian, like_block, sum_squares_f64, to_host
+from pipeline.backend import (
+    array_module,
+    dense_meta,
+    gaussian,
+    is_sparse,
+    like_block,
+    sum_squares_f64,
+    to_host,
+)
 from pipeline.linalg._graph import fetch, persist, stack_row_blocks, sum_block_pieces
 from pipeline.linalg._validation import as_matrix, check_bool, check_int, check_rank
 from pipeline.linalg.tsqr import UNOPTIMIZED, row_blocks, tsqr
@@ -117,7 +125,10 @@ def _times_omega(a: Any, seed: int, width: int) -> Any:
 def _times_small(a: Any, z: Any | None, shift: Any | None) -> Any:
     """``A_i Z − 1 shift`` with the small host ``Z`` (``None``: the identity) and ``shift``
     moved to the block's backend."""
-    out = a @ like_block(z, a) if z is not None else a.copy()
+    if z is not None:
+        out = a @ like_block(z, a)
+    else:
+        out = a.toarray() if is_sparse(a) else a.copy()
     if shift is not None:
         out -= like_block(shift, a)[None, :]
     return out
@@ -434,7 +445,13 @@ def _sketch_and_stats(a: da.Array, seed: int, width: int) -> tuple[da.Array, ...
     n = a.shape[1]
     stats = sum_block_pieces(a, _block_stats, (1, n + 1))[0]
     y = da.map_blocks(
-        _times_omega, a, seed, width, chunks=(a.chunks[0], (width,)), dtype=a.dtype, meta=a._meta
+        _times_omega,
+        a,
+        seed,
+        width,
+        chunks=(a.chunks[0], (width,)),
+        dtype=a.dtype,
+        meta=dense_meta(a),
     )
     return y, stats[:n], stats[n]
 

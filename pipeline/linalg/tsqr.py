@@ -25,7 +25,7 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed, delayed
 
-from pipeline.backend import to_host
+from pipeline.backend import is_sparse, to_host
 from pipeline.linalg import _kernels as k
 from pipeline.linalg._graph import fetch, persist, stack_row_blocks, unfused
 from pipeline.linalg._validation import as_matrix, check_bool, check_int, check_tall
@@ -87,6 +87,19 @@ class TSQRResult:
         return _q_blocks(self, md, m.shape[1])
 
 
+def _at_least(rows: tuple[int, ...], floor: int) -> list[int]:
+    """``rows`` with consecutive blocks joined until each holds at least ``floor`` rows."""
+    sizes, run = [], 0
+    for r in rows:
+        run += r
+        if run >= floor:
+            sizes.append(run)
+            run = 0
+    if run:
+        sizes.append(run)
+    return sizes
+
+
 def row_blocks(a: da.Array, block_rows: int | None = None, min_rows: int | None = None) -> da.Array:
     """Rechunk ``a`` into row blocks that span all columns and hold at least ``min_rows`` rows.
 
@@ -94,7 +107,8 @@ def row_blocks(a: da.Array, block_rows: int | None = None, min_rows: int | None 
     chunks are kept when they already qualify and are not larger than twice the target;
     otherwise blocks aim at ``block_rows`` rows (default: about 64 MiB per block), rounded
     to a multiple of the input's row chunk so storage chunks are not split. A short last
-    block is merged into the one before it.
+    block is merged into the one before it. Sparse blocks (planned by stored bytes, see
+    :mod:`pipeline.io.sparse`) are kept unless ``block_rows`` is given.
     """
     if block_rows is not None:
         check_int(block_rows, "block_rows", low=1)
@@ -104,7 +118,9 @@ def row_blocks(a: da.Array, block_rows: int | None = None, min_rows: int | None 
     target = max(target, floor)
     rows = a.chunks[0]
     keep = len(a.chunks[1]) == 1 and all(floor <= r <= 2 * target for r in rows[:-1])
-    if keep and block_rows is None:
+    if is_sparse(a._meta) and block_rows is None:  # planned by stored bytes: keep, merging
+        sizes = _at_least(rows, floor)  # blocks below the floor into the next
+    elif keep and block_rows is None:
         sizes = list(rows)
     else:
         step = rows[0] if rows[0] <= target else target

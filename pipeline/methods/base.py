@@ -130,6 +130,29 @@ class FactorArray:
 
 
 @dataclass(frozen=True)
+class AnnDataSlots:
+    """Where a method's factors go in ``adata.zarr`` for an AnnData input (scanpy's names).
+
+    ``obsm/<obsm>`` gets the row scores (``U·diag(S)``, or ``W``), ``varm/<varm>`` the
+    column loadings (``Vtᵀ``, or ``Hᵀ``), and ``uns/<uns>/`` the spectrum summary
+    (``variance`` and ``variance_ratio`` for PCA, ``singular_values`` otherwise).
+    """
+
+    obsm: str
+    varm: str
+    uns: str | None = None
+
+
+def spectral_slots(spec: Any) -> AnnDataSlots:
+    """SVD-type methods: PCA where scanpy keeps it (``center``), else an SVD beside it."""
+    return (
+        AnnDataSlots("X_pca", "PCs", "pca")
+        if spec.center
+        else AnnDataSlots("X_svd", "SVD_V", "svd")
+    )
+
+
+@dataclass(frozen=True)
 class Method:
     """Everything that makes a method, registered once in :mod:`pipeline.methods`.
 
@@ -146,6 +169,10 @@ class Method:
     example : a small valid entry of ``methods:`` (docs and the contract test)
     on_published : called with ``(output spec, job name)`` once the result is in place
         (e.g. to remove checkpoints the result supersedes)
+    anndata : ``anndata(spec)`` names the :class:`AnnDataSlots` of its factors in the
+        ``adata.zarr`` written for AnnData inputs (``None``: not written there)
+    sparse : ``run`` takes sparse row blocks as they are (``scipy.sparse``); otherwise a
+        sparse input reaches it densified one row block at a time
     """
 
     name: str
@@ -157,6 +184,8 @@ class Method:
     example: dict[str, Any]
     plots: tuple[str, ...] = ()
     on_published: Callable[[OutputSpec, str], None] | None = None
+    anndata: Callable[[Any], AnnDataSlots] | None = None
+    sparse: bool = False
 
     def arrays_for(self, spec: MethodSpec) -> dict[str, tuple[str, ...]]:
         """``{array name: dimension names}`` that ``spec`` writes."""
@@ -174,6 +203,7 @@ class RunContext:
     job_name: str
     output: OutputSpec
     backend: str = "numpy"  # where the blocks live: numpy (host) or cupy (device)
+    sparse_bytes: int | None = None  # a sparse input's size in memory (for keep_in_memory)
 
     def write(self, name: str, x: Any) -> Any:
         """Write a declared factor array; a dask array returns a lazy store to compute."""
@@ -190,6 +220,8 @@ class RunContext:
 
     def keep_in_memory(self, a: da.Array) -> tuple[da.Array, bool]:
         """Persist ``a`` on the cluster when it fits (:func:`pipeline.cluster.keep_in_memory`)."""
+        from pipeline.backend import is_sparse
         from pipeline.cluster import keep_in_memory
 
-        return keep_in_memory(a, self.client, on_device=self.backend != "numpy")
+        nbytes = self.sparse_bytes if is_sparse(a._meta) else None
+        return keep_in_memory(a, self.client, on_device=self.backend != "numpy", nbytes=nbytes)

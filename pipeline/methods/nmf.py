@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field
 
-from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext
+from pipeline.methods.base import AnnDataSlots, FactorArray, Method, MethodSpec, RunContext
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -211,6 +211,8 @@ def run(spec: NMFSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
 
 
 METHOD = Method(
+    anndata=lambda spec: AnnDataSlots("X_nmf", "NMF_H"),
+    sparse=True,
     name="nmf",
     spec=NMFSpec,
     check=check,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field
 
-from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext
+from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext, spectral_slots
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -143,6 +143,8 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
 
 
 METHOD = Method(
+    anndata=spectral_slots,
+    sparse=True,
     name="rsvd",
     spec=RSVDSpec,
     check=check,

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext, check_tall_input
+from pipeline.methods.base import (
+    FactorArray,
+    Method,
+    MethodSpec,
+    RunContext,
+    check_tall_input,
+    spectral_slots,
+)
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -141,6 +148,7 @@ def _writes_vt(spec: SVDSpec) -> bool:
 
 
 METHOD = Method(
+    anndata=spectral_slots,
     name="svd",
     spec=SVDSpec,
     check=check,
