@@ -212,6 +212,7 @@ def _generate(args: argparse.Namespace) -> int:
             chunks=tuple(args.chunks) if args.chunks else None,
             dtype=args.dtype,
             seed=args.seed,
+            density=args.density,
         )
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, "generate")) from None
@@ -275,7 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="gaussian", choices=[*SYNTHETIC_KINDS, *PACKAGED_KINDS])
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--array", help="write into a group under this array name")
+    p.add_argument(
+        "--density", type=float, default=0.05, help="sparse kinds: share of non-zero entries"
+    )
+    p.add_argument(
+        "--array",
+        help="write into a group under this array name (sparse kinds: an AnnData store, "
+        "the matrix at this name, e.g. X)",
+    )
     p.set_defaults(func=_generate)
     return parser
 

@@ -38,21 +38,32 @@ YAML_MAX_DEPTH = 100
 # the limit, so below 256 MiB it is restarted before it holds a single block.
 MIN_WORKER_MEMORY = 256 << 20
 
-SYNTHETIC_KINDS = ("gaussian", "lowrank", "vandermonde", "nonnegative")
+SYNTHETIC_KINDS = ("gaussian", "lowrank", "vandermonde", "nonnegative", "sparse", "counts")
+SPARSE_KINDS = ("sparse", "counts")  # written as CSR groups (see pipeline.sparse_datasets)
 PACKAGED_KINDS = ("digits", "sample-image")
 
 
 class SyntheticSpec(StrictModel):
     """Recipe for a matrix written to ``input.url`` when the store is missing."""
 
-    kind: Literal["gaussian", "lowrank", "vandermonde", "nonnegative", "digits", "sample-image"] = (
-        Field(
-            "gaussian",
-            description="gaussian: i.i.d. N(0,1); lowrank: decaying spectrum; vandermonde: "
-            "ill-conditioned columns x**j; nonnegative: rank-10 W₀H₀ plus noise; digits: "
-            "scikit-learn's 1797 × 64 handwritten digits; sample-image: scikit-learn's "
-            "427 × 640 sample photo in grey levels (the last two need scikit-learn)",
-        )
+    kind: Literal[
+        "gaussian",
+        "lowrank",
+        "vandermonde",
+        "nonnegative",
+        "sparse",
+        "counts",
+        "digits",
+        "sample-image",
+    ] = Field(
+        "gaussian",
+        description="gaussian: i.i.d. N(0,1); lowrank: decaying spectrum; vandermonde: "
+        "ill-conditioned columns x**j; nonnegative: rank-10 W₀H₀ plus noise; sparse: a "
+        "cell × gene-like count matrix (8 cell types, power-law gene use, varying depth) "
+        "stored as CSR; counts: a topic-model document × term count matrix (20 topics) "
+        "stored as CSR — both an AnnData store with input.array: X, else a bare CSR group; "
+        "digits: scikit-learn's 1797 × 64 handwritten digits; sample-image: scikit-learn's "
+        "427 × 640 sample photo in grey levels (the last two need scikit-learn)",
     )
     shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
         None, description="(rows, columns); required for synthetic kinds, fixed for packaged data"
@@ -62,6 +73,9 @@ class SyntheticSpec(StrictModel):
     )
     dtype: Literal["float32", "float64"] = "float64"
     seed: int = Field(0, ge=0, description="random seed (≥ 0); each chunk derives its own")
+    density: float = Field(
+        0.05, gt=0, le=1, description="sparse kinds: about this share of entries non-zero"
+    )
 
     @model_validator(mode="after")
     def _shape_matches_kind(self) -> SyntheticSpec:

@@ -17,9 +17,10 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from pipeline.config import SyntheticSpec, redact
+from pipeline.config import SPARSE_KINDS, SyntheticSpec, redact
 from pipeline.errors import InputError
 from pipeline.io.stores import is_local, split_url, zarr_store
+from pipeline.sparse_datasets import write_sparse_local
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +189,17 @@ def write_synthetic(
     after every chunk. A failed write (a full disk, a killed worker) leaves nothing that a
     retry or the next run would take for the input.
     """
-    x = synthetic_array(spec)
     fs, path = split_url(url, storage_options)
+    if spec.kind in SPARSE_KINDS:
+        if not is_local(fs):
+            raise InputError(
+                f"input.create_if_missing.kind: {spec.kind!r} is written to local paths only; "
+                "generate it locally and copy it to the object store"
+            )
+        log.info("writing %s matrix %s to %s", spec.kind, spec.shape, redact(url))
+        write_sparse_local(path, spec, array)
+        return
+    x = synthetic_array(spec)
     log.info("writing %s matrix %s to %s", spec.kind, x.shape, redact(url))
     if is_local(fs):
         _write_local(path, x, array)

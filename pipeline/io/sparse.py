@@ -28,7 +28,6 @@ Values are checked as each block is read: an index outside the matrix raises
 
 from __future__ import annotations
 
-import itertools
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,25 +209,24 @@ def inspect_sparse(group: Any, name: str) -> tuple[SparseLayout, SparseReader]:
 def plan_blocks(
     ptr: np.ndarray,
     entry_bytes: int,
-    target: int = BLOCK_BYTES,
+    target: int | None = None,
     max_rows: int = MAX_BLOCK_ROWS,
 ) -> tuple[int, ...]:
-    """Block edges ``(0, …, major)`` with about ``target`` bytes of entries per block.
+    """Block edges ``(0, …, major)`` with about ``target`` (default :data:`BLOCK_BYTES`)
+    bytes of entries per block.
 
-    A cut is placed where the cumulative stored bytes cross each multiple of ``target``
-    (one row heavier than ``target`` is a block of its own), then blocks longer than
-    ``max_rows`` are split evenly.
+    Each block takes as many rows as fit in ``target`` (a row heavier than ``target`` is
+    a block of its own), and at most ``max_rows`` rows: one binary search per block.
     """
+    target = target or BLOCK_BYTES
     major = ptr.size - 1
-    cum = ptr * entry_bytes
-    steps = np.arange(target, cum[-1], target)
-    cuts = np.unique(np.searchsorted(cum, steps, side="left"))
-    edges = [0, *(int(c) for c in cuts if 0 < c < major), major]
-    out = [0]
-    for lo, hi in itertools.pairwise(edges):
-        parts = -(-(hi - lo) // max_rows)
-        out.extend(lo + (hi - lo) * (p + 1) // parts for p in range(parts))
-    return tuple(out)
+    cum = np.asarray(ptr, dtype=np.int64) * entry_bytes
+    edges, pos = [0], 0
+    while pos < major:
+        fit = int(np.searchsorted(cum, cum[pos] + target, side="right")) - 1
+        pos = min(max(fit, pos + 1), pos + max_rows, major)
+        edges.append(pos)
+    return tuple(edges)
 
 
 def _read_block(reader: SparseReader, dtype: np.dtype, block_info: Any = None) -> sp.csr_matrix:
@@ -260,7 +258,9 @@ def sparse_array(layout: SparseLayout, reader: SparseReader, dtype: Any) -> da.A
     rows = _csc_rows(layout)
     row_chunks = (rows,) * (m // rows) + ((m % rows,) if m % rows else ())
     meta = sp.csr_matrix((0, 0), dtype=dtype)
-    return x.T.rechunk((row_chunks, (n,))).map_blocks(sp.csr_matrix, dtype=dtype, meta=meta)
+    # tasks, not P2P: distributed's P2P rechunk moves numpy buffers only
+    x = x.T.rechunk((row_chunks, (n,)), method="tasks")
+    return x.map_blocks(sp.csr_matrix, dtype=dtype, meta=meta)
 
 
 def _csc_rows(layout: SparseLayout) -> int:
@@ -280,5 +280,5 @@ def densified(x: da.Array, block_bytes: int = BLOCK_BYTES) -> da.Array:
     m, n = x.shape
     rows = int(max(1, min(m, block_bytes // (n * x.dtype.itemsize))))
     sizes = (rows,) * (m // rows) + ((m % rows,) if m % rows else ())
-    x = x.rechunk((sizes, (n,)))
+    x = x.rechunk((sizes, (n,)), method="tasks")  # P2P moves numpy buffers only
     return x.map_blocks(_dense, dtype=x.dtype, meta=np.empty((0, 0), dtype=x.dtype))

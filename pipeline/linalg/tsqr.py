@@ -131,7 +131,8 @@ def row_blocks(a: da.Array, block_rows: int | None = None, min_rows: int | None 
         sizes[-1] += short
     if tuple(sizes) == a.chunks[0] and len(a.chunks[1]) == 1:
         return a
-    return a.rechunk((tuple(sizes), (n,)))
+    method = "tasks" if is_sparse(a._meta) else None  # P2P moves numpy buffers only
+    return a.rechunk((tuple(sizes), (n,)), method=method)
 
 
 def _tree(leaf_rs: list[Delayed], split_every: int) -> tuple[Delayed, list[Delayed | None]]:

@@ -1,0 +1,150 @@
+"""Synthetic sparse count matrices written as CSR to Zarr, block by block.
+
+``sparse`` is cell × gene-like: eight cell types, each a distribution over genes on top of
+a power-law gene popularity, and a log-normal sequencing depth per cell; a row's counts
+are the genes its reads hit (a multinomial draw, so the row's non-zeros grow with depth
+and popular genes are dense columns). ``counts`` is a topic model's document × term
+matrix: 20 topics drawn from a sparse Dirichlet over terms, each document a Dirichlet
+mixture of topics and a log-normal length. Both target ``density`` on average.
+
+The layout is AnnData's (see :mod:`pipeline.io.sparse`). With ``array`` the store is an
+AnnData root — ``X`` (the CSR group) plus ``obs``/``var`` dataframes with index only
+(``cell_<i>``/``gene_<j>``, or ``doc_<i>``/``term_<j>``) — else a bare CSR group. Rows
+are generated in blocks from their own seeds and appended, so memory stays bounded by a
+block; local stores appear complete or not at all (written aside, renamed into place).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import zarr
+
+from pipeline.config import SyntheticSpec
+
+BLOCK_ROWS = 4096
+ENTRY_CHUNK = 1 << 20  # entries per chunk of data and indices
+TYPES, TOPICS = 8, 20
+_DICT = {"encoding-type": "dict", "encoding-version": "0.1.0"}
+
+
+def _profiles(spec: SyntheticSpec) -> np.ndarray:
+    """Per type/topic, a probability distribution over the columns (rows of the result)."""
+    n = spec.shape[1]
+    rng = np.random.default_rng([spec.seed, 2**31])
+    if spec.kind == "counts":
+        return rng.dirichlet(np.full(n, 0.05), size=TOPICS)
+    popularity = rng.permutation((1.0 + np.arange(n)) ** -0.8)
+    marker = np.exp(rng.standard_normal((TYPES, n)))
+    p = popularity[None, :] * marker
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def _draws_per_row(spec: SyntheticSpec) -> float:
+    """Reads (or words) per row at which distinct columns hit reach about ``density``."""
+    n = spec.shape[1]
+    target = spec.density * n
+    return -n * np.log1p(-min(spec.density, 0.95)) if spec.kind == "sparse" else target * 1.3
+
+
+def sparse_block(spec: SyntheticSpec, profiles: np.ndarray, block: int, rows: int) -> sp.csr_matrix:
+    """Rows ``block × BLOCK_ROWS …`` of the matrix, from the block's own seed."""
+    n = spec.shape[1]
+    rng = np.random.default_rng([spec.seed, block])
+    depth = rng.lognormal(0.0, 0.5, rows)
+    draws = rng.poisson(_draws_per_row(spec) * depth / np.exp(0.125))
+    if spec.kind == "counts":
+        theta = rng.dirichlet(np.full(TOPICS, 0.1), size=rows)
+        per_source = np.array([rng.multinomial(d, t) for d, t in zip(draws, theta, strict=True)])
+    else:
+        kind = rng.integers(0, TYPES, rows)
+        per_source = np.zeros((rows, TYPES), dtype=np.int64)
+        per_source[np.arange(rows), kind] = draws
+    row_ids, cols = [], []
+    for t in range(profiles.shape[0]):
+        counts = per_source[:, t]
+        total = int(counts.sum())
+        if not total:
+            continue
+        cdf = np.cumsum(profiles[t])
+        picks = np.searchsorted(cdf, rng.random(total) * cdf[-1], side="right")
+        row_ids.append(np.repeat(np.arange(rows), counts))
+        cols.append(np.minimum(picks, n - 1))
+    r = np.concatenate(row_ids) if row_ids else np.zeros(0, dtype=np.int64)
+    c = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+    out = sp.csr_matrix((np.ones(r.size, dtype=spec.dtype), (r, c)), shape=(rows, n))
+    out.sum_duplicates()  # repeated hits of one column are its count
+    return out
+
+
+def _index_frame(group: Any, name: str, labels: list[str]) -> None:
+    """An AnnData dataframe with an index only."""
+    frame = group.create_group(
+        name,
+        attributes={
+            "_index": "_index",
+            "column-order": [],
+            "encoding-type": "dataframe",
+            "encoding-version": "0.2.0",
+        },
+    )
+    arr = frame.create_array(
+        "_index",
+        shape=(len(labels),),
+        dtype=str,
+        attributes={"encoding-type": "string-array", "encoding-version": "0.2.0"},
+    )
+    arr[...] = np.array(labels, dtype=object)
+
+
+def _write_csr(group: Any, spec: SyntheticSpec) -> None:
+    m, n = spec.shape
+    group.attrs.update(
+        {"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [m, n]}
+    )
+    data = group.create_array("data", shape=(0,), dtype=spec.dtype, chunks=(ENTRY_CHUNK,))
+    indices = group.create_array("indices", shape=(0,), dtype="int32", chunks=(ENTRY_CHUNK,))
+    indptr = np.zeros(m + 1, dtype=np.int64)
+    profiles = _profiles(spec)
+    for b, r0 in enumerate(range(0, m, BLOCK_ROWS)):
+        rows = min(BLOCK_ROWS, m - r0)
+        block = sparse_block(spec, profiles, b, rows)
+        lo, hi = int(indptr[r0]), int(indptr[r0]) + block.nnz
+        data.resize((hi,))
+        indices.resize((hi,))
+        data[lo:hi] = block.data
+        indices[lo:hi] = block.indices
+        indptr[r0 + 1 : r0 + rows + 1] = lo + block.indptr[1:]
+    ptr = group.create_array("indptr", shape=(m + 1,), dtype="int64", chunks=(ENTRY_CHUNK,))
+    ptr[...] = indptr
+
+
+def write_sparse_local(path: str, spec: SyntheticSpec, array: str | None) -> None:
+    """Write the recipe into a hidden sibling folder, then rename it into place."""
+    final = os.path.abspath(path)
+    parent, name = os.path.split(final)
+    os.makedirs(parent, exist_ok=True)
+    aside = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:12]}")
+    try:
+        root = zarr.open_group(aside, mode="w", zarr_format=3)
+        if array:
+            root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+            m, n = spec.shape
+            rows, cols = ("doc", "term") if spec.kind == "counts" else ("cell", "gene")
+            _index_frame(root, "obs", [f"{rows}_{i}" for i in range(m)])
+            _index_frame(root, "var", [f"{cols}_{j}" for j in range(n)])
+            for g in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+                root.create_group(g, attributes=_DICT)
+            target = root.require_group(array)
+        else:
+            target = root
+        _write_csr(target, spec)
+        os.rename(aside, final)
+    except BaseException:
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
