@@ -43,7 +43,8 @@ LAYOUTS = {
     "v3 blosc": dict(zarr_format=3, compressors=[zarr.codecs.BloscCodec()]),
     "v3 gzip": dict(zarr_format=3, compressors=[zarr.codecs.GzipCodec()]),
     "v3 raw": dict(zarr_format=3, compressors=None),
-    "v3 sharded (through zarr)": dict(zarr_format=3, shards=(8, 6)),
+    "v3 sharded": dict(zarr_format=3, shards=(8, 6)),
+    "v3 sharded blosc": dict(zarr_format=3, shards=(4, 6), compressors=[zarr.codecs.BloscCodec()]),
     "v3 big-endian (through zarr)": dict(
         zarr_format=3, serializer=zarr.codecs.BytesCodec(endian="big")
     ),
@@ -177,3 +178,40 @@ def test_object_store_publish_leaves_complete_result_only():
         assert not [p for p in fs.ls("/results", detail=False) if ".partial-" in p]
     finally:
         fs.rm("/results", recursive=True)
+
+
+def _flip_index_byte(raw: bytes) -> bytes:
+    return raw[:-10] + bytes([raw[-10] ^ 1]) + raw[-9:]
+
+
+def _offset_past_end(raw: bytes) -> bytes:  # first inner chunk's offset → 10⁶, CRC redone
+    n = 2 * 16 + 4  # a shard of 8 × 3 holds two 4 × 3 inner chunks
+    index = bytearray(raw[-n:-4])
+    index[:8] = (10**6).to_bytes(8, "little")
+    return raw[:-n] + bytes(numcodecs.CRC32C().encode(bytes(index)))
+
+
+@pytest.mark.parametrize(
+    ("damage", "missing", "message"),
+    [
+        (
+            _flip_index_byte,
+            "error",
+            "is corrupt: its index RuntimeError: Stored and computed crc32c",
+        ),
+        (_offset_past_end, "error", "is corrupt: inner chunk (0, 0) lies past its end"),
+        (None, "error", "lacks inner chunk (1, 0); set input.missing_chunks: fill"),
+    ],
+)
+def test_damaged_shards_are_refused_naming_the_shard(tmp_path, damage, missing, message):
+    url = tmp_path / "s.zarr"
+    z = zarr.create_array(store=str(url), shape=(16, 3), chunks=(4, 3), shards=(8, 3), dtype="f8")
+    z[:12] = 1.0  # rows 12–15 (inner chunk (1, 0) of shard (1, 0)) stay unwritten
+    shard = url / "c" / "1" / "0"
+    if damage is not None:
+        shard.write_bytes(damage(shard.read_bytes()))
+    x, _ = open_matrix(InputSpec(url=str(url), missing_chunks=missing))
+    with pytest.raises(InputError) as info:
+        x.compute(scheduler="sync")
+    assert message in str(info.value)
+    assert str(info.value).startswith(f"input: chunk (1, 0) of {url} ")
