@@ -265,3 +265,14 @@ def test_plan_cuts_blocks_by_stored_bytes():
     assert sparse_io.plan_blocks(ptr, 8, target=800) == (0, 3, 4, 5, 7)  # row 4 alone
     assert sparse_io.plan_blocks(ptr, 8, target=800, max_rows=1) == tuple(range(8))
     assert sparse_io.plan_blocks(np.zeros(4, dtype=int), 8) == (0, 3)
+
+
+def test_validate_reports_format_nnz_and_density(tmp_path, stores):
+    job = write_job(tmp_path, job_dict(tmp_path, str(stores["v3-sharded"]), methods=[RSVD]))
+    proc = subprocess.run(
+        [*factorize_cmd(), "validate", str(job)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    density = f"{X.nnz / (M * N):.3g}"
+    assert f"shape {M}×{N}, CSR, nnz {X.nnz} (density {density})" in proc.stdout, proc.stdout
+    assert "dtype float64 (Zarr v3)" in proc.stdout and proc.stderr == ""
