@@ -50,6 +50,13 @@ def _options(config: dict[str, Any], method: str) -> str:
     return ", ".join(opts) or "defaults"
 
 
+def _layout(inp: dict[str, Any]) -> str:
+    """``dense``, or ``CSR, nnz 123 (density 0.05)`` for sparse input."""
+    if inp.get("nnz") is None:
+        return inp.get("format", "dense")
+    return f"{inp['format'].upper()}, nnz {inp['nnz']} (density {inp['density']:.3g})"
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """A Markdown report of a completed (or skipped) job.
 
@@ -78,10 +85,10 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines += [
         "## Input",
         "",
-        "| url | array | shape | chunks | dtype | ‖A‖_F |",
-        "|---|---|---|---|---|---|",
-        f"| `{inp.get('url')}` | {inp.get('array') or '—'} | {shape} | {chunks} | "
-        f"{inp.get('dtype')} | {_fmt(inp.get('fro_norm'))} |",
+        "| url | array | shape | layout | chunks | dtype | ‖A‖_F |",
+        "|---|---|---|---|---|---|---|",
+        f"| `{inp.get('url')}` | {inp.get('array') or '—'} | {shape} | {_layout(inp)} | "
+        f"{chunks} | {inp.get('dtype')} | {_fmt(inp.get('fro_norm'))} |",
         "",
         "## Methods",
         "",

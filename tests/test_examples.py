@@ -63,3 +63,21 @@ def test_exact_pca_example_equals_sklearn(tmp_path, client):
     assert r["orthogonality_u"] < 1e-13
     tail = PCA(svd_solver="full").fit(load_digits().data).explained_variance_ratio_[10:].sum()
     assert r["residual_rel_centered"] == pytest.approx(np.sqrt(tail), rel=1e-8)
+
+
+@pytest.mark.parametrize("name", ["cells-pca.yaml", "counts-nmf.yaml"])
+def test_sparse_examples_generate_and_factorize_their_input(tmp_path, client, name):
+    """The sparse examples at a reduced shape: the input is generated (an AnnData store for
+    cells-pca, a bare CSR group for counts-nmf) and factorized without densifying."""
+    import anndata as ad
+
+    job = _localised(name, tmp_path, client)
+    job["input"]["create_if_missing"]["shape"] = [2000, 300]
+    job["methods"][0]["rank"] = 5
+    report = run_job(job, client=client)
+    assert report["input"]["format"] == "csr" and 0.01 < report["input"]["density"] < 0.06
+    adata = tmp_path / "out" / job["name"] / "adata.zarr"
+    assert adata.exists() == (name == "cells-pca.yaml")
+    if adata.exists():
+        out = ad.read_zarr(adata)
+        assert out.obsm["X_pca"].shape == (2000, 5) and out.obs_names[0] == "cell_0"

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import anndata as ad
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,7 +23,7 @@ from conftest import factorize_cmd, job_dict, two_workers, write_job
 from scipy.linalg import subspace_angles
 from sklearn.decomposition import NMF, PCA
 
-from pipeline.config import SyntheticSpec, parse_config
+from pipeline.config import InputSpec, SyntheticSpec, parse_config
 from pipeline.errors import InputError, NonFiniteInputError
 from pipeline.io import sparse as sparse_io
 from pipeline.jobs import precheck, run_job
@@ -105,7 +106,7 @@ def _check_pca(result: dict, factors: zarr.Group, pca: PCA) -> None:
 )
 def test_anndata_input_matches_references(tmp_path, client, stores, references, store, array, fmt):
     spec = {"url": str(stores[store])} | ({"array": array} if array else {})
-    methods = [RSVD, {"method": "tsqr"}]
+    methods = [RSVD, {"method": "tsqr"}, {"method": "svd", "rank": K, "center": True}]
     report = run_job(job_dict(tmp_path, "", input=spec, methods=methods), client=client)
     assert report["input"]["format"] == fmt
     if fmt != "dense":
@@ -115,6 +116,8 @@ def test_anndata_input_matches_references(tmp_path, client, stores, references, 
     factors = zarr.open_group(out / "factors.zarr", mode="r")
     _check_pca(report["methods"]["rsvd"], factors, references["pca"])
     assert report["methods"]["rsvd"]["passes"] == 4
+    exact = report["methods"]["svd"]["explained_variance_ratio"]
+    np.testing.assert_allclose(exact, references["pca"].explained_variance_ratio_, rtol=1e-9)
     np.testing.assert_allclose(np.abs(np.diag(factors["tsqr/R"][...])), references["r"], rtol=1e-9)
     assert report["methods"]["tsqr"]["residual_rel"] < 1e-13
 
@@ -276,3 +279,40 @@ def test_validate_reports_format_nnz_and_density(tmp_path, stores):
     density = f"{X.nnz / (M * N):.3g}"
     assert f"shape {M}×{N}, CSR, nnz {X.nnz} (density {density})" in proc.stdout, proc.stdout
     assert "dtype float64 (Zarr v3)" in proc.stdout and proc.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"power_iters": 0}, {"single_pass": True}],
+    ids=["power", "range-finder", "single-pass"],
+)
+def test_rsvd_on_sparse_blocks_equals_rsvd_on_dense_blocks(tmp_path, stores, options):
+    """Every rsvd path (and the direct residual) gives the dense result from sparse blocks."""
+    from pipeline import metrics as mx
+    from pipeline.io import open_matrix
+    from pipeline.linalg import rsvd
+
+    sparse, _ = open_matrix(InputSpec(url=str(stores["v3"])))
+    dense, _ = open_matrix(InputSpec(url=str(stores["v3"]), array="layers/dense"))
+    dense = dense.rechunk((sparse.chunks[0], -1))
+    with dask.config.set(scheduler="sync"):
+        got, want = (rsvd(x, K, center=True, **options) for x in (sparse, dense))
+        np.testing.assert_allclose(got.s64, want.s64, rtol=1e-10)
+        assert got.total_sumsq == pytest.approx(want.total_sumsq, rel=1e-12)
+        approx = got.s64[:, None] * got.vt
+        rsq = (mx.residual_sq(got.a, got.u, approx, got.mean64).compute() for got in (got, want))
+        assert next(rsq) == pytest.approx(next(rsq), rel=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["hals", "mu"])
+def test_nmf_on_sparse_blocks_equals_nmf_on_dense_blocks(stores, solver):
+    from pipeline.io import open_matrix
+    from pipeline.linalg import nmf
+
+    sparse, _ = open_matrix(InputSpec(url=str(stores["v3"])))
+    dense, _ = open_matrix(InputSpec(url=str(stores["v3"]), array="layers/dense"))
+    dense = dense.rechunk((sparse.chunks[0], -1))
+    with dask.config.set(scheduler="sync"):
+        got, want = (nmf(x, K, solver=solver, max_iter=6, tol=0.0) for x in (sparse, dense))
+    np.testing.assert_allclose(got.history, want.history, rtol=1e-9)
+    assert got.sumsq == pytest.approx(want.sumsq, rel=1e-12)
