@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pipeline.errors import ConfigError
 from pipeline.methods import METHODS
 from pipeline.methods.base import StrictModel
+from pipeline.methods.rank import UNION_TAGS
 
 NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"  # a plain folder name: no ".", "..", ".hidden"
 # The staging folder ".<name>.partial-<12 hex>" adds 22 characters and must fit the usual
@@ -245,6 +246,8 @@ def _loc_to_path(loc: tuple[Any, ...]) -> str:
     out = ""
     skip_tag = False
     for part in loc:
+        if part in UNION_TAGS:  # tags of other tagged unions (rank: number or rule)
+            continue
         if skip_tag:  # discriminated unions insert the tag value after the index
             skip_tag = False
             if isinstance(part, str) and part in METHODS:

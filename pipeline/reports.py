@@ -11,7 +11,7 @@ from typing import Any
 from pipeline.methods import METHODS
 
 # The Markdown report adds these to each method's headline metrics.
-REPORT_EXTRA_KEYS = ("residual_method", "reads_from_storage")
+REPORT_EXTRA_KEYS = ("residual_method", "reads_from_storage", "rank", "rank_rule_met")
 
 
 def headline(report: dict[str, Any]) -> list[tuple[str, str, Any]]:
@@ -106,6 +106,12 @@ def report_markdown(report: dict[str, Any]) -> str:
             total = sum(res["explained_variance_ratio"])
             lines.append(f"| explained variance (sum of ratios) | {_fmt(float(total))} |")
         lines.append("")
+        if res.get("rank_rule_met") is False:
+            lines += [
+                f"**Warning**: the rank rule {res['rank_rule']} is not met with "
+                f"{res['rank']} components (its max); the result has rank {res['rank']}.",
+                "",
+            ]
         lines += [f"Plot: `{output.rstrip('/')}/{plot}`\n" for plot in METHODS[method].plots]
     lines += [
         "## Result",

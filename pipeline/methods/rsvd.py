@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field
 
 from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext, spectral_slots
+from pipeline.methods.rank import Rank, RankRule, choose_rank, max_rank
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -33,7 +35,11 @@ class RSVDSpec(MethodSpec):
     """Randomized truncated SVD (Halko, Martinsson & Tropp 2011); PCA with ``center: true``."""
 
     method: Literal["rsvd"]
-    rank: int = Field(ge=1, description="singular triplets to keep; 1 ≤ rank ≤ min(m, n)")
+    rank: Rank = Field(
+        description="singular triplets to keep (1 ≤ rank ≤ min(m, n)), or a rule "
+        "{max, energy | rel_error | sv_ratio} choosing the fewest that meet it "
+        "(see pipeline.methods.rank)"
+    )
     oversample: int = Field(
         10, ge=0, description="extra sketch columns (rank + oversample is capped at min(m, n))"
     )
@@ -56,7 +62,37 @@ def check(spec: RSVDSpec, shape: tuple[int, int], where: str) -> None:
     """Refuse a rank above the smaller dimension."""
     from pipeline.linalg import check_rank
 
-    check_rank(spec.rank, shape, name=f"{where}.rank:")
+    check_rank(max_rank(spec.rank), shape, name=f"{where}.rank{'.max' * rule(spec)}:")
+
+
+def rule(spec: RSVDSpec) -> bool:
+    """Whether ``rank:`` is a rule rather than a number."""
+    return isinstance(spec.rank, RankRule)
+
+
+def _computed_rank(spec: RSVDSpec, shape: tuple[int, int]) -> int:
+    """Triplets to compute: ``rank``, or the rule's ``max`` (plus one for ``sv_ratio``, to
+    tell whether ``max`` sufficed)."""
+    k = max_rank(spec.rank)
+    extra = int(rule(spec) and spec.rank.sv_ratio is not None)
+    return min(k + extra, *shape)
+
+
+def _apply_rank_rule(spec: RSVDSpec, res: Any) -> tuple[Any, dict[str, Any]]:
+    """The result cut to the rank the rule chooses, and the rule's metrics."""
+    if not rule(spec):
+        return res, {"rank": spec.rank}
+    k, met = choose_rank(spec.rank, res.s64, res.total_sumsq, res.input_sumsq)
+    k = min(k, spec.rank.max)
+    if not met:
+        log.warning(
+            "rsvd: rank rule %s not met with max %d components; the result has rank %d",
+            spec.rank.target,
+            spec.rank.max,
+            k,
+        )
+    cut = replace(res, u=res.u[:, :k], s=res.s[:k], vt=res.vt[:k], s64=res.s64[:k])
+    return cut, {"rank": k, "rank_rule": spec.rank.target, "rank_rule_met": met}
 
 
 def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
@@ -71,7 +107,8 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     m, n = a.shape
-    width = min(spec.rank + spec.oversample, m, n)
+    computed = _computed_rank(spec, (m, n))
+    width = min(computed + spec.oversample, m, n)
     a = row_blocks(a, spec.block_rows, min_rows=width)
     check_block_memory(ctx.client, a, BLOCK_BUFFERS, "rsvd")
     passes = rsvd_passes(spec.power_iters, spec.single_pass)
@@ -79,8 +116,8 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     if passes > 1 or spec.measure_residual:
         a, persisted = ctx.keep_in_memory(a)
     log.info(
-        "rsvd: rank %d (sketch %d) of %d × %d %s, %s; %d passes over the input",
-        spec.rank,
+        "rsvd: rank %s (sketch %d) of %d × %d %s, %s; %d passes over the input",
+        spec.rank.target if rule(spec) else spec.rank,
         width,
         m,
         n,
@@ -90,13 +127,14 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     )
     res = rsvd(
         a,
-        spec.rank,
+        computed,
         oversample=spec.oversample,
         power_iters=spec.power_iters,
         center=spec.center,
         seed=spec.seed,
         single_pass=spec.single_pass,
     )
+    res, rank_metrics = _apply_rank_rule(spec, res)
     log.info("rsvd: factors found in %.1f s; writing U and measuring", time.perf_counter() - t0)
     s64 = res.s64  # float64: keeps the digits of ‖A‖² − Σσ²
     vt64 = np.asarray(res.vt, dtype=np.float64)
@@ -123,7 +161,7 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     total = res.total_sumsq  # ‖A − 1μᵀ‖² when centred, else ‖A‖²
     # ‖A − (1μᵀ + U S Vt)‖ is one numerator; the contract's residual_rel divides it by ‖A‖
     result: dict[str, Any] = {
-        "rank": spec.rank,
+        **rank_metrics,
         "sketch_width": width,
         "singular_values": s64.tolist(),
         "residual_rel": None if rsq is None else mx.relative(rsq, res.input_sumsq),

@@ -12,6 +12,7 @@ spectrum plot of all ``n`` singular values.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -25,6 +26,7 @@ from pipeline.methods.base import (
     check_tall_input,
     spectral_slots,
 )
+from pipeline.methods.rank import Rank, RankRule, choose_rank, max_rank
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -42,8 +44,11 @@ class SVDSpec(MethodSpec):
     """Exact thin SVD of a tall matrix (TSQR, then the SVD of R); exact PCA when centred."""
 
     method: Literal["svd"]
-    rank: int | None = Field(
-        None, ge=1, description="keep the top rank triplets; default: all n (the columns)"
+    rank: Rank | None = Field(
+        None,
+        description="keep the top rank triplets (default: all n, the columns), or a rule "
+        "{max, energy | rel_error | sv_ratio} choosing the fewest that meet it "
+        "(see pipeline.methods.rank)",
     )
     u: bool = Field(True, description="also compute and write U (false: S and Vt, one read)")
     center: bool = Field(False, description="PCA: subtract column means (never materialised)")
@@ -67,7 +72,27 @@ def check(spec: SVDSpec, shape: tuple[int, int], where: str) -> None:
 
     check_tall_input(shape, spec.transpose, where)
     if spec.rank is not None:
-        check_rank(spec.rank, shape, name=f"{where}.rank:")
+        is_rule = isinstance(spec.rank, RankRule)
+        check_rank(max_rank(spec.rank), shape, name=f"{where}.rank{'.max' * is_rule}:")
+
+
+def _apply_rank_rule(spec: SVDSpec, res: Any) -> tuple[Any, dict[str, Any]]:
+    """The result cut to the rank the rule chooses from the exact spectrum, and the rule's
+    metrics (nothing to cut for a numeric rank)."""
+    if not isinstance(spec.rank, RankRule):
+        return res, {}
+    every = res.singular_values_all
+    k, met = choose_rank(spec.rank, every, res.centred_sumsq, res.sumsq)
+    if not met:
+        log.warning(
+            "svd: rank rule %s not met with max %d components; the result has rank %d",
+            spec.rank.target,
+            spec.rank.max,
+            k,
+        )
+    u = None if res.u is None else res.u[:, :k]
+    cut = replace(res, u=u, s=res.s[:k], vt=res.vt[:k])
+    return cut, {"rank_rule": spec.rank.target, "rank_rule_met": met}
 
 
 def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
@@ -97,7 +122,8 @@ def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         tall.numblocks[0],
         2 if spec.u else 1,
     )
-    res = svd(tall, rank=spec.rank, compute_u=spec.u, center=spec.center)
+    res = svd(tall, rank=max_rank(spec.rank), compute_u=spec.u, center=spec.center)
+    res, rank_metrics = _apply_rank_rule(spec, res)
     every = res.singular_values_all  # float64, all n
     k = len(res.s)
     s64, vt64 = every[:k], np.asarray(res.vt, dtype=np.float64)
@@ -119,6 +145,7 @@ def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         rsq, method = float(np.sum(every[k:] ** 2)), "spectrum_tail"
     result: dict[str, Any] = {
         "rank": k,
+        **rank_metrics,
         "singular_values": s64.tolist(),
         "residual_rel": mx.relative(rsq, res.sumsq),
         "residual_method": method,
