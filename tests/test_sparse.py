@@ -225,16 +225,26 @@ def test_bad_sparse_metadata_is_refused_by_validate(tmp_path, change, message):
     assert str(info.value).startswith(f"input: {url}/m") and message in str(info.value)
 
 
+def _corrupt_data_chunk(url: Path) -> None:
+    (url / "m" / "data" / "c" / "0").write_bytes(b"not a zstd frame" * 8)
+
+
 @pytest.mark.parametrize(
     ("change", "error", "message"),
     [
+        ("corrupt", InputError, "/m/data is corrupt: entries "),
         ({"indices": (-1, N)}, InputError, f"indices holds column index {N} in row {M - 1}, "),
         ({"indices": (100, -3)}, InputError, "indices holds column index -3 in row "),
         ({"data": (50, np.nan)}, NonFiniteInputError, "data holds NaN or Inf (first in row "),
     ],
 )
 def test_bad_sparse_values_fail_the_first_pass(tmp_path, client, change, error, message):
-    job = job_dict(tmp_path, str(_bad_group(tmp_path, **change)), methods=[RSVD])
+    if change == "corrupt":
+        url = _bad_group(tmp_path)
+        _corrupt_data_chunk(url)
+    else:
+        url = _bad_group(tmp_path, **change)
+    job = job_dict(tmp_path, str(url), methods=[RSVD])
     job["input"]["array"] = "m"
     with pytest.raises(error) as info:
         run_job(job, client=client)

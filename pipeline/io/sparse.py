@@ -79,10 +79,10 @@ class SparseReader:
         NonFiniteInputError
             NaN or Inf among the values.
         """
-        ptr = np.asarray(self.indptr[r0 : r1 + 1], dtype=np.int64)
+        ptr = self._slice(self.indptr, "indptr", r0, r1 + 1).astype(np.int64)
         lo, hi = int(ptr[0]), int(ptr[-1])
-        values = np.asarray(self.data[lo:hi])
-        idx = np.asarray(self.indices[lo:hi])
+        values = self._slice(self.data, "data", lo, hi)
+        idx = self._slice(self.indices, "indices", lo, hi)
         if hi > lo:
             self._check(ptr, values, idx, r0)
         block = sp.csr_matrix(
@@ -90,6 +90,19 @@ class SparseReader:
         )
         block.sum_duplicates()  # canonical: the sums of squares below count each entry once
         return block
+
+    def _slice(self, arr: Any, key: str, lo: int, hi: int) -> np.ndarray:
+        """``arr[lo:hi]`` through zarr; a chunk that does not decode is a user error naming
+        the array (codec errors are ``RuntimeError``/``ValueError``; I/O errors such as
+        timeouts are left to the retries)."""
+        try:
+            return np.asarray(arr[lo:hi])
+        except (RuntimeError, ValueError, TypeError) as exc:
+            quiet_worker_log()
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(
+                f"input: {self.name}/{key} is corrupt: entries {lo}…{hi - 1} do not decode ({why})"
+            ) from None
 
     def _row_of(self, ptr: np.ndarray, position: int, r0: int) -> int:
         return r0 + int(np.searchsorted(ptr, ptr[0] + position, side="right")) - 1
