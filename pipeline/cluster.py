@@ -13,7 +13,7 @@ from distributed import Client
 
 from pipeline.backend import is_sparse
 from pipeline.config import ClusterSpec, JobConfig
-from pipeline.errors import ClusterError, ConfigError
+from pipeline.errors import ClusterError, ConfigError, WorkersTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ def check_cluster_available(spec: ClusterSpec) -> None:
     ------
     ClusterError
     """
+    if spec.kind == "class":
+        check_cluster_class(spec)
+    if spec.kind == "scheduler-file":
+        check_scheduler_file(spec)
     if spec.kind == "local-cuda":
         import importlib.util
 
@@ -78,11 +82,37 @@ def check_cluster_available(spec: ClusterSpec) -> None:
 def cluster_from_spec(spec: ClusterSpec) -> Iterator[Client]:
     """Yield a ``distributed.Client`` for the job's cluster, closing what it started.
 
+    ``dask_config`` is set for the duration (before a cluster class is imported, as
+    dask-jobqueue reads its defaults from it); with ``wait_for_workers`` the job waits for
+    that many workers, then fails instead of hanging.
+
     Raises
     ------
     ClusterError
-        When the scheduler cannot be reached, or ``local-cuda`` lacks dask-cuda.
+        When the scheduler cannot be reached, the class cannot be built, or ``local-cuda``
+        lacks dask-cuda.
+    WorkersTimeoutError
+        Fewer than ``wait_for_workers.n`` workers within its timeout.
     """
+    import dask
+
+    with dask.config.set(spec.dask_config), _kind_client(spec) as client:
+        if spec.wait_for_workers is not None:
+            wait_for_workers(client, spec.wait_for_workers.n, spec.wait_for_workers.timeout)
+        yield client
+
+
+@contextmanager
+def _kind_client(spec: ClusterSpec) -> Iterator[Client]:
+    """The client of ``spec.kind``'s cluster (see :func:`cluster_from_spec`)."""
+    if spec.kind == "class":
+        with _class_client(spec) as client:
+            yield client
+        return
+    if spec.kind == "scheduler-file":
+        with _scheduler_file_client(spec) as client:
+            yield client
+        return
     if spec.kind == "address":
         shared = _client_for(spec.address)
         if shared is not None:  # a batch in this process already holds one: share it
@@ -146,6 +176,169 @@ def cluster_from_spec(spec: ClusterSpec) -> Iterator[Client]:
         cluster.close()
 
 
+_ADAPTIVE: set[int] = set()  # ids of the clients of adaptive clusters (see keep_in_memory)
+
+
+def import_cluster_class(path: str) -> type:
+    """The class named by the dotted ``path``.
+
+    Raises
+    ------
+    ConfigError
+        The module or the name does not exist, or is not a class.
+    """
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(
+            f"cluster.cluster_class: cannot import {path!r} ({type(exc).__name__}: {first}); "
+            "is its package installed?"
+        ) from None
+    if not isinstance(cls, type):
+        raise ConfigError(f"cluster.cluster_class: {path!r} is not a class")
+    return cls
+
+
+def _accepted_kwargs(cls: type) -> set[str] | None:
+    """Keyword arguments ``cls(...)`` accepts, or ``None`` when it takes any.
+
+    dask-jobqueue clusters take ``**job_kwargs`` on to their ``job_cls``: its ``__init__``
+    and those of its bases are searched too.
+    """
+    import inspect
+
+    def named(func: Any) -> tuple[set[str], bool]:
+        params = inspect.signature(func).parameters.values()
+        names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return names - {"self"}, any(p.kind == p.VAR_KEYWORD for p in params)
+
+    names, open_ended = named(cls)
+    if not open_ended:
+        return names
+    job = getattr(cls, "job_cls", None)
+    if not isinstance(job, type):
+        return None
+    for base in inspect.getmro(job):
+        if "__init__" in vars(base) and base is not object:
+            more, open_ended = named(base.__init__)
+            names |= more
+            if not open_ended:
+                return names
+    return names
+
+
+def check_cluster_class(spec: ClusterSpec) -> type:
+    """Import ``cluster_class`` (with ``dask_config`` set) and check ``cluster_kwargs``
+    against its signature, starting nothing.
+
+    Raises
+    ------
+    ConfigError
+    """
+    import dask
+
+    with dask.config.set(spec.dask_config):
+        cls = import_cluster_class(spec.cluster_class)
+        accepted = _accepted_kwargs(cls)
+    if "asynchronous" in spec.cluster_kwargs:
+        raise ConfigError("cluster.cluster_kwargs: asynchronous is not supported (jobs block)")
+    unknown = sorted(set(spec.cluster_kwargs) - accepted) if accepted is not None else []
+    if unknown:
+        raise ConfigError(
+            f"cluster.cluster_kwargs: {unknown[0]!r} is not an argument of "
+            f"{spec.cluster_class}; it takes: {', '.join(sorted(accepted))}"
+        )
+    return cls
+
+
+@contextmanager
+def _class_client(spec: ClusterSpec) -> Iterator[Client]:
+    """``cluster_class(**cluster_kwargs)``, scaled or adaptive, and a client of it."""
+    cls = check_cluster_class(spec)
+    try:
+        cluster = cls(**spec.cluster_kwargs)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ClusterError(
+            f"cluster: {spec.cluster_class}(**cluster_kwargs) failed: {type(exc).__name__}: {first}"
+        ) from None
+    try:
+        if spec.scale:
+            cluster.scale(**spec.scale)
+        if spec.adapt_kwargs:
+            cluster.adapt(**spec.adapt_kwargs)
+        with Client(cluster, set_as_default=True, **spec.client_kwargs) as client:
+            log.info("started %s; dashboard: %s", spec.cluster_class, client.dashboard_link)
+            if spec.adapt_kwargs:
+                _ADAPTIVE.add(id(client))
+            try:
+                yield client
+            finally:
+                _ADAPTIVE.discard(id(client))
+    finally:
+        cluster.close()
+
+
+@contextmanager
+def _scheduler_file_client(spec: ClusterSpec) -> Iterator[Client]:
+    """A client of the scheduler that wrote ``scheduler_file`` (the HPC pattern)."""
+    check_scheduler_file(spec)
+    try:
+        client = Client(
+            scheduler_file=os.path.expanduser(spec.scheduler_file),
+            timeout=spec.connect_timeout,
+            set_as_default=True,
+            **spec.client_kwargs,
+        )
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(
+            f"cluster.scheduler_file: cannot connect to the scheduler of {spec.scheduler_file} "
+            f"within {spec.connect_timeout:g} s ({type(exc).__name__}); is it running?"
+        ) from None
+    log.info("connected to the scheduler of %s", spec.scheduler_file)
+    try:
+        with client.as_current():
+            yield client
+    finally:
+        client.close()
+
+
+def check_scheduler_file(spec: ClusterSpec) -> None:
+    """Refuse a ``scheduler_file`` that does not exist (yet).
+
+    Raises
+    ------
+    ClusterError
+    """
+    if not os.path.isfile(os.path.expanduser(spec.scheduler_file)):
+        raise ClusterError(
+            f"cluster.scheduler_file: {spec.scheduler_file} does not exist; start the "
+            "scheduler with dask scheduler --scheduler-file first"
+        )
+
+
+def wait_for_workers(client: Client, n: int, timeout: float) -> None:
+    """Block until ``n`` workers joined, or fail after ``timeout`` seconds.
+
+    Raises
+    ------
+    WorkersTimeoutError
+    """
+    try:
+        client.wait_for_workers(n, timeout=timeout)
+    except TimeoutError:
+        have = len(client.scheduler_info(n_workers=-1)["workers"])
+        raise WorkersTimeoutError(
+            f"cluster.wait_for_workers: {have} of {n} workers after {timeout:g} s; did the "
+            "worker jobs start? (raise wait_for_workers.timeout or check the queue)"
+        ) from None
+    log.info("%d workers joined", n)
+
+
 def _client_for(address: str | None) -> Client | None:
     """This process's open default client when it talks to ``address``, else ``None``.
 
@@ -188,6 +381,9 @@ def keep_in_memory(
     """
     where = "device" if on_device else "cluster"
     size = x.nbytes if nbytes is None else nbytes
+    if client is not None and id(client) in _ADAPTIVE:  # its size now says nothing
+        log.info("input (%.2f GiB) is streamed: the cluster is adaptive", size / 2**30)
+        return x, False
     budget = cluster_memory(client, on_device) * PERSIST_FRACTION
     if budget and size <= budget:
         log.info(

@@ -117,15 +117,55 @@ class InputSpec(StrictModel):
         return v
 
 
-class ClusterSpec(StrictModel):
-    """Which Dask cluster runs the job."""
+class WaitForWorkers(StrictModel):
+    """Wait for workers before computing (clusters whose workers start as batch jobs)."""
 
-    kind: Literal["local", "address", "local-cuda"] = Field(
+    n: int = Field(ge=1, description="workers to wait for")
+    timeout: float = Field(600.0, gt=0, le=86400, description="seconds; then the job fails")
+
+
+CLUSTER_CLASS_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$"
+CLASS_ONLY = ("cluster_class", "cluster_kwargs", "scale", "adapt_kwargs")
+NOT_CLIENT_KWARGS = ("address", "asynchronous", "scheduler_file")  # set by the kind
+
+
+class ClusterSpec(StrictModel):
+    """Which Dask cluster runs the job (prefect-dask's vocabulary for ``kind: class``)."""
+
+    kind: Literal["local", "address", "local-cuda", "class", "scheduler-file"] = Field(
         "local",
         description="local: embedded LocalCluster; address: an existing scheduler; "
-        "local-cuda: LocalCUDACluster (needs the gpu extra)",
+        "local-cuda: LocalCUDACluster (needs the gpu extra); class: any cluster class "
+        "(cluster_class, e.g. dask_jobqueue.SLURMCluster); scheduler-file: the scheduler "
+        "that wrote scheduler_file (dask scheduler --scheduler-file)",
     )
     address: str | None = Field(None, description="scheduler address for kind: address")
+    cluster_class: str | None = Field(
+        None,
+        pattern=CLUSTER_CLASS_PATTERN,
+        description="kind: class — dotted path of the cluster class, e.g. "
+        "dask_jobqueue.SLURMCluster, dask_kubernetes.operator.KubeCluster",
+    )
+    cluster_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="kind: class — passed to the class as given"
+    )
+    scale: dict[str, Any] | None = Field(
+        None, description="kind: class — cluster.scale(**scale), e.g. {n: 4} or {jobs: 2}"
+    )
+    adapt_kwargs: dict[str, Any] | None = Field(
+        None, description="kind: class — cluster.adapt(**adapt_kwargs), e.g. {maximum: 10}"
+    )
+    client_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="passed to distributed.Client (not address/asynchronous)"
+    )
+    scheduler_file: str | None = Field(None, description="kind: scheduler-file — its path")
+    wait_for_workers: WaitForWorkers | None = Field(
+        None, description="non-local kinds: wait for n workers, fail after timeout seconds"
+    )
+    dask_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="dask.config.set(...) in this process before the cluster class is imported",
+    )
     n_workers: int | None = Field(None, ge=1, description="local kinds: default from the machine")
     threads_per_worker: int | None = Field(None, ge=1)
     memory_limit: str | int = Field(
@@ -159,11 +199,28 @@ class ClusterSpec(StrictModel):
         return v
 
     @model_validator(mode="after")
-    def _address_matches_kind(self) -> ClusterSpec:
-        if self.kind == "address" and not self.address:
-            raise ValueError("address is required when kind is 'address'")
-        if self.kind != "address" and self.address:
-            raise ValueError(f"address is only used with kind: address (kind is {self.kind!r})")
+    def _fields_match_kind(self) -> ClusterSpec:
+        if self.address and self.cluster_class:
+            raise ValueError("address and cluster_class exclude each other (as in prefect-dask)")
+        for field, kind in (("address", "address"), ("scheduler_file", "scheduler-file")):
+            if self.kind == kind and not getattr(self, field):
+                raise ValueError(f"{field} is required when kind is {kind!r}")
+            if self.kind != kind and getattr(self, field):
+                raise ValueError(f"{field} is only used with kind: {kind} (kind is {self.kind!r})")
+        if self.kind == "class" and not self.cluster_class:
+            raise ValueError("cluster_class is required when kind is 'class'")
+        given = [f for f in CLASS_ONLY if getattr(self, f)]
+        if self.kind != "class" and given:
+            raise ValueError(f"{given[0]} is only used with kind: class (kind is {self.kind!r})")
+        if self.scale and self.adapt_kwargs:
+            raise ValueError("scale and adapt_kwargs exclude each other: a fixed or adaptive size")
+        if bad := [k for k in NOT_CLIENT_KWARGS if k in self.client_kwargs]:
+            raise ValueError(f"client_kwargs may not set {bad[0]!r} (the kind sets it)")
+        if self.wait_for_workers and self.kind in ("local", "local-cuda"):
+            raise ValueError(
+                "wait_for_workers is for kinds class, address and scheduler-file (local "
+                "clusters start their workers before the job runs)"
+            )
         return self
 
 

@@ -39,3 +39,8 @@ class ArtifactExistsError(UserError, FileExistsError):
 
 class ClusterError(UserError, RuntimeError):
     """The Dask cluster cannot be created or reached."""
+
+
+class WorkersTimeoutError(FactorizeError, TimeoutError):
+    """Fewer workers than ``cluster.wait_for_workers`` asked for joined in time (exit 1:
+    the config may be right and the queue slow)."""
