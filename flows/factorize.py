@@ -18,7 +18,9 @@ from prefect import flow, task
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
+    create_progress_artifact,
     create_table_artifact,
+    update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
@@ -29,6 +31,7 @@ from pipeline.cluster import cluster_from_spec
 from pipeline.config import ClusterSpec, JobConfig, check_unique_names, config_from_any, redact
 from pipeline.errors import UserError
 from pipeline.jobs import PreparedRun, Steps, completed_result, compute, execute, prepare, publish
+from pipeline.progress import Progress, progress_sink
 from pipeline.reports import headline, report_markdown
 from pipeline.secrets import check_references, scrubbed_errors
 
@@ -125,6 +128,25 @@ def _link(url: str) -> str:
     return url if "://" in url else Path(url).resolve().as_uri()
 
 
+class ProgressArtifacts:
+    """A Prefect progress artifact per method of one job (``progress-<job>-<method>``),
+    created at its first event and updated at each one, so the UI shows how far it is."""
+
+    def __init__(self, job: str) -> None:
+        self.job = job
+        self.ids: dict[str, Any] = {}
+
+    def __call__(self, event: Progress) -> None:
+        if event.job != self.job:  # a batch runs several jobs in this process
+            return
+        key = _artifact_key("progress", f"{event.job}-{event.method}")
+        text = f"{event.method}: {event.done}/{event.total} {event.unit}(s) {event.detail}"
+        if key in self.ids:
+            update_progress_artifact(self.ids[key], progress=event.percent, description=text)
+        else:
+            self.ids[key] = create_progress_artifact(event.percent, key=key, description=text)
+
+
 def publish_artifacts(report: dict[str, Any]) -> None:
     """Metrics table, Markdown report and a link to the result, keyed by the job name."""
     name = report["name"]
@@ -179,7 +201,8 @@ def factorize(config: JobParameter) -> dict[str, Any]:
         cfg = _as_config(config)  # already a JobConfig unless called with validation off
         logger.info("job %s: %d method(s) on %s", cfg.name, len(cfg.methods), redact(cfg.input.url))
         check_references(cfg)  # a missing variable or Secret block fails here, by key path
-        report = execute(cfg, TASK_STEPS)
+        with progress_sink(ProgressArtifacts(cfg.name)):
+            report = execute(cfg, TASK_STEPS)
         publish_artifacts(report)
     if report.get("skipped"):
         logger.info(

@@ -11,7 +11,8 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TextIO
 
 from pipeline.config import (
@@ -123,6 +124,18 @@ def _load(
     return configs
 
 
+@contextmanager
+def _terminal_progress() -> Iterator[None]:
+    """A progress bar on stdout when it is a terminal; plain log lines otherwise."""
+    if not sys.stdout.isatty():
+        yield
+        return
+    from pipeline.progress import TerminalBar, progress_sink
+
+    with progress_sink(TerminalBar(sys.stdout)):
+        yield
+
+
 def _run(args: argparse.Namespace) -> int:
     from pipeline.reports import summary_table
     from pipeline.secrets import move_to_environment
@@ -133,10 +146,11 @@ def _run(args: argparse.Namespace) -> int:
     from flows import factorize, factorize_batch
 
     wait_api_server()
-    if len(configs) == 1:
-        reports = {configs[0].name: factorize(config=configs[0])}
-    else:  # concurrent flow runs on one shared cluster
-        reports = factorize_batch(configs=configs)
+    with _terminal_progress():
+        if len(configs) == 1:
+            reports = {configs[0].name: factorize(config=configs[0])}
+        else:  # concurrent flow runs on one shared cluster
+            reports = factorize_batch(configs=configs)
     for name, report in reports.items():
         verdict = "skipped (complete, unchanged)" if report.get("skipped") else "completed"
         print(f"\n{name}: {verdict} — {report['output']}")

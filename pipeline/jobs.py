@@ -39,6 +39,8 @@ from pipeline.io.source import InputManifest, open_matrix
 from pipeline.io.sparse import densified
 from pipeline.io.stores import is_local, split_url
 from pipeline.methods import METHODS, RunContext
+from pipeline.progress import Progress
+from pipeline.progress import report as report_progress
 from pipeline.reports import report_markdown
 
 if TYPE_CHECKING:
@@ -249,8 +251,10 @@ def compute(run: PreparedRun, index: int) -> dict[str, Any]:
     ctx = RunContext(
         method, run.output(), client, config.name, config.output, backend, manifest.stored_bytes
     )
+    report_progress(Progress(config.name, spec.method, 0, 1, "step"))
     with guard_workers(client, spec.method):  # workers lost for memory: one line, no hang
         result = method.run(spec, a, ctx)
+    report_progress(Progress(config.name, spec.method, 1, 1, "step"))
     result["backend"] = backend
     result["seconds"] = time.perf_counter() - t0
     if client is not None:  # provenance: which cluster computed it

@@ -151,3 +151,23 @@ def test_batch_reports_failed_jobs_and_finishes_the_others(tmp_path, client, pre
     assert state.is_failed()
     assert "1 of 2 jobs failed: wide" in state.message and "transpose" in state.message
     assert (tmp_path / "out" / "fine" / "metrics.json").exists()
+
+
+def test_progress_artifacts_reach_100(tmp_path, client, prefect_harness):
+    from flows import factorize
+
+    a = np.abs(np.random.default_rng(1).standard_normal((800, 10)))
+    write_array(tmp_path / "in.zarr", a, chunks=(200, 10))
+    job = job_dict(
+        tmp_path,
+        str(tmp_path / "in.zarr"),
+        name="progress_flow",
+        methods=[{"method": "rsvd", "rank": 2}, {"method": "nmf", "rank": 2, "max_iter": 3}],
+        cluster={"kind": "address", "address": client.scheduler.address},
+    )
+    state = factorize(config=job, return_state=True)
+    assert state.is_completed(), state.message
+    for method in ("rsvd", "nmf"):
+        (art,) = _artifacts(f"progress-progress-flow-{method}")
+        assert art.type == "progress" and art.data == 100.0, art
+        assert str(state.state_details.flow_run_id) == str(art.flow_run_id)

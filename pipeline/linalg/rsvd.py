@@ -34,6 +34,7 @@ error of the co-range sketch adds to that of the range).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -322,6 +323,7 @@ def rsvd(
     seed: int = 0,
     single_pass: bool = False,
     block_rows: int | None = None,
+    on_pass: Callable[[int], None] | None = None,
 ) -> RSVDResult:
     """Top-``rank`` SVD of ``a`` (or of its column-centred version: PCA).
 
@@ -338,6 +340,8 @@ def rsvd(
         backend uses the same numbers)
     single_pass : one read of ``a`` (Tropp et al. 2017 sketch); ignores ``power_iters``
     block_rows : rows per block (default about 64 MiB)
+    on_pass : called with the number of passes done after each pass of the power scheme
+        (progress display; not called by the single-pass and ``power_iters = 0`` paths)
 
     Returns
     -------
@@ -372,17 +376,21 @@ def rsvd(
 
     # Pass 1: the statistics and W = AᵀAΩ, centred afterwards (μ is known only at its end):
     # (A − 1μᵀ)ᵀ(A − 1μᵀ)Ω = AᵀY − μ(1ᵀY) with Y = AΩ, since Aᵀ1 = mμ.
+    tick = on_pass or (lambda done: None)
     _, sums = _power_pass(a, (n, width), None, seed=seed, stats=True)
+    tick(1)
     mean = sums["colsum"] / m if center else None
     input_sumsq = float(sums["sumsq"])
     w = _centred_cross(sums["c"], sums["ysum"], mean)
     # Passes 2 … power_iters: W = (A − 1μᵀ)ᵀ(A − 1μᵀ)Z in one pass each.
-    for _ in range(power_iters - 1):
+    for i in range(power_iters - 1):
         _, sums = _power_pass(a, _leading_basis(w), mean)
         w = _centred_cross(sums["c"], sums["ysum"], mean)
+        tick(i + 2)
     # Last pass: Y = (A − 1μᵀ)Z kept, with C = (A − 1μᵀ)ᵀY, YᵀY and the exact ‖A − 1μᵀ‖².
     # With Y = QR, B = QᵀA = R⁻ᵀCᵀ: no further pass over A.
     y_blocks, sums = _power_pass(a, _leading_basis(w), mean, final=True)
+    tick(power_iters + 1)
     y = stack_row_blocks(y_blocks, a, width, "rsvd-sketch")
     c = _centred_cross(sums["c"], sums["ysum"], mean)
     total_sumsq = float(sums["centred_sumsq"]) if center else input_sumsq

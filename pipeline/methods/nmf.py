@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import Field
 
 from pipeline.methods.base import AnnDataSlots, FactorArray, Method, MethodSpec, RunContext
+from pipeline.progress import Progress, report
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -152,6 +153,8 @@ def run(spec: NMFSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     clock = {"checkpoint": time.perf_counter(), "log": time.perf_counter()}
 
     def on_iteration(st: NMFState, w: da.Array) -> None:
+        detail = f"error {st.history[-1]:.6f}"
+        report(Progress(ctx.job_name, "nmf", st.iteration, spec.max_iter, "iteration", detail))
         now = time.perf_counter()
         if now - clock["log"] >= LOG_SECONDS or st.iteration == 1:
             log.info("nmf: iteration %d, relative error %.6f", st.iteration, st.history[-1])

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext, spectral_slots
 from pipeline.methods.rank import Rank, RankRule, choose_rank, max_rank
+from pipeline.progress import Progress, report
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -133,6 +134,7 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         center=spec.center,
         seed=spec.seed,
         single_pass=spec.single_pass,
+        on_pass=lambda done: report(Progress(ctx.job_name, "rsvd", done, passes, "pass")),
     )
     res, rank_metrics = _apply_rank_rule(spec, res)
     log.info("rsvd: factors found in %.1f s; writing U and measuring", time.perf_counter() - t0)

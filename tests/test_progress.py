@@ -1,0 +1,84 @@
+"""Progress while running: events from the methods, the terminal bar under a pseudo-terminal
+(and none when stdout is not a terminal), and Prefect progress artifacts reaching 100."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import subprocess
+
+import numpy as np
+from conftest import factorize_cmd, job_dict, write_array, write_job
+
+from pipeline.jobs import run_job
+from pipeline.progress import Progress, TerminalBar, progress_sink
+
+A = np.abs(np.random.default_rng(2).standard_normal((600, 12)))
+METHODS = [{"method": "rsvd", "rank": 3}, {"method": "nmf", "rank": 3, "max_iter": 4, "tol": 0}]
+
+
+def _job(tmp_path, name="progress_job"):
+    write_array(tmp_path / "a.zarr", A, chunks=(150, 12))
+    return job_dict(tmp_path, str(tmp_path / "a.zarr"), name=name, methods=METHODS)
+
+
+def test_methods_report_passes_iterations_and_completion(tmp_path, client):
+    events: list[Progress] = []
+    with progress_sink(events.append):
+        run_job(_job(tmp_path), client=client)
+    rsvd = [(e.done, e.total, e.unit) for e in events if e.method == "rsvd"]
+    assert rsvd == [(0, 1, "step"), (1, 3, "pass"), (2, 3, "pass"), (3, 3, "pass"), (1, 1, "step")]
+    nmf = [e for e in events if e.method == "nmf" and e.unit == "iteration"]
+    assert [e.done for e in nmf] == [1, 2, 3, 4] and all(e.total == 4 for e in nmf)
+    assert nmf[-1].detail.startswith("error 0.")
+    assert events[-1].percent == 100.0
+
+
+def test_terminal_bar_redraws_one_line():
+    out = io.StringIO()
+    bar = TerminalBar(out)
+    bar(Progress("job", "nmf", 1, 4, "iteration", "error 0.5"))
+    bar(Progress("job", "nmf", 4, 4, "iteration", "error 0.25"))
+    text = out.getvalue()
+    assert text.startswith("\r\x1b[2Kjob nmf [" + "#" * 8 + "-" * 22 + "]  25% 1/4 iterations")
+    assert text.endswith("[" + "#" * 30 + "] 100% 4/4 iterations error 0.25\n")
+
+
+def test_bar_under_a_pseudo_terminal_and_not_in_a_file(tmp_path):
+    job = write_job(tmp_path, _job(tmp_path))
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [*factorize_cmd(), "run", str(job)],
+        stdout=follower,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the pseudo-terminal closes with the process
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    os.close(leader)
+    shown = b"".join(chunks).decode(errors="replace")
+    assert "progress_job nmf [" in shown and "] 100% 4/4 iterations error" in shown, shown
+    assert "\r\x1b[2Kprogress_job rsvd [" in shown
+    log = tmp_path / "run.log"
+    other = write_job(tmp_path, _job(tmp_path, name="progress_file"), "file.yaml")
+    with log.open("w") as f:  # stdout a file: log lines only, no bar
+        proc = subprocess.run(
+            [*factorize_cmd(), "run", str(other)],
+            stdout=f,
+            stderr=subprocess.PIPE,
+            cwd=tmp_path,
+            timeout=300,
+        )
+    assert proc.returncode == 0, proc.stderr
+    text = log.read_text()
+    assert "nmf: iteration 1, relative error" in text and "\r" not in text and "[#" not in text
