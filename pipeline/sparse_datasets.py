@@ -26,11 +26,11 @@ import scipy.sparse as sp
 import zarr
 
 from pipeline.config import SyntheticSpec
+from pipeline.io.anndata_out import ANNDATA, DICT
 
 BLOCK_ROWS = 4096
 ENTRY_CHUNK = 1 << 20  # entries per chunk of data and indices
 TYPES, TOPICS = 8, 20
-_DICT = {"encoding-type": "dict", "encoding-version": "0.1.0"}
 
 
 def _profiles(spec: SyntheticSpec) -> np.ndarray:
@@ -133,13 +133,13 @@ def write_sparse_local(path: str, spec: SyntheticSpec, array: str | None) -> Non
     try:
         root = zarr.open_group(aside, mode="w", zarr_format=3)
         if array:
-            root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+            root.attrs.update(ANNDATA)
             m, n = spec.shape
             rows, cols = ("doc", "term") if spec.kind == "counts" else ("cell", "gene")
             _index_frame(root, "obs", [f"{rows}_{i}" for i in range(m)])
             _index_frame(root, "var", [f"{cols}_{j}" for j in range(n)])
             for g in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
-                root.create_group(g, attributes=_DICT)
+                root.create_group(g, attributes=DICT)
             target = root.require_group(array)
         else:
             target = root

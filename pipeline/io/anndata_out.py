@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 ADATA = "adata.zarr"
 COPY_ROWS = 1 << 20  # entries of an obs/var column copied at once
-_DICT = {"encoding-type": "dict", "encoding-version": "0.1.0"}
+# AnnData's encoding attributes (its on-disk format spec), shared with the sparse generator
+ANNDATA = {"encoding-type": "anndata", "encoding-version": "0.1.0"}
+DICT = {"encoding-type": "dict", "encoding-version": "0.1.0"}
 _ARRAY = {"encoding-type": "array", "encoding-version": "0.2.0"}
 
 
@@ -79,7 +81,7 @@ def _write_rows(group: Any, name: str, x: da.Array) -> Any:
 
 def _spectrum(uns: Any, name: str, result: dict[str, Any]) -> None:
     """``uns/<name>/``: PCA's variances as scanpy stores them, or the singular values."""
-    group = uns.create_group(name, attributes=_DICT)
+    group = uns.create_group(name, attributes=DICT)
     if "explained_variance" in result:
         _write_small(group, "variance", np.asarray(result["explained_variance"]))
         _write_small(group, "variance_ratio", np.asarray(result["explained_variance_ratio"]))
@@ -100,11 +102,11 @@ def write_anndata(
     slots : ``{method: AnnDataSlots}`` for the methods that name slots
     results : ``{method: metrics}``
     """
-    target.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    target.attrs.update(ANNDATA)
     for part in ("obs", "var"):
         _copy_tree(source[part], target.create_group(part))
-    obsm, varm = (target.create_group(g, attributes=_DICT) for g in ("obsm", "varm"))
-    uns = target.create_group("uns", attributes=_DICT)
+    obsm, varm = (target.create_group(g, attributes=DICT) for g in ("obsm", "varm"))
+    uns = target.create_group("uns", attributes=DICT)
     stores = []
     for method, slot in slots.items():
         group = factors[method]

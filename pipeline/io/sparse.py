@@ -49,11 +49,6 @@ def sparse_encoding(node: Any) -> str | None:
     return ENCODINGS.get(str(node.attrs.get("encoding-type", "")))
 
 
-def is_sparse_block(x: Any) -> bool:
-    """True for a scipy sparse block (or a dask array's sparse meta)."""
-    return sp.issparse(x)
-
-
 @dataclass
 class SparseReader:
     """Reads row blocks of a CSR layout (of ``A``, or of ``Aᵀ`` for CSC); pickles to workers."""
