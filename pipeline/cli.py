@@ -57,6 +57,16 @@ def _validate(args: argparse.Namespace) -> int:
         cfg = load_config(path)
         _check_credentials(path, cfg, submit=False)
         m = precheck(cfg)
+        if args.plan:
+            from pipeline.plan import format_plan, plan_job
+
+            plan = plan_job(cfg)
+            print(f"{path}: ok")
+            if plan is None:
+                print("  plan: the sparse input is created by the run; plan it once it exists")
+            else:
+                print("\n".join(format_plan(plan)))
+            continue
         if m is None:
             spec = cfg.input.create_if_missing
             size = f" {spec.shape[0]}×{spec.shape[1]}" if spec.shape else ""
@@ -252,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check job files and open their input; compute nothing")
     p.add_argument("configs", nargs="+", metavar="CONFIG.yaml")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="also print each method's passes, bytes read, blocks, tasks and predicted "
+        "peak memory per worker",
+    )
     p.set_defaults(func=_validate)
 
     p = sub.add_parser(

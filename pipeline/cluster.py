@@ -14,6 +14,7 @@ from distributed import Client
 from pipeline.backend import is_sparse
 from pipeline.config import ClusterSpec, JobConfig
 from pipeline.errors import ClusterError, ConfigError, WorkersTimeoutError
+from pipeline.memory import WORKER_BASELINE
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +370,11 @@ def cluster_memory(client: Client | None, on_device: bool = False) -> int:
     return int(sum(w.get("memory_limit") or 0 for w in workers))
 
 
+def will_keep(size: int, memory: int) -> bool:
+    """Whether an input of ``size`` bytes is kept on workers of ``memory`` bytes in all."""
+    return bool(memory) and size <= memory * PERSIST_FRACTION
+
+
 def keep_in_memory(
     x: da.Array, client: Client | None, on_device: bool = False, nbytes: int | None = None
 ) -> tuple[da.Array, bool]:
@@ -384,8 +390,7 @@ def keep_in_memory(
     if client is not None and id(client) in _ADAPTIVE:  # its size now says nothing
         log.info("input (%.2f GiB) is streamed: the cluster is adaptive", size / 2**30)
         return x, False
-    budget = cluster_memory(client, on_device) * PERSIST_FRACTION
-    if budget and size <= budget:
+    if will_keep(size, cluster_memory(client, on_device)):
         log.info(
             "input (%.2f GiB) fits in %.0f%% of %s memory: reading it once and keeping it",
             size / 2**30,
@@ -447,11 +452,6 @@ def resolve_backend(config: JobConfig, client: Client | None) -> str:
 
 # --------------------------------------------------------------------------- worker memory
 
-# What a worker process holds before any block: Python, numpy/scipy, dask, distributed,
-# zarr and the pipeline loaded (measured 130–180 MiB on Linux). With 3 blocks per TSQR
-# task it separates what was measured: 31 MiB blocks die in 244 MiB workers, 37 MiB
-# blocks run in 300 MiB ones.
-WORKER_BASELINE = 160 * 2**20
 # How long every worker may stay paused (memory above distributed's pause threshold, no
 # task starts) before the run is failed instead of waiting forever.
 PAUSED_TIMEOUT = 60.0

@@ -18,6 +18,7 @@ functions wrapped as tasks — one lifecycle, two executors.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
@@ -38,6 +39,7 @@ from pipeline.io.preflight import check_input_creatable, check_output_writable
 from pipeline.io.source import InputManifest, open_matrix
 from pipeline.io.sparse import densified
 from pipeline.io.stores import is_local, split_url
+from pipeline.memory import measure_peaks
 from pipeline.methods import METHODS, RunContext
 from pipeline.progress import Progress
 from pipeline.progress import report as report_progress
@@ -252,10 +254,15 @@ def compute(run: PreparedRun, index: int) -> dict[str, Any]:
         method, run.output(), client, config.name, config.output, backend, manifest.stored_bytes
     )
     report_progress(Progress(config.name, spec.method, 0, 1, "step"))
-    with guard_workers(client, spec.method):  # workers lost for memory: one line, no hang
+    with guard_workers(client, spec.method), measure_peaks(client) as peaks:
         result = method.run(spec, a, ctx)
+    # The runner's kept input and factors are futures inside reference cycles (graphs,
+    # results): collect them now, or the workers hold them through the next method.
+    del a
+    gc.collect()
     report_progress(Progress(config.name, spec.method, 1, 1, "step"))
     result["backend"] = backend
+    result["memory"] = {"predicted_peak": ctx.predicted_peak, **peaks.to_dict()}
     result["seconds"] = time.perf_counter() - t0
     if client is not None:  # provenance: which cluster computed it
         workers = client.scheduler_info(n_workers=-1)["workers"].values()

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from pipeline.memory import Cost
+
 if TYPE_CHECKING:
     import dask.array as da
     from distributed import Client
@@ -163,6 +165,8 @@ class Method:
     check : ``check(spec, shape, where)`` refuses, before any compute, a spec that cannot
         run on a matrix of ``shape`` (``where`` is the field path, e.g. ``"methods[0]"``)
     run : ``run(spec, a, ctx) -> metrics`` factorizes ``a`` and writes through ``ctx``
+    cost : ``cost(spec, shape) -> Cost``: passes, block layout and memory per block (the
+        runner lays out its blocks by it, ``factorize plan`` predicts from it)
     arrays : the arrays it may write, with their dimension names
     headline : metric keys shown in the CLI summary and the Prefect table artifact
     plots : file names of the plots it writes next to ``metrics.json``
@@ -179,6 +183,7 @@ class Method:
     spec: type[MethodSpec]
     check: Callable[[Any, tuple[int, int], str], None]
     run: Callable[[Any, da.Array, RunContext], dict[str, Any]]
+    cost: Callable[[Any, tuple[int, int]], Cost]
     arrays: tuple[FactorArray, ...]
     headline: tuple[str, ...]
     example: dict[str, Any]
@@ -204,6 +209,7 @@ class RunContext:
     output: OutputSpec
     backend: str = "numpy"  # where the blocks live: numpy (host) or cupy (device)
     sparse_bytes: int | None = None  # a sparse input's size in memory (for keep_in_memory)
+    predicted_peak: int | None = None  # bytes per worker, set by row_blocks
 
     def write(self, name: str, x: Any) -> Any:
         """Write a declared factor array; a dask array returns a lazy store to compute."""
@@ -218,6 +224,24 @@ class RunContext:
             raise KeyError(f"{self.method.name} does not declare a plot {filename!r}")
         self.out.write_bytes(filename, png)
 
+    def row_blocks(self, a: da.Array, spec: MethodSpec, cost: Cost) -> tuple[da.Array, bool]:
+        """``a`` (transposed if ``cost`` says so) in the row blocks ``cost`` needs, checked
+        against the workers' memory and kept in memory when the method keeps it and it
+        fits; records the predicted peak memory per worker. Returns ``(blocks, kept)``."""
+        from pipeline.cluster import check_block_memory
+        from pipeline.memory import predicted_peak, workers_of
+
+        a = method_blocks(a, spec, cost)
+        check_block_memory(self.client, a, cost.buffers, self.method.name)
+        kept = False
+        if cost.keeps:
+            a, kept = self.keep_in_memory(a)
+        workers = workers_of(self.client)
+        if workers is not None:
+            size = block_bytes(a, self.sparse_bytes)
+            self.predicted_peak = predicted_peak(cost, a.chunks[0], size, kept, workers)
+        return a, kept
+
     def keep_in_memory(self, a: da.Array) -> tuple[da.Array, bool]:
         """Persist ``a`` on the cluster when it fits (:func:`pipeline.cluster.keep_in_memory`)."""
         from pipeline.backend import is_sparse
@@ -225,3 +249,20 @@ class RunContext:
 
         nbytes = self.sparse_bytes if is_sparse(a._meta) else None
         return keep_in_memory(a, self.client, on_device=self.backend != "numpy", nbytes=nbytes)
+
+
+def method_blocks(a: da.Array, spec: MethodSpec, cost: Cost) -> da.Array:
+    """The row blocks a method with ``cost`` factorizes (``a`` transposed if it says so)."""
+    from pipeline.linalg import row_blocks
+
+    return row_blocks(a.T if cost.transpose else a, spec.block_rows, min_rows=cost.min_rows)
+
+
+def block_bytes(a: da.Array, sparse_bytes: int | None = None) -> int:
+    """Bytes in memory of ``a``'s largest row block (a sparse input's share of its size)."""
+    from pipeline.backend import is_sparse
+
+    rows = max(a.chunks[0])
+    if is_sparse(a._meta) and sparse_bytes is not None:
+        return -(-sparse_bytes * rows // a.shape[0])
+    return rows * a.shape[1] * a.dtype.itemsize

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field
 
+from pipeline.memory import Cost
 from pipeline.methods.base import AnnDataSlots, FactorArray, Method, MethodSpec, RunContext
 from pipeline.progress import Progress, report
 
@@ -34,6 +35,9 @@ LOG_SECONDS = 5
 # Block-sized arrays a task holds at once: the block (W_i and the products are narrow)
 # and the row chunks a rechunk merges into it.
 BLOCK_BUFFERS = 2
+# Tall state per row block: W and its update, or during NNDSVD the sketches of the
+# randomized SVD (three of rank + 10 columns, see pipeline.methods.rsvd).
+SKETCH_OVERSAMPLE = 10
 
 
 class NMFSpec(MethodSpec):
@@ -70,6 +74,26 @@ def check(spec: NMFSpec, shape: tuple[int, int], where: str) -> None:
     from pipeline.linalg import check_rank
 
     check_rank(spec.rank, shape, name=f"{where}.rank:")
+
+
+def cost(spec: NMFSpec, shape: tuple[int, int]) -> Cost:
+    """A pass for the input's statistics, the NNDSVD's passes, then one per iteration up
+    to ``max_iter`` (fewer when it converges); the input is kept in memory when it fits."""
+    from pipeline.linalg import rsvd_passes
+    from pipeline.linalg.nmf import INIT_POWER_ITERS
+    from pipeline.methods.rsvd import SKETCHES_KEPT
+
+    width = min(spec.rank + SKETCH_OVERSAMPLE, *shape)
+    init = 0 if spec.init == "random" else rsvd_passes(INIT_POWER_ITERS)
+    return Cost(
+        passes=1 + init + spec.max_iter,
+        exact=False,
+        columns=shape[1],
+        min_rows=width,
+        buffers=BLOCK_BUFFERS,
+        keeps=True,
+        state_columns=max(2 * spec.rank, SKETCHES_KEPT * width * bool(init)),
+    )
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -124,15 +148,12 @@ def run(spec: NMFSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
 
     from pipeline import metrics as mx
     from pipeline.checkpoints import Checkpoints
-    from pipeline.cluster import check_block_memory
-    from pipeline.linalg import nmf, row_blocks, rsvd_passes
+    from pipeline.linalg import nmf, rsvd_passes
     from pipeline.linalg.nmf import INIT_POWER_ITERS
     from pipeline.plots import convergence_png
 
     m, n = a.shape
-    a = row_blocks(a, spec.block_rows, min_rows=min(spec.rank + 10, m, n))
-    check_block_memory(ctx.client, a, BLOCK_BUFFERS, "nmf")
-    a, persisted = ctx.keep_in_memory(a)
+    a, persisted = ctx.row_blocks(a, spec, cost(spec, (m, n)))
     store = Checkpoints(ctx.output, ctx.job_name)
     state = None
     if spec.resume and store.exists():
@@ -220,6 +241,7 @@ METHOD = Method(
     spec=NMFSpec,
     check=check,
     run=run,
+    cost=cost,
     arrays=(FactorArray("W", ("row", "component")), FactorArray("H", ("component", "col"))),
     headline=("residual_rel", "iterations", "converged", "passes", "seconds"),
     plots=(PLOT,),

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field
 
+from pipeline.memory import Cost
 from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext, spectral_slots
 from pipeline.methods.rank import Rank, RankRule, choose_rank, max_rank
 from pipeline.progress import Progress, report
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 # Block-sized arrays a task holds at once: the block (its products with the sketch are
 # narrow) and the row chunks a rechunk merges into it.
 BLOCK_BUFFERS = 2
+# Tall state per row block between passes: the sketch Y, its orthonormal basis Q and U.
+SKETCHES_KEPT = 3
 
 PLOT = "rsvd_spectrum.png"
 
@@ -79,6 +82,25 @@ def _computed_rank(spec: RSVDSpec, shape: tuple[int, int]) -> int:
     return min(k + extra, *shape)
 
 
+def cost(spec: RSVDSpec, shape: tuple[int, int]) -> Cost:
+    """``power_iters + 1`` passes (one for the single-pass sketch), plus a direct residual
+    pass when asked for (or, unasked, when the exact formula has lost its digits)."""
+    from pipeline.linalg import rsvd_passes
+
+    width = min(_computed_rank(spec, shape) + spec.oversample, *shape)
+    passes = rsvd_passes(spec.power_iters, spec.single_pass)
+    maybe_direct = spec.measure_residual is None and not spec.single_pass
+    return Cost(
+        passes=passes + int(bool(spec.measure_residual) or maybe_direct),
+        exact=not maybe_direct,
+        columns=shape[1],
+        min_rows=width,
+        buffers=BLOCK_BUFFERS,
+        keeps=passes > 1 or bool(spec.measure_residual),
+        state_columns=SKETCHES_KEPT * width,
+    )
+
+
 def _apply_rank_rule(spec: RSVDSpec, res: Any) -> tuple[Any, dict[str, Any]]:
     """The result cut to the rank the rule chooses, and the rule's metrics."""
     if not rule(spec):
@@ -101,8 +123,7 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     import dask
 
     from pipeline import metrics as mx
-    from pipeline.cluster import check_block_memory
-    from pipeline.linalg import row_blocks, rsvd, rsvd_passes
+    from pipeline.linalg import rsvd, rsvd_passes
     from pipeline.linalg.tsqr import UNOPTIMIZED
     from pipeline.plots import spectrum_png
 
@@ -110,12 +131,8 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     m, n = a.shape
     computed = _computed_rank(spec, (m, n))
     width = min(computed + spec.oversample, m, n)
-    a = row_blocks(a, spec.block_rows, min_rows=width)
-    check_block_memory(ctx.client, a, BLOCK_BUFFERS, "rsvd")
+    a, persisted = ctx.row_blocks(a, spec, cost(spec, (m, n)))
     passes = rsvd_passes(spec.power_iters, spec.single_pass)
-    persisted = False
-    if passes > 1 or spec.measure_residual:
-        a, persisted = ctx.keep_in_memory(a)
     log.info(
         "rsvd: rank %s (sketch %d) of %d × %d %s, %s; %d passes over the input",
         spec.rank.target if rule(spec) else spec.rank,
@@ -189,6 +206,7 @@ METHOD = Method(
     spec=RSVDSpec,
     check=check,
     run=run,
+    cost=cost,
     arrays=(
         FactorArray("U", ("row", "component")),
         FactorArray("S", ("component",)),

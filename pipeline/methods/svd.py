@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from pipeline.memory import Cost
 from pipeline.methods.base import (
     FactorArray,
     Method,
@@ -76,6 +77,26 @@ def check(spec: SVDSpec, shape: tuple[int, int], where: str) -> None:
         check_rank(max_rank(spec.rank), shape, name=f"{where}.rank{'.max' * is_rule}:")
 
 
+def cost(spec: SVDSpec, shape: tuple[int, int]) -> Cost:
+    """TSQR's cost (see :mod:`pipeline.methods.tsqr`); centring widens each block by its
+    constant column, so blocks need ``n + 1`` rows and one more buffer."""
+    from pipeline.methods.tsqr import BLOCK_SQUARES, NODE_SQUARES
+
+    n = (shape[0] if spec.transpose else shape[1]) + int(spec.center)
+    return Cost(
+        passes=2 if spec.u else 1,
+        exact=True,
+        columns=n,
+        min_rows=n,
+        buffers=BLOCK_BUFFERS + int(spec.center),
+        keeps=spec.u,
+        block_squares=BLOCK_SQUARES,
+        node_squares=NODE_SQUARES,
+        output_blocks=int(spec.u),  # Q_i, multiplied into U_i
+        transpose=spec.transpose,
+    )
+
+
 def _apply_rank_rule(spec: SVDSpec, res: Any) -> tuple[Any, dict[str, Any]]:
     """The result cut to the rank the rule chooses from the exact spectrum, and the rule's
     metrics (nothing to cut for a numeric rank)."""
@@ -100,18 +121,11 @@ def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     import dask
 
     from pipeline import metrics as mx
-    from pipeline.cluster import check_block_memory
-    from pipeline.linalg import row_blocks, svd
+    from pipeline.linalg import svd
     from pipeline.linalg.tsqr import UNOPTIMIZED
     from pipeline.plots import spectrum_png
 
-    tall = a.T if spec.transpose else a
-    # centring adds a column per block (see pipeline.linalg.svd): blocks need n + 1 rows
-    tall = row_blocks(tall, spec.block_rows, min_rows=tall.shape[1] + int(spec.center))
-    check_block_memory(ctx.client, tall, BLOCK_BUFFERS + int(spec.center), "svd")
-    persisted = False
-    if spec.u:  # two passes: keep the input in memory when it fits
-        tall, persisted = ctx.keep_in_memory(tall)
+    tall, persisted = ctx.row_blocks(a, spec, cost(spec, a.shape))
     m, n = tall.shape
     log.info(
         "svd: %d × %d %s%s in %d row blocks; %d pass(es)",
@@ -180,6 +194,7 @@ METHOD = Method(
     spec=SVDSpec,
     check=check,
     run=run,
+    cost=cost,
     arrays=(
         FactorArray("U", ("row", "component"), when=_writes_u),
         FactorArray("S", ("component",)),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field
 
+from pipeline.memory import Cost
 from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext, check_tall_input
 
 if TYPE_CHECKING:
@@ -24,6 +25,11 @@ log = logging.getLogger(__name__)
 # Block-sized arrays a task holds at once: the block and two Cholesky-QR iterates (or
 # Householder's copy and Q; while a rechunk merges row chunks: the chunks and the block).
 BLOCK_BUFFERS = 3
+# n × n arrays kept per row block: its R, up to three more Cholesky factors and the
+# transform Q needs. A tree node stacks its children's R and holds the stack, its QR's
+# copy and Q: about four per child.
+BLOCK_SQUARES = 4
+NODE_SQUARES = 4
 
 
 class TSQRSpec(MethodSpec):
@@ -39,24 +45,34 @@ def check(spec: TSQRSpec, shape: tuple[int, int], where: str) -> None:
     check_tall_input(shape, spec.transpose, where)
 
 
+def cost(spec: TSQRSpec, shape: tuple[int, int]) -> Cost:
+    """One pass for ``R``, a second for ``Q`` (the input kept in memory between them)."""
+    n = shape[0] if spec.transpose else shape[1]
+    return Cost(
+        passes=2 if spec.q else 1,
+        exact=True,
+        columns=n,
+        min_rows=n,
+        buffers=BLOCK_BUFFERS,
+        keeps=spec.q,
+        block_squares=BLOCK_SQUARES,
+        node_squares=NODE_SQUARES,
+        output_blocks=int(spec.q),
+        transpose=spec.transpose,
+    )
+
+
 def run(spec: TSQRSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     """Factorize, write ``R`` (and ``Q`` with its residual and orthogonality)."""
     import dask
 
     from pipeline import metrics as mx
     from pipeline.backend import to_host
-    from pipeline.cluster import check_block_memory
-    from pipeline.linalg import row_blocks, tsqr
+    from pipeline.linalg import tsqr
     from pipeline.linalg.tsqr import UNOPTIMIZED
 
-    if spec.transpose:
-        a = a.T
     t0 = time.perf_counter()
-    a = row_blocks(a, spec.block_rows)
-    check_block_memory(ctx.client, a, BLOCK_BUFFERS, "tsqr")
-    persisted = False
-    if spec.q:  # two passes: keep the input in memory when it fits
-        a, persisted = ctx.keep_in_memory(a)
+    a, persisted = ctx.row_blocks(a, spec, cost(spec, a.shape))
     log.info(
         "tsqr: %d × %d %s in %d row blocks; pass 1/%d computes R",
         *a.shape,
@@ -104,6 +120,7 @@ METHOD = Method(
     spec=TSQRSpec,
     check=check,
     run=run,
+    cost=cost,
     arrays=(
         FactorArray("Q", ("row", "component"), when=lambda spec: spec.q),
         FactorArray("R", ("component", "col")),
