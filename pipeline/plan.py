@@ -37,6 +37,7 @@ class MethodPlan:
     cost: Cost
     rows: tuple[int, ...]  # rows of each row block
     block_bytes: int  # the largest block in memory
+    kept_bytes: int  # the input in memory as this method keeps it (densified or sparse)
     kept: bool | None  # None: decided by the workers the run gets
     reads: int  # reads of the input from storage (an upper bound unless cost.exact)
     peak: int | None  # per worker; None when the workers are not known before the run
@@ -130,7 +131,9 @@ def plan_job(config: JobConfig) -> JobPlan | None:
         peak = None
         if workers is not None and kept is not None:
             peak = predicted_peak(cost, blocks.chunks[0], size, kept, workers)
-        plans.append(MethodPlan(spec.method, cost, blocks.chunks[0], size, kept, reads, peak))
+        plans.append(
+            MethodPlan(spec.method, cost, blocks.chunks[0], size, nbytes, kept, reads, peak)
+        )
     stored = stored_size(config) if manifest is not None else None
     return JobPlan(config.name, a.shape, str(a.dtype), int(in_memory), stored, workers, plans)
 
@@ -155,7 +158,7 @@ def _kept_text(p: MethodPlan, plan: JobPlan) -> str:
     if p.kept is None:
         from pipeline.cluster import PERSIST_FRACTION
 
-        need = plan.memory_bytes / PERSIST_FRACTION
+        need = p.kept_bytes / PERSIST_FRACTION
         return f"input kept in memory if the workers' memory totals ≥ {_size(need)}"
     return "input kept in memory" if p.kept else "input streamed (too large to keep)"
 
@@ -177,16 +180,17 @@ def format_plan(plan: JobPlan) -> list[str]:
         ),
     ]
     for p in plan.methods:
-        reads = p.reads if p.cost.exact or p.kept else f"up to {p.reads}"
-        read_bytes = (
-            f", {_size(p.reads * plan.stored_bytes)} from storage"
-            if plan.stored_bytes is not None
-            else ""
-        )
+        reads = f"{p.reads}×" if p.cost.exact or p.kept else f"up to {p.reads}×"
+        if p.kept is None:
+            reads = f"once if kept, else {reads}"
+        read_bytes = ""
+        if plan.stored_bytes is not None:
+            each = p.reads * plan.stored_bytes if p.kept is not None else plan.stored_bytes
+            read_bytes = f", {_size(each)} from storage{' per read' * (p.kept is None)}"
         n = p.cost.columns
         lines.append(
             f"  {p.method}: {p.cost.describe_passes()} pass{'es' * (p.cost.passes > 1)}, "
-            f"{_kept_text(p, plan)}; reads the input {reads}×{read_bytes}; "
+            f"{_kept_text(p, plan)}; reads the input {reads}{read_bytes}; "
             f"{_count(len(p.rows), 'row block')} of ≤ {max(p.rows)} × {n} "
             f"({_size(p.block_bytes)}), {_count(len(p.rows), 'task')} per pass; "
             + (

@@ -4,7 +4,8 @@ The library reports :class:`Progress` events (``report``); sinks receive them â€
 terminal bar of ``factorize run`` when stdout is a terminal (:class:`TerminalBar`), the
 Prefect flow's progress artifacts (``flows``), a test. Without sinks a report costs a
 list lookup. Every method reports 0 % when it starts and 100 % when it finished (from
-:mod:`pipeline.jobs`); ``nmf`` reports each iteration with its error, ``rsvd`` each pass.
+:mod:`pipeline.jobs`); ``nmf`` reports each iteration with its error, ``rsvd`` each pass,
+``tsqr`` and ``svd`` each row block of each pass (:func:`watch_blocks`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,54 @@ def progress_sink(sink: Callable[[Progress], None]) -> Iterator[None]:
     finally:
         with _LOCK:
             _SINKS.remove(sink)
+
+
+def _finished(prefix: str, dask_scheduler: Any = None) -> int:
+    """Tasks named ``prefix-â€¦`` that ever finished on this scheduler (its running count)."""
+    found = dask_scheduler.task_prefixes.get(prefix)
+    return 0 if found is None else int(found.state_counts.get("memory", 0))
+
+
+@contextmanager
+def watch_blocks(
+    client: Client | None, prefix: str, on_count: Callable[[int], None], interval: float = 0.5
+) -> Iterator[None]:
+    """Call ``on_count(n)`` while the block runs, ``n`` the tasks named ``prefix`` (one per
+    row block, e.g. ``factor_block``) finished since it began.
+
+    The scheduler counts every task that reaches memory per key prefix (the figures of
+    its dashboard); this polls that count. Jobs sharing a cluster and running the same
+    kernel at once see each other's blocks (callers cap ``n`` at their block count).
+    """
+    if client is None:
+        yield
+        return
+    start = client.run_on_scheduler(_finished, prefix)
+    stop = threading.Event()
+    last = [0]
+
+    def poll() -> None:
+        try:
+            n = client.run_on_scheduler(_finished, prefix) - start
+        except Exception:  # the client is closing: nothing left to watch
+            stop.set()
+            return
+        if n != last[0]:
+            on_count(n)
+            last[0] = n
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            poll()
+
+    thread = threading.Thread(target=loop, name=f"progress-{prefix}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    poll()  # the last blocks, finished since the last look
 
 
 class TerminalBar:

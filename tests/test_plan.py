@@ -99,7 +99,7 @@ def test_plan_of_other_clusters_and_created_inputs(tmp_path, store):
     assert plan.workers is None and all(p.peak is None for p in plan.methods)
     text = "\n".join(format_plan(plan))
     assert "kept in memory if the workers' memory totals ≥ 762.9 MiB" in text  # 305 / 0.4
-    assert "tsqr: 2 passes" in text
+    assert "tsqr: 2 passes" in text and "reads the input once if kept, else 2×" in text
     created = job_dict(
         tmp_path,
         str(tmp_path / "new.zarr"),

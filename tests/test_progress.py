@@ -12,7 +12,7 @@ import numpy as np
 from conftest import factorize_cmd, job_dict, write_array, write_job
 
 from pipeline.jobs import run_job
-from pipeline.progress import Progress, TerminalBar, progress_sink
+from pipeline.progress import Progress, TerminalBar, progress_sink, watch_blocks
 
 A = np.abs(np.random.default_rng(2).standard_normal((600, 12)))
 METHODS = [{"method": "rsvd", "rank": 3}, {"method": "nmf", "rank": 3, "max_iter": 4, "tol": 0}]
@@ -33,6 +33,40 @@ def test_methods_report_passes_iterations_and_completion(tmp_path, client):
     assert [e.done for e in nmf] == [1, 2, 3, 4] and all(e.total == 4 for e in nmf)
     assert nmf[-1].detail.startswith("error 0.")
     assert events[-1].percent == 100.0
+
+
+def slow_block(i: int) -> int:
+    import time
+
+    time.sleep(0.3)
+    return i
+
+
+def test_watch_blocks_counts_the_tasks_of_a_prefix_as_they_finish(client):
+    import dask
+    from dask import delayed
+
+    counts: list[int] = []
+    with watch_blocks(client, "slow_block", counts.append, interval=0.05):
+        dask.compute(*[delayed(slow_block, pure=False)(i) for i in range(6)])
+    assert counts[-1] == 6 and counts == sorted(counts) and len(set(counts)) >= 3, counts
+    with watch_blocks(None, "slow_block", counts.append):  # no cluster: nothing to watch
+        pass
+
+
+def test_tsqr_and_svd_report_blocks_of_each_pass(tmp_path, client):
+    methods = [{"method": "tsqr"}, {"method": "svd", "center": True}]
+    job = job_dict(tmp_path, str(tmp_path / "a.zarr"), methods=methods)
+    write_array(tmp_path / "a.zarr", A, chunks=(150, 12))  # 4 row blocks
+    events: list[Progress] = []
+    with progress_sink(events.append):
+        run_job(job, client=client)
+    for method in ("tsqr", "svd"):
+        blocks = [e for e in events if e.method == method and e.unit == "block"]
+        done = [e.done for e in blocks]
+        assert done == sorted(done) and {4, 8} <= set(done), (method, done)
+        assert all(e.total == 8 for e in blocks)
+        assert blocks[-1].detail == "pass 2/2" and blocks[-1].percent == 100.0
 
 
 def test_terminal_bar_redraws_one_line():

@@ -37,6 +37,12 @@ DEFAULT_BLOCK_BYTES = 64 * 2**20
 # definitions that conflict with the ones the scheduler remembers from the R pass.
 UNOPTIMIZED = {"optimize_graph": False}
 
+# Key prefixes of the one-per-row-block tasks of each pass (what progress counts): R's
+# pass, Q's, and Q·M's (svd's U).
+R_PASS_TASK = "factor_block"
+Q_PASS_TASK = "block_q"
+Q_TIMES_PASS_TASK = "block_q_times"
+
 
 @dataclass
 class TSQRResult:

@@ -242,6 +242,22 @@ class RunContext:
             self.predicted_peak = predicted_peak(cost, a.chunks[0], size, kept, workers)
         return a, kept
 
+    def watch_pass(self, prefix: str, blocks: int, passes: int, done: int) -> Any:
+        """A context in which the blocks of pass ``done + 1`` of ``passes`` are reported as
+        their tasks (named ``prefix``) finish (see :func:`pipeline.progress.watch_blocks`)."""
+        from pipeline.progress import Progress, report, watch_blocks
+
+        def on_count(n: int) -> None:
+            finished = done * blocks + min(n, blocks)
+            detail = f"pass {done + 1}/{passes}"
+            report(
+                Progress(
+                    self.job_name, self.method.name, finished, passes * blocks, "block", detail
+                )
+            )
+
+        return watch_blocks(self.client, prefix, on_count)
+
     def keep_in_memory(self, a: da.Array) -> tuple[da.Array, bool]:
         """Persist ``a`` on the cluster when it fits (:func:`pipeline.cluster.keep_in_memory`)."""
         from pipeline.backend import is_sparse

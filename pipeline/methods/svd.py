@@ -122,21 +122,23 @@ def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
 
     from pipeline import metrics as mx
     from pipeline.linalg import svd
-    from pipeline.linalg.tsqr import UNOPTIMIZED
+    from pipeline.linalg.tsqr import Q_TIMES_PASS_TASK, R_PASS_TASK, UNOPTIMIZED
     from pipeline.plots import spectrum_png
 
+    passes = cost(spec, a.shape).passes
     tall, persisted = ctx.row_blocks(a, spec, cost(spec, a.shape))
-    m, n = tall.shape
+    (m, n), blocks = tall.shape, tall.numblocks[0]
     log.info(
         "svd: %d × %d %s%s in %d row blocks; %d pass(es)",
         m,
         n,
         tall.dtype,
         " (transposed)" if spec.transpose else "",
-        tall.numblocks[0],
-        2 if spec.u else 1,
+        blocks,
+        passes,
     )
-    res = svd(tall, rank=max_rank(spec.rank), compute_u=spec.u, center=spec.center)
+    with ctx.watch_pass(R_PASS_TASK, blocks, passes, 0):
+        res = svd(tall, rank=max_rank(spec.rank), compute_u=spec.u, center=spec.center)
     res, rank_metrics = _apply_rank_rule(spec, res)
     every = res.singular_values_all  # float64, all n
     k = len(res.s)
@@ -152,7 +154,8 @@ def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     if spec.u:
         store = ctx.write(tall_name, res.u.T if spec.transpose else res.u)
         residual = mx.residual_sq(res.a, res.u, s64[:, None] * vt64, res.mean)
-        _, rsq, g = dask.compute(store, residual, mx.gram(res.u), **UNOPTIMIZED)
+        with ctx.watch_pass(Q_TIMES_PASS_TASK, blocks, passes, 1):
+            _, rsq, g = dask.compute(store, residual, mx.gram(res.u), **UNOPTIMIZED)
         rsq, method = float(rsq), "direct"
         orthogonality[tall_name] = mx.orthogonality_from_gram(g)
     else:  # exact up to rounding: the squared singular values beyond the kept ones

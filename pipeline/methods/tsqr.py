@@ -69,18 +69,21 @@ def run(spec: TSQRSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     from pipeline import metrics as mx
     from pipeline.backend import to_host
     from pipeline.linalg import tsqr
-    from pipeline.linalg.tsqr import UNOPTIMIZED
+    from pipeline.linalg.tsqr import Q_PASS_TASK, R_PASS_TASK, UNOPTIMIZED
 
     t0 = time.perf_counter()
+    passes = cost(spec, a.shape).passes
     a, persisted = ctx.row_blocks(a, spec, cost(spec, a.shape))
+    blocks = a.numblocks[0]
     log.info(
         "tsqr: %d × %d %s in %d row blocks; pass 1/%d computes R",
         *a.shape,
         a.dtype,
-        a.numblocks[0],
-        2 if spec.q else 1,
+        blocks,
+        passes,
     )
-    res = tsqr(a, compute_q=spec.q)
+    with ctx.watch_pass(R_PASS_TASK, blocks, passes, 0):
+        res = tsqr(a, compute_q=spec.q)
     log.info(
         "tsqr: R done in %.1f s (block paths: %s)",
         time.perf_counter() - t0,
@@ -91,17 +94,18 @@ def run(spec: TSQRSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         "fro_norm": res.fro_norm,
         "shape": list(a.shape),
         "transposed": spec.transpose,
-        "blocks": a.numblocks[0],
+        "blocks": blocks,
         "block_methods": res.block_methods,
-        "passes": 2 if spec.q else 1,
+        "passes": passes,
         "reads_from_storage": 1 if (persisted or not spec.q) else 2,
     }
     if spec.q:
         log.info("tsqr: pass 2/2 writes Q and computes residual and orthogonality")
         store = ctx.write("Q", res.q)
-        _, rsq, g = dask.compute(
-            store, mx.residual_sq(res.a, res.q, res.r), mx.gram(res.q), **UNOPTIMIZED
-        )
+        with ctx.watch_pass(Q_PASS_TASK, blocks, passes, 1):
+            _, rsq, g = dask.compute(
+                store, mx.residual_sq(res.a, res.q, res.r), mx.gram(res.q), **UNOPTIMIZED
+            )
         result["residual_rel"] = mx.relative(float(rsq), res.sumsq)
         result["orthogonality"] = mx.orthogonality_from_gram(g)
     else:
