@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import first_line
+
 BACKENDS = ("numpy", "cupy")
 
 
@@ -102,9 +104,8 @@ def device_problem() -> str | None:
             dev = device()
             dev.xp.cuda.runtime.getDeviceCount()
         except Exception as exc:  # CUDA raises its own error types when no GPU is usable
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             set_device(None)
-            return f"no GPU is visible ({type(exc).__name__}: {first})"
+            return f"no GPU is visible ({first_line(exc)})"
     return None
 
 

@@ -25,7 +25,7 @@ from pipeline.config import (
     load_config,
     redact,
 )
-from pipeline.errors import ConfigError, FactorizeError, UserError
+from pipeline.errors import ConfigError, FactorizeError, UserError, first_line
 from pipeline.lifetime import Terminated, raise_on_sigterm, start_api_server, wait_api_server
 
 log = logging.getLogger("pipeline")
@@ -337,9 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (FactorizeError, Exception) as exc:
         log.debug("compute failure", exc_info=True)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         _say(
-            f"factorize: failed: {type(exc).__name__}: {first} (the run log above has "
+            f"factorize: failed: {first_line(exc)} (the run log above has "
             "details; --log-level DEBUG adds the traceback)"
         )
         return 1

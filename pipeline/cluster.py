@@ -13,7 +13,7 @@ from distributed import Client
 
 from pipeline.backend import is_sparse
 from pipeline.config import ClusterSpec, JobConfig
-from pipeline.errors import ClusterError, ConfigError, WorkersTimeoutError
+from pipeline.errors import ClusterError, ConfigError, WorkersTimeoutError, first_line
 from pipeline.memory import WORKER_BASELINE
 
 log = logging.getLogger(__name__)
@@ -194,9 +194,8 @@ def import_cluster_class(path: str) -> type:
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ConfigError(
-            f"cluster.cluster_class: cannot import {path!r} ({type(exc).__name__}: {first}); "
+            f"cluster.cluster_class: cannot import {path!r} ({first_line(exc)}); "
             "is its package installed?"
         ) from None
     if not isinstance(cls, type):
@@ -263,9 +262,8 @@ def _class_client(spec: ClusterSpec) -> Iterator[Client]:
     try:
         cluster = cls(**spec.cluster_kwargs)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ClusterError(
-            f"cluster: {spec.cluster_class}(**cluster_kwargs) failed: {type(exc).__name__}: {first}"
+            f"cluster: {spec.cluster_class}(**cluster_kwargs) failed: {first_line(exc)}"
         ) from None
     try:
         if spec.scale:

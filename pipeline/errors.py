@@ -44,3 +44,10 @@ class ClusterError(UserError, RuntimeError):
 class WorkersTimeoutError(FactorizeError, TimeoutError):
     """Fewer workers than ``cluster.wait_for_workers`` asked for joined in time (exit 1:
     the config may be right and the queue slow)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"`` (``"TypeName"`` without a message): an
+    exception as one line, for errors that wrap another."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -57,6 +57,17 @@ def _layout(inp: dict[str, Any]) -> str:
     return f"{inp['format'].upper()}, nnz {inp['nnz']} (density {inp['density']:.3g})"
 
 
+def _peak_memory(memory: dict[str, Any] | None) -> str | None:
+    """``predicted 310 MiB, measured 295 MiB`` per worker (``None`` when neither is known)."""
+    if not memory or (memory.get("predicted_peak") is None and memory.get("measured_peak") is None):
+        return None
+    mib = [
+        "—" if memory.get(key) is None else f"{memory[key] / 2**20:.0f} MiB"
+        for key in ("predicted_peak", "measured_peak")
+    ]
+    return f"predicted {mib[0]}, measured {mib[1]}"
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """A Markdown report of a completed (or skipped) job.
 
@@ -105,6 +116,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         if res.get("explained_variance_ratio"):
             total = sum(res["explained_variance_ratio"])
             lines.append(f"| explained variance (sum of ratios) | {_fmt(float(total))} |")
+        if peak := _peak_memory(res.get("memory")):
+            lines.append(f"| peak memory per worker | {peak} |")
         lines.append("")
         if res.get("rank_rule_met") is False:
             lines += [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -98,6 +99,16 @@ def write_job(tmp_path: Path, job: dict, filename: str = "job.yaml") -> Path:
     path = tmp_path / filename
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
+
+
+def one_line_exit(proc: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The one stderr line of a finished ``factorize`` process that exited with ``code``,
+    after checking that neither stdout nor stderr holds a traceback."""
+    assert proc.returncode == code, proc.stdout[-4000:] + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-4000:]
+    return lines[0]
 
 
 def factorize_cmd() -> list[str]:

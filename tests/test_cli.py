@@ -10,7 +10,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from tests.conftest import REPO, factorize_cmd, job_dict, write_array, write_job
+from tests.conftest import REPO, factorize_cmd, job_dict, one_line_exit, write_array, write_job
 from tests.test_validate_hardening import alias_bomb_yaml
 
 
@@ -25,12 +25,9 @@ def run_cli(*args, cwd=None, timeout=300):
 
 
 def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
+    line = one_line_exit(proc)
     for needle in needles:
-        assert needle in lines[0], lines[0]
+        assert needle in line, line
 
 
 def _bad_cases(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import factorize_cmd, job_dict, write_array, write_job
+from conftest import factorize_cmd, job_dict, one_line_exit, write_array, write_job
 
 from pipeline.config import parse_config, redacted_dump
 from pipeline.errors import UserError, WorkersTimeoutError
@@ -76,7 +76,7 @@ def scheduler_file(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120  # a loaded 2-core machine starts it slowly
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     yield path
@@ -120,9 +120,7 @@ def test_no_worker_times_out_with_one_line_and_nothing_published(tmp_path, sched
         cwd=tmp_path,
         timeout=300,
     )
-    assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "cluster.wait_for_workers: 0 of 1 workers after 3 s" in lines[0]
+    assert "cluster.wait_for_workers: 0 of 1 workers after 3 s" in one_line_exit(proc, 1)
     assert not (tmp_path / "out" / "job").exists()
 
 

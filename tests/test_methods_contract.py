@@ -23,7 +23,7 @@ from pipeline.methods import METHODS
 from pipeline.reports import headline
 from tests.conftest import job_dict, write_array
 
-COMMON_METRICS = {"residual_rel", "passes", "seconds", "fro_norm", "dask"}
+COMMON_METRICS = {"residual_rel", "passes", "seconds", "fro_norm", "dask", "memory"}
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,8 @@ def test_predicted_peak_within_1_5x_of_measured(tmp_path, store, memory_limit, k
         else:
             assert result["passes"] <= p.cost.passes
         assert len(p.rows) == 20 and p.block_bytes == CHUNKS[0] * SHAPE[1] * 8
+    text = (tmp_path / "out" / "job" / "report.md").read_text()
+    assert text.count("| peak memory per worker | predicted ") == len(METHODS)
 
 
 def test_plan_text_through_the_cli(tmp_path, store):
@@ -111,6 +113,17 @@ def test_plan_of_other_clusters_and_created_inputs(tmp_path, store):
     plan = plan_job(load_config(write_job(tmp_path, created)))
     assert plan.stored_bytes is None and plan.shape == (50_000, 40)
     assert "not on storage yet" in format_plan(plan)[0]
+
+
+def test_plan_warns_when_the_prediction_exceeds_memory_limit(tmp_path, store):
+    job = _job(tmp_path, store, "256MiB")
+    job["methods"] = [{"method": "tsqr", "block_rows": 40_000}]  # 61 MiB blocks
+    plan = plan_job(load_config(write_job(tmp_path, job)))
+    assert plan.methods[0].peak > 256 * MiB
+    assert format_plan(plan)[-1] == (
+        "  warning: tsqr's predicted peak exceeds memory_limit (256.0 MiB): "
+        "raise cluster.memory_limit or lower block_rows"
+    )
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ import numcodecs
 import numpy as np
 
 from pipeline.backend import empty_meta, to_device
-from pipeline.errors import InputError, UserError
+from pipeline.errors import InputError, UserError, first_line
 from pipeline.io.stores import is_local
 
 _V3_COMPRESSORS = {"zstd": numcodecs.Zstd, "gzip": numcodecs.GZip, "blosc": numcodecs.Blosc}
@@ -129,11 +129,6 @@ def quiet_worker_log() -> None:
         worker_log.addFilter(_OneLineUserErrors())
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def _kind(mode: int) -> str:
     for test, name in (
         (stat.S_ISDIR, "a directory"),
@@ -213,7 +208,7 @@ class ChunkReader:
         except FileNotFoundError:
             return None
         except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
-            raise self._error(where, f"cannot be read ({_first_line(exc)})") from None
+            raise self._error(where, f"cannot be read ({first_line(exc)})") from None
         # anything else (timeouts, connection resets) is transient: left to the retries
 
     def _fetch_local(self, path: str, where: tuple[int, int]) -> bytes | None:
@@ -233,7 +228,7 @@ class ChunkReader:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            why = exc.strerror or _first_line(exc)
+            why = exc.strerror or first_line(exc)
             raise self._error(where, f"cannot be read ({why})") from None
 
     def _shard_index(self, raw: bytes, where: tuple[int, int]) -> np.ndarray:
@@ -246,7 +241,7 @@ class ChunkReader:
         try:
             index = numcodecs.CRC32C().decode(stored)
         except Exception as exc:
-            raise self._error(where, f"is corrupt: its index {_first_line(exc)}") from None
+            raise self._error(where, f"is corrupt: its index {first_line(exc)}") from None
         return np.frombuffer(index, dtype="<u8").reshape(*grid, 2)
 
     def _decode_shard(
@@ -294,7 +289,7 @@ class ChunkReader:
         except _Corrupt as exc:
             raise self._error(where, f"is corrupt: {exc}") from None
         except Exception as exc:  # codec errors: zstd/blosc RuntimeError, gzip OSError, ...
-            why = _first_line(exc)
+            why = first_line(exc)
             raise self._error(where, f"is corrupt: it does not decode ({why})") from None
         if got != nbytes:
             raise self._error(where, f"is corrupt: decodes to {got} bytes, {nbytes} expected")

@@ -36,7 +36,7 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
-from pipeline.errors import InputError, NonFiniteInputError
+from pipeline.errors import InputError, NonFiniteInputError, first_line
 from pipeline.io.fastread import quiet_worker_log
 
 ENCODINGS = {"csr_matrix": "csr", "csc_matrix": "csc"}
@@ -94,9 +94,9 @@ class SparseReader:
             return np.asarray(arr[lo:hi])
         except (RuntimeError, ValueError, TypeError) as exc:
             quiet_worker_log()
-            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(
-                f"input: {self.name}/{key} is corrupt: entries {lo}…{hi - 1} do not decode ({why})"
+                f"input: {self.name}/{key} is corrupt: entries {lo}…{hi - 1} do not decode "
+                f"({first_line(exc)})"
             ) from None
 
     def _row_of(self, ptr: np.ndarray, position: int, r0: int) -> int:

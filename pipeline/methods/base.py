@@ -13,6 +13,7 @@ This module is imported by the config loader: it names no dask, zarr or distribu
 from __future__ import annotations
 
 import json
+import logging
 import types
 import typing
 from collections.abc import Callable
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
     from pipeline.config import OutputSpec
     from pipeline.io.artifacts import RunOutput
+
+log = logging.getLogger(__name__)
 
 
 def _leaf_types(annotation: Any) -> set[Any]:
@@ -240,6 +243,14 @@ class RunContext:
         if workers is not None:
             size = block_bytes(a, self.sparse_bytes)
             self.predicted_peak = predicted_peak(cost, a.chunks[0], size, kept, workers)
+            if workers.memory_limit and self.predicted_peak > workers.memory_limit:
+                log.warning(
+                    "%s: predicted peak %.0f MiB per worker exceeds memory_limit %.0f MiB; "
+                    "raise cluster.memory_limit or lower block_rows of the method",
+                    self.method.name,
+                    self.predicted_peak / 2**20,
+                    workers.memory_limit / 2**20,
+                )
         return a, kept
 
     def watch_pass(self, prefix: str, blocks: int, passes: int, done: int) -> Any:

@@ -18,11 +18,14 @@ a warning in the log and the report — never a silent truncation.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
 from pipeline.methods.base import StrictModel
+
+log = logging.getLogger(__name__)
 
 RULES = ("energy", "rel_error", "sv_ratio")
 
@@ -87,6 +90,23 @@ def choose_rank(
     if not ok.any():
         return len(kept), False
     return int(np.argmax(ok)) + 1, True
+
+
+def apply_rule(
+    method: str, rule: RankRule, s: Any, total_sumsq: float, input_sumsq: float
+) -> tuple[int, dict[str, Any]]:
+    """The rank ``rule`` chooses (see :func:`choose_rank`) and its metrics (``rank``,
+    ``rank_rule``, ``rank_rule_met``); a warning in the log when ``max`` is not enough."""
+    k, met = choose_rank(rule, s, total_sumsq, input_sumsq)
+    if not met:
+        log.warning(
+            "%s: rank rule %s not met with max %d components; the result has rank %d",
+            method,
+            rule.target,
+            rule.max,
+            k,
+        )
+    return k, {"rank": k, "rank_rule": rule.target, "rank_rule_met": met}
 
 
 def _rank_kind(value: Any) -> str:

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from pipeline.memory import Cost
 from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext, spectral_slots
-from pipeline.methods.rank import Rank, RankRule, choose_rank, max_rank
+from pipeline.methods.rank import Rank, RankRule, apply_rule, max_rank
 from pipeline.progress import Progress, report
 
 if TYPE_CHECKING:
@@ -105,17 +105,9 @@ def _apply_rank_rule(spec: RSVDSpec, res: Any) -> tuple[Any, dict[str, Any]]:
     """The result cut to the rank the rule chooses, and the rule's metrics."""
     if not rule(spec):
         return res, {"rank": spec.rank}
-    k, met = choose_rank(spec.rank, res.s64, res.total_sumsq, res.input_sumsq)
-    k = min(k, spec.rank.max)
-    if not met:
-        log.warning(
-            "rsvd: rank rule %s not met with max %d components; the result has rank %d",
-            spec.rank.target,
-            spec.rank.max,
-            k,
-        )
+    k, metrics = apply_rule("rsvd", spec.rank, res.s64, res.total_sumsq, res.input_sumsq)
     cut = replace(res, u=res.u[:, :k], s=res.s[:k], vt=res.vt[:k], s64=res.s64[:k])
-    return cut, {"rank": k, "rank_rule": spec.rank.target, "rank_rule_met": met}
+    return cut, metrics
 
 
 def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from pipeline.methods.base import (
     check_tall_input,
     spectral_slots,
 )
-from pipeline.methods.rank import Rank, RankRule, choose_rank, max_rank
+from pipeline.methods.rank import Rank, RankRule, apply_rule, max_rank
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -103,17 +103,9 @@ def _apply_rank_rule(spec: SVDSpec, res: Any) -> tuple[Any, dict[str, Any]]:
     if not isinstance(spec.rank, RankRule):
         return res, {}
     every = res.singular_values_all
-    k, met = choose_rank(spec.rank, every, res.centred_sumsq, res.sumsq)
-    if not met:
-        log.warning(
-            "svd: rank rule %s not met with max %d components; the result has rank %d",
-            spec.rank.target,
-            spec.rank.max,
-            k,
-        )
+    k, metrics = apply_rule("svd", spec.rank, every, res.centred_sumsq, res.sumsq)
     u = None if res.u is None else res.u[:, :k]
-    cut = replace(res, u=u, s=res.s[:k], vt=res.vt[:k])
-    return cut, {"rank_rule": spec.rank.target, "rank_rule_met": met}
+    return replace(res, u=u, s=res.s[:k], vt=res.vt[:k]), metrics
 
 
 def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
