@@ -356,8 +356,9 @@ def _client_for(address: str | None) -> Client | None:
 
 
 def cluster_memory(client: Client | None, on_device: bool = False) -> int:
-    """Sum of the workers' ``memory_limit`` in bytes, or with ``on_device`` of their
-    devices' memory (0 when unknown or unlimited)."""
+    """Bytes the workers have for data: the sum of their ``memory_limit`` less each
+    process's own (:func:`data_memory`), or with ``on_device`` of their devices' memory
+    (0 when unknown or unlimited)."""
     if client is None:
         return 0
     if on_device:
@@ -365,7 +366,13 @@ def cluster_memory(client: Client | None, on_device: bool = False) -> int:
 
         return int(sum(client.run(lambda: device().memory_bytes()).values()))
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    return int(sum(w.get("memory_limit") or 0 for w in workers))
+    return int(sum(data_memory(w.get("memory_limit") or 0) for w in workers))
+
+
+def data_memory(memory_limit: int) -> int:
+    """What a worker with ``memory_limit`` has for data: the limit less its process
+    (:data:`WORKER_BASELINE`); 0 when unlimited or unknown."""
+    return max(memory_limit - WORKER_BASELINE, 0) if memory_limit else 0
 
 
 def will_keep(size: int, memory: int) -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipeline.memory import Cost, Workers, predicted_peak
+from pipeline.memory import WORKER_BASELINE, Cost, Workers, predicted_peak
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -103,7 +103,7 @@ def _input(config: JobConfig) -> tuple[da.Array | None, InputManifest | None]:
 def plan_job(config: JobConfig) -> JobPlan | None:
     """The plan of ``config`` (opens the input's metadata and lists its store; reads no
     values and starts no cluster); ``None`` for a sparse input the run will create."""
-    from pipeline.cluster import will_keep
+    from pipeline.cluster import data_memory, will_keep
     from pipeline.io.sparse import densified
     from pipeline.methods import METHODS
     from pipeline.methods.base import block_bytes, method_blocks
@@ -126,7 +126,7 @@ def plan_job(config: JobConfig) -> JobPlan | None:
         if not cost.keeps:
             kept = False
         elif workers is not None:
-            kept = will_keep(nbytes, workers.count * workers.memory_limit)
+            kept = will_keep(nbytes, workers.count * data_memory(workers.memory_limit))
         reads = 1 if kept else cost.passes
         peak = None
         if workers is not None and kept is not None:
@@ -159,7 +159,10 @@ def _kept_text(p: MethodPlan, plan: JobPlan) -> str:
         from pipeline.cluster import PERSIST_FRACTION
 
         need = p.kept_bytes / PERSIST_FRACTION
-        return f"input kept in memory if the workers' memory totals ≥ {_size(need)}"
+        return (
+            f"input kept in memory if the workers' memory_limit totals ≥ {_size(need)} "
+            f"plus {WORKER_BASELINE // _MiB} MiB per worker"
+        )
     return "input kept in memory" if p.kept else "input streamed (too large to keep)"
 
 
