@@ -6,11 +6,7 @@ result does not depend on how many workers write it.
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import shutil
-import uuid
 from typing import Any
 
 import dask.array as da
@@ -19,7 +15,7 @@ import zarr
 
 from pipeline.config import SPARSE_KINDS, SyntheticSpec, redact
 from pipeline.errors import InputError
-from pipeline.io.stores import is_local, split_url, zarr_store
+from pipeline.io.stores import is_local, split_url, written_aside, zarr_store
 from pipeline.sparse_datasets import write_sparse_local
 
 log = logging.getLogger(__name__)
@@ -131,24 +127,8 @@ def _write_local(path: str, x: da.Array, array: str | None) -> None:
     """Write into a hidden sibling folder, then rename it into place (atomic on one disk)."""
     from zarr.storage import LocalStore
 
-    final = os.path.abspath(path)
-    parent, name = os.path.split(final)
-    os.makedirs(parent, exist_ok=True)
-    aside = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:12]}")
-    os.mkdir(aside)  # honours the umask, unlike mkdtemp's 0700
-    try:
+    with written_aside(path) as aside:
         da.store(x, _create(LocalStore(aside), x, array), lock=False)
-        try:
-            os.rename(aside, final)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            # a concurrent run put its complete store in place first: use that one
-            log.info("%s was created meanwhile by another run; using it", final)
-            shutil.rmtree(aside, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(aside, ignore_errors=True)
-        raise
 
 
 def _write_metadata_last(

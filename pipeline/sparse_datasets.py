@@ -16,9 +16,6 @@ block; local stores appear complete or not at all (written aside, renamed into p
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from typing import Any
 
 import numpy as np
@@ -27,6 +24,7 @@ import zarr
 
 from pipeline.config import SyntheticSpec
 from pipeline.io.anndata_out import ANNDATA, DICT
+from pipeline.io.stores import written_aside
 
 BLOCK_ROWS = 4096
 ENTRY_CHUNK = 1 << 20  # entries per chunk of data and indices
@@ -126,11 +124,7 @@ def _write_csr(group: Any, spec: SyntheticSpec) -> None:
 
 def write_sparse_local(path: str, spec: SyntheticSpec, array: str | None) -> None:
     """Write the recipe into a hidden sibling folder, then rename it into place."""
-    final = os.path.abspath(path)
-    parent, name = os.path.split(final)
-    os.makedirs(parent, exist_ok=True)
-    aside = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:12]}")
-    try:
+    with written_aside(path) as aside:
         root = zarr.open_group(aside, mode="w", zarr_format=3)
         if array:
             root.attrs.update(ANNDATA)
@@ -144,7 +138,3 @@ def write_sparse_local(path: str, spec: SyntheticSpec, array: str | None) -> Non
         else:
             target = root
         _write_csr(target, spec)
-        os.rename(aside, final)
-    except BaseException:
-        shutil.rmtree(aside, ignore_errors=True)
-        raise

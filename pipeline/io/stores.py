@@ -20,10 +20,15 @@ operation and the error (never a request, a header or a credential).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import sys
+import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
@@ -113,6 +118,30 @@ def split_url(
 def is_local(fs: Any) -> bool:
     """True for the local filesystem (where rename is atomic)."""
     return isinstance(fs, LocalFileSystem)
+
+
+@contextmanager
+def written_aside(path: str) -> Iterator[str]:
+    """A hidden sibling folder of local ``path`` to write a store into, renamed into place
+    when the block ends (atomic on one disk) and removed when it fails. When another run
+    put its complete store in place meanwhile, that one is kept."""
+    final = os.path.abspath(path)
+    parent, name = os.path.split(final)
+    os.makedirs(parent, exist_ok=True)
+    aside = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:12]}")
+    os.mkdir(aside)  # honours the umask, unlike mkdtemp's 0700
+    try:
+        yield aside
+        try:
+            os.rename(aside, final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            log.info("%s was created meanwhile by another run; using it", final)
+            shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
 
 
 def zarr_store(url: str, storage_options: dict[str, Any] | None = None, *, read_only: bool) -> Any:
