@@ -14,7 +14,7 @@ from distributed import Client
 from pipeline.backend import is_sparse
 from pipeline.config import ClusterSpec, JobConfig
 from pipeline.errors import ClusterError, ConfigError, WorkersTimeoutError, first_line
-from pipeline.memory import WORKER_BASELINE
+from pipeline.memory import WORKER_BASELINE, workers_of
 
 log = logging.getLogger(__name__)
 
@@ -469,11 +469,8 @@ _MiB = 2**20
 
 def worker_memory_limit(client: Client | None) -> int:
     """The smallest ``memory_limit`` among the workers in bytes (0 when unknown or unlimited)."""
-    if client is None:
-        return 0
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    limits = [int(w.get("memory_limit") or 0) for w in workers]
-    return min((x for x in limits if x > 0), default=0)
+    workers = workers_of(client)
+    return workers.memory_limit if workers is not None else 0
 
 
 def _usable_fraction() -> float:

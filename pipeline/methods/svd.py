@@ -117,8 +117,9 @@ def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     from pipeline.linalg.tsqr import Q_TIMES_PASS_TASK, R_PASS_TASK, UNOPTIMIZED
     from pipeline.plots import spectrum_png
 
-    passes = cost(spec, a.shape).passes
-    tall, persisted = ctx.row_blocks(a, spec, cost(spec, a.shape))
+    plan = cost(spec, a.shape)
+    passes = plan.passes
+    tall, persisted = ctx.row_blocks(a, spec, plan)
     (m, n), blocks = tall.shape, tall.numblocks[0]
     log.info(
         "svd: %d × %d %s%s in %d row blocks; %d pass(es)",

@@ -72,8 +72,9 @@ def run(spec: TSQRSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     from pipeline.linalg.tsqr import Q_PASS_TASK, R_PASS_TASK, UNOPTIMIZED
 
     t0 = time.perf_counter()
-    passes = cost(spec, a.shape).passes
-    a, persisted = ctx.row_blocks(a, spec, cost(spec, a.shape))
+    plan = cost(spec, a.shape)
+    passes = plan.passes
+    a, persisted = ctx.row_blocks(a, spec, plan)
     blocks = a.numblocks[0]
     log.info(
         "tsqr: %d × %d %s in %d row blocks; pass 1/%d computes R",
