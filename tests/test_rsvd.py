@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
 
+import anndata as ad
 import dask.array as da
 import numpy as np
+import pandas as pd
 import pytest
+import scipy.sparse as sp
 import xarray as xr
 from scipy.linalg import subspace_angles
 from sklearn.decomposition import PCA
 
 from pipeline import run_job
-from pipeline.errors import InputError
+from pipeline.backend import gaussian
+from pipeline.config import InputSpec, load_config, parse_config
+from pipeline.errors import ConfigError, InputError
+from pipeline.io import open_matrix
 from pipeline.linalg import rsvd
-from tests.conftest import job_dict, write_array
+from pipeline.linalg.rsvd import AUTO_MAX_POWER_ITERS
+from pipeline.plan import format_plan, plan_job
+from pipeline.sparse_datasets import cell_type_counts
+from tests.conftest import factorize_cmd, job_dict, one_line_exit, write_array, write_job
 
 
 def decaying(m: int, n: int, decay: float = 1.0, seed: int = 0, dtype=np.float64, offset=0.0):
@@ -45,8 +56,12 @@ def check_against_numpy(a, res, k, sv_tol, res_factor, center=False):
     assert resid <= res_factor * optimal_residual(ac, k)
     orth_tol = 1e-5 if a.dtype == np.float32 else 1e-12
     assert np.linalg.norm(u.T @ u - np.eye(k)) < orth_tol
-    # deterministic signs: the largest-|·| entry of each U column is positive
-    assert np.all(u[np.argmax(np.abs(u), axis=0), np.arange(k)] > 0)
+    # deterministic signs: the largest-|·| entry of each Vt row (PCA, as scikit-learn) or
+    # of each U column (uncentred) is positive
+    if center:
+        assert np.all(res.vt[np.arange(k), np.argmax(np.abs(res.vt), axis=1)] > 0)
+    else:
+        assert np.all(u[np.argmax(np.abs(u), axis=0), np.arange(k)] > 0)
 
 
 @pytest.mark.parametrize(
@@ -65,11 +80,15 @@ def test_rsvd_matches_numpy(client, dtype, chunks, power_iters, sv_tol):
     check_against_numpy(a, res, 12, sv_tol, res_factor=1.001)
 
 
-def test_spectrum_beyond_working_precision(client):
-    """σ down to 1e-9·σ₁ in float32: the final sketch is not graded, TSQR + one more pass."""
+@pytest.mark.parametrize("power_iters", [2, "auto"])
+def test_spectrum_beyond_working_precision(client, power_iters):
+    """σ down to 1e-9·σ₁ in float32: the final sketch is not graded, TSQR + one more pass;
+    auto converges at once (changes below the working precision count as none)."""
     a = decaying(2500, 300, decay=8.0, seed=1, dtype=np.float32)
-    res = rsvd(da.from_array(a, chunks=(500, 300)), 12, seed=3)
-    assert res.passes == 4  # 3 + the projection pass of the fallback
+    res = rsvd(da.from_array(a, chunks=(500, 300)), 12, seed=3, power_iters=power_iters)
+    used = res.convergence.power_iters_used
+    assert res.passes == used + 2  # iteration passes, the final one, the projection pass
+    assert used == 2 and res.convergence.converged is (True if power_iters == "auto" else None)
     s_ref = np.linalg.svd(a.astype(np.float64), compute_uv=False)[:12]
     resolvable = s_ref > 1e-3 * s_ref[0]
     np.testing.assert_allclose(res.s[resolvable], s_ref[resolvable], rtol=1e-5)
@@ -85,15 +104,20 @@ def test_residual_formula_is_exact(client):
     assert res.total_sumsq - np.sum(res.s**2) == pytest.approx(direct, rel=1e-9)
 
 
-def test_pca_matches_sklearn(client):
+@pytest.mark.parametrize("power_iters", [4, "auto"])
+def test_pca_matches_sklearn(client, power_iters):
+    """Components, signs included (scikit-learn's svd_flip(u_based_decision=False)), and
+    scores equal PCA(svd_solver="full")'s."""
     a = decaying(3000, 80, decay=2.0, seed=4, offset=5.0)  # a large mean on purpose
-    res = rsvd(da.from_array(a, chunks=(700, 40)), 6, center=True, power_iters=4)
+    res = rsvd(da.from_array(a, chunks=(700, 40)), 6, center=True, power_iters=power_iters)
     pca = PCA(n_components=6, svd_solver="full").fit(a)
     np.testing.assert_allclose(res.mean, pca.mean_, rtol=1e-12)
     m = a.shape[0]
     np.testing.assert_allclose(res.s**2 / (m - 1), pca.explained_variance_, rtol=1e-8)
     np.testing.assert_allclose(res.s**2 / res.total_sumsq, pca.explained_variance_ratio_, rtol=1e-8)
-    np.testing.assert_allclose(np.abs(res.vt), np.abs(pca.components_), atol=1e-6)
+    np.testing.assert_allclose(res.vt, pca.components_, atol=1e-6)
+    scores = res.u.compute() * res.s
+    np.testing.assert_allclose(scores, pca.transform(a), atol=1e-6 * np.abs(scores).max())
     check_against_numpy(a, res, 6, 1e-8, 1.001, center=True)
 
 
@@ -178,10 +202,183 @@ def test_rsvd_job_writes_factors_metrics_and_plot(tmp_path, client):
     assert r["residual_rel"] == pytest.approx(residual / np.linalg.norm(a64), rel=1e-9)
     assert r["residual_rel_centered"] == pytest.approx(residual / np.linalg.norm(ac), rel=1e-9)
     assert r["residual_rel"] < 0.7 * r["residual_rel_centered"]  # the mean adds to ‖A‖
-    assert r["residual_method"] == "direct" and r["passes"] == 4 and r["reads_from_storage"] == 1
+    assert r["residual_method"] == "direct" and r["reads_from_storage"] == 1
+    assert r["passes"] == r["power_iters_used"] + 2  # iterations, the final one, the residual
+    assert r["iteration"] == "krylov" and r["converged"] is True and r["error_estimate"] <= 1e-3
     pca = PCA(n_components=5, svd_solver="full").fit(a64)
     np.testing.assert_allclose(
         r["explained_variance_ratio"], pca.explained_variance_ratio_, rtol=1e-5
     )
     np.testing.assert_allclose(r["singular_values"], ds["S"].values)
     assert r["orthogonality_u"] < 1e-12 and r["orthogonality_v"] < 1e-12
+
+
+# --------------------------------------------------------------------------- power_iters: auto
+
+
+def write_anndata(path, x: sp.csr_matrix) -> None:
+    """``x`` as the X of an AnnData store written by the real ``anndata`` (Zarr v3)."""
+    obs = pd.DataFrame(index=[f"cell_{i}" for i in range(x.shape[0])])
+    var = pd.DataFrame(index=[f"gene_{j}" for j in range(x.shape[1])])
+    with ad.settings.override(zarr_write_format=3):
+        ad.AnnData(X=x, obs=obs, var=var).write_zarr(path)
+
+
+def ev_errors(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+    """Relative errors of the total explained variance ratio and of the worst component."""
+    total = abs(np.sum(got) - np.sum(want)) / np.sum(want)
+    return float(total), float(np.max(np.abs(got - want) / want))
+
+
+@pytest.fixture(scope="module")
+def flat_counts(tmp_path_factory):
+    """6,000 cells × 1,500 genes of 10 cell types (0.45 M non-zeros) as an AnnData store,
+    and the exact PCA (scikit-learn, float64, covariance eigendecomposition: exact at this
+    conditioning) of its top 20 components."""
+    x = cell_type_counts(6000, 1500)
+    path = tmp_path_factory.mktemp("flat") / "cells.zarr"
+    write_anndata(path, x)
+    pca = PCA(30, svd_solver="covariance_eigh").fit(x)
+    return path, x, pca
+
+
+def test_flat_count_matrix_pca_by_default_matches_exact_pca(tmp_path, client, flat_counts):
+    """Issue 20: rank-20 PCA of a flat count spectrum without touching power_iters meets
+    total EV error ≤ 1e-3 and per-component ≤ 1e-2 against exact PCA; the old default
+    (power_iters: 2) is far off on the same matrix."""
+    path, x, pca = flat_counts
+    lam = pca.explained_variance_
+    print(f"λ₂/λ₁ = {lam[1] / lam[0]:.3f}, λ₂₀/λ₂₁ = {lam[19] / lam[20]:.4f}")
+    assert lam[1] / lam[0] > 0.9 and lam[19] / lam[20] < 1.01  # as flat as the report's
+    want = pca.explained_variance_ratio_[:20]
+    job = job_dict(tmp_path, str(path), methods=[{"method": "rsvd", "rank": 20, "center": True}])
+    report = run_job(job, client=client)
+    r = report["methods"]["rsvd"]
+    total, worst = ev_errors(np.array(r["explained_variance_ratio"]), want)
+    assert total <= 1e-3 and worst <= 1e-2, (total, worst)
+    assert r["iteration"] == "krylov" and r["converged"] is True
+    assert r["passes"] == r["power_iters_used"] + 1 <= 12
+    # the estimate bounds the worst component's σ² error it stands for
+    assert worst <= r["error_estimate"] <= 1e-3
+    # X_pca as scikit-learn's, signs included, for the cell-type components (1–9, a gap of
+    # 1.6× to the 10th); within the noise bulk components are not unique
+    out = ad.read_zarr(tmp_path / "out" / "job" / "adata.zarr")
+    scores = pca.transform(x)[:, :9]
+    got = out.obsm["X_pca"][:, :9]
+    corr = (
+        np.sum(got * scores, axis=0) / np.linalg.norm(got, axis=0) / np.linalg.norm(scores, axis=0)
+    )
+    assert np.all(corr > 0.99), corr
+
+    old, _ = open_matrix(InputSpec(url=str(path)))
+    res = rsvd(old, 20, center=True, power_iters=2)  # the old default: 3 passes
+    total, worst = ev_errors(res.s64**2 / res.total_sumsq, want)
+    assert total > 0.05 and worst > 0.1, (total, worst)
+
+
+def test_auto_wastes_no_passes_on_a_decaying_spectrum(client):
+    """σᵢ = (1 + i)⁻²: auto stops after the third iteration pass, the first at which the
+    error is estimable (one pass more than the old default), at full accuracy."""
+    a = decaying(2500, 300, decay=2.0, seed=1)
+    res = rsvd(da.from_array(a, chunks=(500, 300)), 12, seed=3)
+    conv = res.convergence
+    assert conv.converged and conv.power_iters_used == 3 and res.passes == 4
+    # the estimate is the last change (they shrank by more than half), far above the error
+    # measured against numpy below (σ to 1e-9)
+    assert conv.error_estimate == conv.changes[-1] < 1e-4
+    check_against_numpy(a, res, 12, 1e-9, res_factor=1.001)
+
+
+def _old_power_scheme(a: np.ndarray, rank: int, q: int, seed: int) -> np.ndarray:
+    """The fixed-count scheme of earlier releases in numpy (float64): W = AᵀAΩ, then
+    ``q − 1`` times W = AᵀA·(left singular vectors of W), then B = QᵀA for Q = orth(AZ),
+    Z the left singular vectors of the last W; returns the singular values of B."""
+    w = a.T @ (a @ gaussian(seed, (a.shape[1], rank + 10), np.float64))
+    for _ in range(q - 1):
+        w = a.T @ (a @ np.linalg.svd(w, full_matrices=False)[0])
+    basis, _ = np.linalg.qr(a @ np.linalg.svd(w, full_matrices=False)[0])
+    return np.linalg.svd(basis.T @ a, compute_uv=False)[:rank]
+
+
+@pytest.mark.parametrize("q", [1, 3])
+def test_fixed_power_iters_run_the_old_scheme(client, q):
+    """A number keeps the old meaning: that many power iterations (no convergence test),
+    q + 1 passes, the same singular values as the scheme written out in numpy."""
+    a = decaying(1500, 120, decay=0.4, seed=12)  # slow decay: q shows in the values
+    res = rsvd(da.from_array(a, chunks=(300, 120)), 8, seed=5, power_iters=q)
+    assert res.passes == q + 1 and res.convergence.converged is None
+    assert res.convergence.iteration == "power" and res.convergence.power_iters_used == q
+    np.testing.assert_allclose(res.s64, _old_power_scheme(a, 8, q, 5), rtol=1e-12)
+
+
+def test_fixed_krylov_passes(client):
+    """``iteration: krylov`` with a number: that many Krylov blocks, then the final pass."""
+    a = decaying(1500, 120, decay=0.4, seed=12)
+    res = rsvd(da.from_array(a, chunks=(300, 120)), 8, power_iters=3, iteration="krylov")
+    assert res.passes == 4 and res.convergence.power_iters_used == 3
+    s = np.linalg.svd(a, compute_uv=False)[:8]
+    power = rsvd(da.from_array(a, chunks=(300, 120)), 8, power_iters=3)
+    # same passes, closer to the exact values than power iteration (measured 0.28×)
+    assert np.max(np.abs(res.s64 - s) / s) < 0.5 * np.max(np.abs(power.s64 - s) / s)
+
+
+def test_unconverged_at_the_cap_warns_in_log_metrics_and_report(tmp_path, client, caplog):
+    """Power iteration on Gaussian noise (a flat Marchenko–Pastur edge) cannot meet the
+    tolerance in 20 passes: converged false, a warning in the log and in report.md."""
+    a = np.random.default_rng(13).standard_normal((2000, 200))
+    write_array(tmp_path / "noise.zarr", a, chunks=(500, 200))
+    spec = {"method": "rsvd", "rank": 10, "iteration": "power", "measure_residual": False}
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        job = job_dict(tmp_path, str(tmp_path / "noise.zarr"), methods=[spec])
+        report = run_job(job, client=client)
+    r = report["methods"]["rsvd"]
+    assert r["converged"] is False and r["power_iters_used"] == AUTO_MAX_POWER_ITERS
+    assert r["passes"] == AUTO_MAX_POWER_ITERS + 1
+    assert r["error_estimate"] is None or r["error_estimate"] > 1e-3
+    assert "rsvd: power_iters auto did not converge in 20 iteration passes" in caplog.text
+    text = (tmp_path / "out" / "job" / "report.md").read_text()
+    assert "**Warning**: `power_iters: auto` did not converge in 20 iteration passes" in text
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("fast", "methods[0].power_iters: must be 'auto' or an integer between 0 and 100, got"),
+        (2.5, "methods[0].power_iters: must be 'auto' or an integer between 0 and 100, got"),
+        (-1, "methods[0].power_iters: must be ≥ 0, got -1"),
+        (101, "methods[0].power_iters: must be ≤ 100, got 101"),
+        (True, "methods[0].power_iters: must be an integer, not a boolean, got true"),
+    ],
+)
+def test_bad_power_iters_are_config_errors(tmp_path, value, message):
+    spec = {"method": "rsvd", "rank": 3, "power_iters": value}
+    with pytest.raises(ConfigError) as info:
+        parse_config(job_dict(tmp_path, "in.zarr", methods=[spec]))
+    assert message in str(info.value), str(info.value)
+
+
+def test_power_iters_auto_and_iteration_in_job_files(tmp_path):
+    """``auto`` is the default and can be written; a bad ``iteration`` exits 2 in one line
+    naming the field; the plan says "up to" for auto."""
+    for spec in ({}, {"power_iters": "auto"}, {"power_iters": 0, "iteration": "krylov"}):
+        job = parse_config(job_dict(tmp_path, "x", methods=[{"method": "rsvd", "rank": 3} | spec]))
+        assert job.methods[0].power_iters == spec.get("power_iters", "auto")
+    write_array(tmp_path / "a.zarr", np.ones((400, 30)), chunks=(100, 30))
+    specs = [
+        {"method": "rsvd", "rank": 3},
+        {"method": "rsvd", "rank": 3, "power_iters": 2, "measure_residual": False},
+    ]
+    lines = []
+    for spec in specs:
+        path = write_job(tmp_path, job_dict(tmp_path, str(tmp_path / "a.zarr"), methods=[spec]))
+        lines.append(next(x for x in format_plan(plan_job(load_config(path))) if "rsvd:" in x))
+    assert f"rsvd: up to {AUTO_MAX_POWER_ITERS + 2} passes" in lines[0]  # + a residual pass
+    assert "rsvd: 3 passes" in lines[1]
+    bad = {"method": "rsvd", "rank": 3, "iteration": "lanczos"}
+    path = write_job(tmp_path, job_dict(tmp_path, str(tmp_path / "a.zarr"), methods=[bad]))
+    proc = subprocess.run(
+        [*factorize_cmd(), "validate", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert "methods[0].iteration: input should be 'krylov' or 'power', got 'lanczos'" in (
+        one_line_exit(proc)
+    )

@@ -252,7 +252,7 @@ def test_bad_sparse_values_fail_the_first_pass(tmp_path, client, change, error, 
     assert not (tmp_path / "out" / "job").exists()
 
 
-def test_bad_index_through_the_cli_exits_2_with_one_line(tmp_path):
+def test_bad_index_through_the_cli_exits_2_with_one_line(tmp_path, prefect_server):
     url = _bad_group(tmp_path, indices=(-1, N))
     job = job_dict(tmp_path, str(url), methods=[RSVD])
     job["input"]["array"] = "m"
@@ -322,3 +322,31 @@ def test_nmf_on_sparse_blocks_equals_nmf_on_dense_blocks(stores, solver):
         got, want = (nmf(x, K, solver=solver, max_iter=6, tol=0.0) for x in (sparse, dense))
     np.testing.assert_allclose(got.history, want.history, rtol=1e-9)
     assert got.sumsq == pytest.approx(want.sumsq, rel=1e-12)
+
+
+def test_scanpy_neighbors_reads_our_adata_zarr_above_8192_cells(tmp_path, client):
+    """README's claim: ``scanpy.pp.neighbors(adata, use_rep="X_pca")`` works on the
+    ``adata.zarr`` of a PCA job, above the 8,192 cells (4,096 for other metrics) where scanpy
+    1.11 leaves its exact neighbours for pynndescent's — whose ``csr_array`` scanpy 1.11
+    calls ``getnnz`` on: pynndescent < 0.6 (pyproject's test extra) returns a
+    ``csr_matrix``. Its graph agrees with exact neighbours in X_pca."""
+    import scanpy as sc
+    from sklearn.neighbors import NearestNeighbors
+
+    cells = 9000
+    spec = SyntheticSpec(kind="sparse", shape=(cells, 200), density=0.1, seed=4)
+    x = sparse_block(spec, _profiles(spec), 0, cells)
+    url = tmp_path / "cells.zarr"
+    with ad.settings.override(zarr_write_format=3):
+        ad.AnnData(X=x).write_zarr(url)
+    methods = [{"method": "rsvd", "rank": 10, "center": True}]
+    run_job(job_dict(tmp_path, str(url), methods=methods), client=client)
+    adata = ad.read_zarr(tmp_path / "out" / "job" / "adata.zarr")
+    sc.pp.neighbors(adata, n_neighbors=15, use_rep="X_pca", random_state=0)
+    dist = adata.obsp["distances"]
+    assert dist.shape == (cells, cells) and adata.uns["neighbors"]["params"]["n_neighbors"] == 15
+    exact = NearestNeighbors(n_neighbors=15).fit(adata.obsm["X_pca"])
+    _, want = exact.kneighbors(adata.obsm["X_pca"])
+    got = [set(dist[i].indices) for i in range(cells)]
+    recall = np.mean([len(got[i] & set(want[i][1:])) / 14 for i in range(cells)])
+    assert recall > 0.9, recall

@@ -385,3 +385,55 @@ def test_svd_center_with_transpose_is_a_config_error():
     job["methods"][0]["transpose"] = True
     with pytest.raises(ConfigError, match=r"methods\[0\]: center: true needs transpose: false"):
         parse_config(job)
+
+
+# --------------------------------------------------------------------------- sparse blocks, means
+
+
+def _sparse_blocks(a: np.ndarray, chunks) -> da.Array:
+    """``a`` as a dask array whose blocks are scipy.sparse CSR matrices."""
+    import scipy.sparse as sp
+
+    return da.from_array(a, chunks=chunks).map_blocks(sp.csr_matrix)
+
+
+def _sparse_matrix(m: int, n: int, seed: int) -> np.ndarray:
+    """A dense copy of a random sparse matrix (10 % non-zeros, an empty row, a dense one)."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((m, n)) * (rng.random((m, n)) < 0.1) + rng.uniform(0, 3, n)
+    a[5] = 0.0
+    a[9] = np.arange(1, n + 1)
+    return a
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_svd_and_tsqr_accept_sparse_blocks(client, center):
+    """Blocks of scipy.sparse (2-D chunked on purpose) are densified one row block per
+    task: the results equal numpy's on the dense matrix."""
+    a = _sparse_matrix(600, 40, seed=21)
+    x = _sparse_blocks(a, (70, 15))
+    res = svd(x, center=center)
+    ac = a - a.mean(axis=0) if center else a
+    u_ref, s_ref, vt_ref = reference(ac)
+    np.testing.assert_allclose(res.s, s_ref, rtol=1e-12, atol=1e-13 * s_ref[0])
+    np.testing.assert_allclose(res.vt, vt_ref, atol=1e-9)
+    np.testing.assert_allclose(res.u.compute(**UNOPTIMIZED), u_ref, atol=1e-9)
+    if center:
+        np.testing.assert_allclose(res.mean, a.mean(axis=0), rtol=1e-14)
+    qr = tsqr(x)
+    r_ref = np.linalg.qr(a, mode="r")
+    np.testing.assert_allclose(np.abs(np.diag(qr.r)), np.abs(np.diag(r_ref)), rtol=1e-12)
+    np.testing.assert_allclose(qr.q.compute() @ qr.r, a, atol=1e-12 * np.abs(a).max())
+
+
+def test_centred_svd_float32_mean_is_the_float64_mean_rounded(client):
+    """float32 PCA: the mean is summed in float64 and rounded once, so it equals
+    ``a.astype(float64).mean(0).astype(float32)`` to at most 1 ulp (the R factor's first row
+    holds it only to the QR's working precision)."""
+    rng = np.random.default_rng(22)
+    a = (1000.0 + 10 * rng.standard_normal((20_000, 30))).astype(np.float32)
+    res = svd(da.from_array(a, chunks=(3000, 30)), center=True, compute_u=False)
+    want = a.astype(np.float64).mean(axis=0).astype(np.float32)
+    assert res.mean.dtype == np.float32
+    ulps = np.abs(res.mean.view(np.int32) - want.view(np.int32))
+    assert ulps.max() <= 1, ulps

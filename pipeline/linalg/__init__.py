@@ -4,7 +4,9 @@ The public functions :func:`tsqr`, :func:`svd`, :func:`rsvd` and :func:`nmf` che
 arguments once at their top (:mod:`pipeline.linalg._validation`), cast the input to its
 working dtype (integers and bool → float64, float16 → float32, float32 / float64
 unchanged) and cut it into row blocks themselves; any chunking, including unknown chunk
-sizes, is accepted.
+sizes, is accepted, and so are blocks of scipy.sparse matrices (``rsvd`` and ``nmf``
+multiply them as they are; ``tsqr`` and ``svd`` densify one row block per task, with
+:func:`pipeline.linalg._graph.dense_row_blocks`).
 """
 
 from pipeline.linalg._validation import (
@@ -18,12 +20,22 @@ from pipeline.linalg._validation import (
     working_dtype,
 )
 from pipeline.linalg.nmf import INIT_POWER_ITERS, NMFResult, NMFState, nmf, svd_for_init
-from pipeline.linalg.rsvd import RSVDResult, rsvd, rsvd_passes
+from pipeline.linalg.rsvd import (
+    AUTO_MAX_POWER_ITERS,
+    AUTO_TOL,
+    Convergence,
+    RSVDResult,
+    rsvd,
+    rsvd_passes,
+)
 from pipeline.linalg.svd import SVDResult, svd
 from pipeline.linalg.tsqr import TSQRResult, row_blocks, tsqr
 
 __all__ = [
+    "AUTO_MAX_POWER_ITERS",
+    "AUTO_TOL",
     "INIT_POWER_ITERS",
+    "Convergence",
     "NMFResult",
     "NMFState",
     "RSVDResult",

@@ -13,7 +13,7 @@ from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from pipeline.backend import dense_meta
+from pipeline.backend import dense_meta, is_sparse
 
 
 def persist(*collections: Any, **kwargs: Any) -> tuple[Any, ...]:
@@ -106,3 +106,24 @@ def sum_block_pieces(
         **kw,
     )
     return parts.reshape(nb, rows, cols).sum(axis=0, dtype=np.float64)
+
+
+def _dense(block: Any) -> Any:
+    """A sparse block as a dense numpy array (dense blocks pass through)."""
+    return block.toarray() if is_sparse(block) else block
+
+
+def dense_row_blocks(x: da.Array, block_bytes: int) -> da.Array:
+    """``x`` with scipy.sparse blocks as dense row blocks of about ``block_bytes`` each, one
+    densified per task (for the algorithms that factorize dense blocks: TSQR, the exact
+    SVD); ``x`` itself when its blocks are dense. The sparse pieces are cut to the dense
+    size first, so no task ever holds more than one dense block — never the whole matrix.
+    (The job layer's :func:`pipeline.io.sparse.densified` does the same for inputs it read.)
+    """
+    if not is_sparse(x._meta):
+        return x
+    m, n = x.shape
+    rows = int(max(1, min(m, block_bytes // (n * x.dtype.itemsize))))
+    sizes = (rows,) * (m // rows) + ((m % rows,) if m % rows else ())
+    x = x.rechunk((sizes, (n,)), method="tasks")  # P2P moves numpy buffers only
+    return x.map_blocks(_dense, dtype=x.dtype, meta=np.empty((0, 0), dtype=x.dtype))

@@ -44,6 +44,7 @@ import numpy as np
 
 from pipeline.backend import array_module, to_host
 from pipeline.errors import InputError
+from pipeline.linalg._graph import dense_row_blocks
 from pipeline.linalg._validation import (
     as_matrix,
     check_bool,
@@ -51,7 +52,7 @@ from pipeline.linalg._validation import (
     check_rank,
     check_tall,
 )
-from pipeline.linalg.tsqr import row_blocks, tsqr
+from pipeline.linalg.tsqr import DEFAULT_BLOCK_BYTES, row_blocks, tsqr
 
 TRANSPOSE_HINT = "for a wide matrix take svd(a.T): its U and Vt are the V and Uᵀ of a"
 
@@ -68,7 +69,8 @@ class SVDResult:
         the input's tasks and redefines keys the R pass left on the scheduler).
     s : (k,) singular values, descending, in the input's working dtype
     vt : (k, n) right singular vectors (largest-magnitude entry of each row positive)
-    mean : (n,) column means when centred, else ``None``
+    mean : (n,) column means when centred, else ``None`` (summed in float64, then cast to
+        the working dtype: float32 input gets ``a.astype(float64).mean(0)`` rounded once)
     singular_values_all : all ``n`` singular values (float64), for explained-variance
         ratios and the tail beyond ``k``
     sumsq : ``‖A‖²_F`` (float64, from the pass, accumulated per block in the working dtype)
@@ -135,7 +137,8 @@ def svd(
     Parameters
     ----------
     a : dask array (or array-like) (m, n) with m ≥ n (m > n when centred), real; integers
-        are computed in float64
+        are computed in float64; scipy.sparse blocks are densified one row block of about
+        64 MiB per task
     rank : keep the top ``rank`` triplets, ``1 ≤ rank ≤ n``; ``None`` keeps all ``n``
     compute_u : build ``U`` (lazy; a second read of ``a`` when computed). ``False`` reads
         ``a`` once.
@@ -155,7 +158,7 @@ def svd(
     NonFiniteInputError
         When ``a`` holds NaN or Inf (found during the pass).
     """
-    a = as_matrix(a, name="a")
+    a = dense_row_blocks(as_matrix(a, name="a"), DEFAULT_BLOCK_BYTES)
     m, n = a.shape
     check_tall((m, n), name="a", hint=TRANSPOSE_HINT)
     if rank is not None:
@@ -180,7 +183,7 @@ def svd(
             dtype=a.dtype,
             meta=blocked._meta,
         )
-        res = tsqr(aug, compute_q=compute_u, split_every=split_every)
+        res = tsqr(aug, compute_q=compute_u, split_every=split_every, column_sums=True)
         # tsqr keeps these row blocks; should it ever rechunk, slice its blocks instead.
         used = blocked if res.a.chunks[0] == blocked.chunks[0] else res.a[:, 1:]
     else:
@@ -189,8 +192,9 @@ def svd(
 
     r = to_host(res.r).astype(np.float64)
     if center:
-        # q̃₀ = c·1 / R̃₀₀ with c the constant, so R̃₀ⱼ = q̃₀ᵀa_j = c·m·μ_j / R̃₀₀.
-        mean = r[0, 1:] * r[0, 0] / (float(value) * m)
+        # The means from the pass's float64 column sums (R̃₀ⱼ = c·m·μ_j / R̃₀₀ holds them
+        # too, but only to the working precision of the QR: a few ulps off in float32).
+        mean = res.column_sums[1:] / m
         sumsq = float(res.sumsq) - m * float(value) ** 2  # less the constant column
         r = r[1:, 1:]
     else:

@@ -25,9 +25,9 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed, delayed
 
-from pipeline.backend import is_sparse, to_host
+from pipeline.backend import array_module, is_sparse, to_host
 from pipeline.linalg import _kernels as k
-from pipeline.linalg._graph import fetch, persist, stack_row_blocks, unfused
+from pipeline.linalg._graph import dense_row_blocks, fetch, persist, stack_row_blocks, unfused
 from pipeline.linalg._validation import as_matrix, check_bool, check_int, check_tall
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
@@ -54,6 +54,8 @@ class TSQRResult:
     r : (n, n) upper-triangular array with non-negative diagonal (computed).
     a : the row-blocked input that was factorized (use it for metrics on the same blocks).
     sumsq : ``‖A‖²_F`` from the same pass.
+    column_sums : the column sums of ``A`` in float64 from the same pass
+        (``tsqr(..., column_sums=True)``), else ``None``.
     block_methods : how many blocks took each local path (``cholqr2``, ``scholqr3``,
         ``scholqr4``, ``householder``).
     blocks, factors, transforms : per row block, the input block (unoptimized ``Delayed``),
@@ -70,6 +72,7 @@ class TSQRResult:
     blocks: list[Delayed] | None = field(default=None, repr=False)
     factors: list[Delayed] | None = field(default=None, repr=False)
     transforms: list[Delayed | None] | None = field(default=None, repr=False)
+    column_sums: np.ndarray | None = None
 
     @property
     def fro_norm(self) -> float:
@@ -171,16 +174,19 @@ def tsqr(
     compute_q: bool = True,
     block_rows: int | None = None,
     split_every: int = 16,
+    column_sums: bool = False,
 ) -> TSQRResult:
     """QR factorization of a tall-and-skinny dask array.
 
     Parameters
     ----------
-    a : dask (or numpy) array (m, n) with m ≥ n, any chunking; integers and bool are
+    a : dask (or numpy) array (m, n) with m ≥ n, any chunking, dense or scipy.sparse
+        blocks (densified one row block of about 64 MiB per task); integers and bool are
         computed in float64, float16 in float32 (see :func:`working_dtype`)
     compute_q : build ``Q`` (lazy; a second read of ``a`` when computed)
     block_rows : rows per block (default: about 64 MiB per block, at least ``n``)
     split_every : fan-in of the reduction tree of ``R`` factors
+    column_sums : also sum the columns in float64, from the same pass (``column_sums``)
 
     Returns
     -------
@@ -198,9 +204,10 @@ def tsqr(
     NonFiniteInputError
         When ``a`` holds NaN or Inf (found during the pass that computes ``r``).
     """
-    a = as_matrix(a)
+    a = dense_row_blocks(as_matrix(a), DEFAULT_BLOCK_BYTES)
     check_tall(a.shape)
     check_bool(compute_q, "compute_q")
+    check_bool(column_sums, "column_sums")
     check_int(split_every, "split_every", low=2)
     a = row_blocks(a, block_rows)
     offsets = np.concatenate([[0], np.cumsum(a.chunks[0])[:-1]]).tolist()
@@ -214,17 +221,33 @@ def tsqr(
     ]
     root_r, transforms = _tree([delayed(k.block_r, pure=True)(f) for f in factors], split_every)
     summary = delayed(k.summarize, pure=True)(*factors)
+    # column sums read the same block keys, so they come from the same pass
+    sums = delayed(_total, pure=True)(*[delayed(_column_sums, pure=True)(b) for b in blocks])
 
-    if not compute_q:
-        r, info = dask.compute(root_r, summary)  # leaf and root R have a non-negative diagonal
-        return TSQRResult(None, r, a, info["sumsq"], info["block_methods"])
+    if not compute_q:  # leaf and root R have a non-negative diagonal
+        r, info, colsum = dask.compute(root_r, summary, sums if column_sums else None)
+        return TSQRResult(None, r, a, info["sumsq"], info["block_methods"], column_sums=colsum)
 
     # Keep the small per-block state on the cluster; Q re-reads A block by block.
-    root_r, summary, factors, transforms = persist(root_r, summary, factors, transforms)
-    r, info = fetch(root_r, summary)
+    extra = [sums] if column_sums else []
+    root_r, summary, factors, transforms, *extra = persist(
+        root_r, summary, factors, transforms, *extra
+    )
+    r, info, *colsum = fetch(root_r, summary, *extra)
     res = TSQRResult(None, r, a, info["sumsq"], info["block_methods"], blocks, factors, transforms)
+    res.column_sums = colsum[0] if colsum else None
     res.q = _q_blocks(res, None, a.shape[1])
     return res
+
+
+def _column_sums(block: Any) -> np.ndarray:
+    """Column sums of a block in float64, on the host."""
+    return to_host(block.sum(axis=0, dtype=array_module(block).float64))
+
+
+def _total(*parts: np.ndarray) -> np.ndarray:
+    """The sum of the blocks' pieces (float64)."""
+    return np.sum(parts, axis=0, dtype=np.float64)
 
 
 def _block_q_times(a: Any, factor: k.BlockFactor, transform: Any | None, m: Any | None) -> Any:

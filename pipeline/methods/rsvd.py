@@ -4,6 +4,10 @@
 Writes ``rsvd/U``, ``rsvd/S``, ``rsvd/Vt`` (and ``rsvd/mean`` when centred) and a spectrum
 plot. The residual comes from the exact formula ``‖A‖² − Σσ²`` for the projection the
 method computes, or from a direct pass when that difference has lost its digits.
+``power_iters: auto`` (the default) iterates until the top singular values stop changing
+(block Krylov; see :mod:`pipeline.linalg.rsvd`) and records ``power_iters_used``,
+``converged`` and ``error_estimate``; a warning in the log and the report when it stopped
+at its cap unconverged.
 """
 
 from __future__ import annotations
@@ -11,10 +15,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from pipeline.memory import Cost
 from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext, spectral_slots
@@ -33,6 +37,27 @@ BLOCK_BUFFERS = 2
 SKETCHES_KEPT = 3
 
 PLOT = "rsvd_spectrum.png"
+POWER_ITERS_MAX = 100  # a fixed count above it is a typo, not a plan
+
+
+def _power_iters(value: Any) -> Any:
+    """``auto`` or an int in ``[0, POWER_ITERS_MAX]``, refused in one line otherwise (a
+    plain ``int | Literal`` union would report one error per branch)."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be 'auto' or an integer between 0 and {POWER_ITERS_MAX}")
+    if value < 0:
+        raise ValueError("must be ≥ 0")
+    if value > POWER_ITERS_MAX:
+        raise ValueError(f"must be ≤ {POWER_ITERS_MAX}")
+    return value
+
+
+PowerIters = Annotated[
+    Annotated[int, Field(ge=0, le=POWER_ITERS_MAX)] | Literal["auto"],
+    BeforeValidator(_power_iters),
+]
 
 
 class RSVDSpec(MethodSpec):
@@ -47,8 +72,15 @@ class RSVDSpec(MethodSpec):
     oversample: int = Field(
         10, ge=0, description="extra sketch columns (rank + oversample is capped at min(m, n))"
     )
-    power_iters: int = Field(
-        2, ge=0, le=100, description="subspace iterations, one pass over A each"
+    power_iters: PowerIters = Field(
+        "auto",
+        description="iteration passes, one pass over A each: auto (until the estimated "
+        "relative error of every top-k σ² is ≤ 1e-3; at most 20) or a number",
+    )
+    iteration: Literal["krylov", "power"] | None = Field(
+        None,
+        description="krylov: randomized block Krylov (Musco & Musco 2015); power: subspace "
+        "iteration; null: krylov with power_iters auto, power with a number (as before)",
     )
     center: bool = Field(False, description="PCA: subtract column means (never materialised)")
     seed: int = Field(0, ge=0, description="seed of the Gaussian test matrices")
@@ -83,22 +115,64 @@ def _computed_rank(spec: RSVDSpec, shape: tuple[int, int]) -> int:
 
 
 def cost(spec: RSVDSpec, shape: tuple[int, int]) -> Cost:
-    """``power_iters + 1`` passes (one for the single-pass sketch), plus a direct residual
-    pass when asked for (or, unasked, when the exact formula has lost its digits)."""
+    """``power_iters + 1`` passes (one for the single-pass sketch; up to the cap + 1 for
+    ``auto``), plus a direct residual pass when asked for (or, unasked, when the exact
+    formula has lost its digits)."""
     from pipeline.linalg import rsvd_passes
 
     width = min(_computed_rank(spec, shape) + spec.oversample, *shape)
     passes = rsvd_passes(spec.power_iters, spec.single_pass)
     maybe_direct = spec.measure_residual is None and not spec.single_pass
+    auto = spec.power_iters == "auto" and not spec.single_pass
     return Cost(
         passes=passes + int(bool(spec.measure_residual) or maybe_direct),
-        exact=not maybe_direct,
+        exact=not (maybe_direct or auto),
         columns=shape[1],
         min_rows=width,
         buffers=BLOCK_BUFFERS,
         keeps=passes > 1 or bool(spec.measure_residual),
         state_columns=SKETCHES_KEPT * width,
     )
+
+
+def _scheme(spec: RSVDSpec) -> str:
+    """How the sketch is iterated, for the log."""
+    if spec.single_pass:
+        return "single-pass sketch"
+    if spec.power_iters == 0:
+        return "no power iterations"
+    scheme = spec.iteration or ("krylov" if spec.power_iters == "auto" else "power")
+    return f"{'block Krylov' if scheme == 'krylov' else 'power'} iterations: {spec.power_iters}"
+
+
+def _convergence_metrics(conv: Any) -> dict[str, Any]:
+    """``iteration``, ``power_iters_used``, ``converged`` (``None`` for a fixed count),
+    ``error_estimate`` and ``change_history`` (none of them for the single-pass and
+    ``power_iters: 0`` paths); a warning when ``auto`` stopped at its cap unconverged."""
+    from pipeline.linalg.rsvd import AUTO_TOL
+
+    if conv is None:
+        return {}
+    if conv.converged is False:
+        est = "unknown" if conv.error_estimate is None else f"{conv.error_estimate:.1e}"
+        remedy = f"raise oversample, set power_iters to a number above {conv.power_iters_used}"
+        remedy += ", or use iteration: krylov" * (conv.iteration == "power")
+        log.warning(
+            "rsvd: power_iters auto did not converge in %d iteration passes (estimated "
+            "relative error of the top-k σ² %s, tolerance %.0e); the factors may be "
+            "inaccurate: %s",
+            conv.power_iters_used,
+            est,
+            AUTO_TOL,
+            remedy,
+        )
+    return {
+        "iteration": conv.iteration,
+        "power_iters_used": conv.power_iters_used,
+        "converged": conv.converged,
+        "error_estimate": conv.error_estimate,
+        "change_history": conv.changes,
+    }
 
 
 def _apply_rank_rule(spec: RSVDSpec, res: Any) -> tuple[Any, dict[str, Any]]:
@@ -124,27 +198,31 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     computed = _computed_rank(spec, (m, n))
     width = min(computed + spec.oversample, m, n)
     a, persisted = ctx.row_blocks(a, spec, cost(spec, (m, n)))
-    passes = rsvd_passes(spec.power_iters, spec.single_pass)
+    most = rsvd_passes(spec.power_iters, spec.single_pass)
     log.info(
-        "rsvd: rank %s (sketch %d) of %d × %d %s, %s; %d passes over the input",
+        "rsvd: rank %s (sketch %d) of %d × %d %s, %s; %s%d passes over the input",
         spec.rank.target if rule(spec) else spec.rank,
         width,
         m,
         n,
         a.dtype,
-        "single-pass sketch" if spec.single_pass else f"{spec.power_iters} power iterations",
-        passes,
+        _scheme(spec),
+        "up to " * (spec.power_iters == "auto" and not spec.single_pass),
+        most,
     )
     res = rsvd(
         a,
         computed,
         oversample=spec.oversample,
         power_iters=spec.power_iters,
+        iteration=spec.iteration,
         center=spec.center,
         seed=spec.seed,
         single_pass=spec.single_pass,
-        on_pass=lambda done: report(Progress(ctx.job_name, "rsvd", done, passes, "pass")),
+        on_pass=lambda done: report(Progress(ctx.job_name, "rsvd", done, most, "pass")),
     )
+    passes = res.passes
+    convergence = _convergence_metrics(res.convergence)
     res, rank_metrics = _apply_rank_rule(spec, res)
     log.info("rsvd: factors found in %.1f s; writing U and measuring", time.perf_counter() - t0)
     s64 = res.s64  # float64: keeps the digits of ‖A‖² − Σσ²
@@ -183,6 +261,7 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         "passes": passes,
         "reads_from_storage": 1 if persisted else passes,
         "single_pass": spec.single_pass,
+        **convergence,
     }
     if spec.center:
         result["residual_rel_centered"] = None if rsq is None else mx.relative(rsq, total)
