@@ -7,6 +7,7 @@ result does not depend on how many workers write it.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask.array as da
@@ -128,7 +129,26 @@ def _write_local(path: str, x: da.Array, array: str | None) -> None:
     from zarr.storage import LocalStore
 
     with written_aside(path) as aside:
-        da.store(x, _create(LocalStore(aside), x, array), lock=False)
+        _store_settled(x, _create(LocalStore(aside), x, array))
+
+
+def _store_settled(x: da.Array, target: zarr.Array) -> None:
+    """``da.store`` on threads of this process that have all stopped when it returns or raises.
+
+    Dask raises at the first failed chunk while other chunks are still being written, and a
+    chunk written after the caller removed the folder re-creates it (Zarr makes the parent
+    folders of every chunk it writes): a failed write left a hidden ``.partial-*`` folder.
+    Here the running chunks finish and the queued ones are dropped before the error goes
+    on. The target is a local path, so this process's threads are the ones that can write
+    it (a Dask cluster's workers may sit on other machines).
+    """
+    from dask.system import CPU_COUNT
+
+    pool = ThreadPoolExecutor(CPU_COUNT, thread_name_prefix="zf-generate")
+    try:
+        da.store(x, target, lock=False, scheduler="threads", pool=pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_metadata_last(

@@ -35,7 +35,7 @@ from pipeline.fingerprint import job_fingerprint
 from pipeline.io.anndata_out import ADATA, write_anndata_output
 from pipeline.io.artifacts import RunOutput, check_output_free, read_published
 from pipeline.io.owners import remove_stale_staging
-from pipeline.io.preflight import check_input_creatable, check_output_writable
+from pipeline.io.preflight import check_input_creatable, check_output_apart, check_output_writable
 from pipeline.io.source import InputManifest, open_matrix
 from pipeline.io.sparse import densified
 from pipeline.io.stores import is_local, split_url
@@ -160,6 +160,8 @@ def precheck(config: JobConfig) -> InputManifest | None:
     """
     from pipeline.cluster import check_backend_available, check_cluster_available
 
+    # also in prepare: flows skip the CLI
+    check_output_apart(config.input, config.output, config.name)
     if input_will_be_created(config):
         check_cluster_available(config.cluster)
         check_backend_available(config)
@@ -202,6 +204,7 @@ def completed_result(config: JobConfig) -> dict[str, Any] | None:
 def prepare(config: JobConfig) -> PreparedRun:
     """Create the input if asked, open and check it once, open the staging folder."""
     started = now_iso()
+    check_output_apart(config.input, config.output, config.name)  # flows skip the CLI
     if input_will_be_created(config):
         spec = config.input
         write_synthetic(spec.url, spec.create_if_missing, spec.storage_options, spec.array)

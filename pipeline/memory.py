@@ -34,6 +34,18 @@ if TYPE_CHECKING:
 WORKER_BASELINE = 160 * 2**20
 
 
+def machine_memory() -> int:
+    """Bytes of memory this machine gives its processes, as Dask counts it: the physical
+    memory, or less under a container's (cgroup) or ``RLIMIT_RSS`` limit.
+
+    A local cluster's ``memory_limit`` above it is silently cut down to it by
+    ``distributed``; the job validation refuses such a value instead.
+    """
+    from distributed.system import MEMORY_LIMIT
+
+    return int(MEMORY_LIMIT)
+
+
 # Fan-in of the reduction trees of small factors (TSQR's R factors): a tree node stacks
 # this many children (pipeline.linalg.tsqr's default split_every).
 TREE_FAN_IN = 16

@@ -1,7 +1,8 @@
 """A real S3-compatible server on 127.0.0.1 for tests: moto's, in a thread of the test process.
 
-Subprocesses (``factorize run``) reach it over TCP like any S3 endpoint. ``StalledServer``
-accepts connections and never answers, for timeout tests.
+Subprocesses (``factorize run``) reach it over TCP like any S3 endpoint.
+``stalled_server`` accepts connections and never answers, for timeout tests;
+``StallingProxy`` forwards to a real server until told to stall, for stalls mid-run.
 """
 
 from __future__ import annotations
@@ -105,3 +106,63 @@ def stalled_server() -> Iterator[str]:
         for conn in held:
             conn.close()
         sock.close()
+
+
+class StallingProxy:
+    """A TCP proxy on 127.0.0.1 in front of ``target`` (``http://host:port``) that
+    forwards faithfully until :meth:`stall`; from then on it accepts connections and
+    holds every byte, as an endpoint that stopped answering mid-run does."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("http://").rsplit(":", 1)
+        self._target = (host, int(port))
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self._sock.settimeout(0.2)
+        self._stalled = threading.Event()
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        """The proxy's URL, to use as ``endpoint_url``."""
+        return f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def stall(self) -> None:
+        """Stop answering: requests in flight and new ones wait for ever."""
+        self._stalled.set()
+
+    def close(self) -> None:
+        """Close every connection and the listening socket."""
+        self._stop.set()
+        for conn in list(self._conns):
+            conn.close()
+        self._sock.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                continue
+            self._conns.append(conn)
+            if self._stalled.is_set():
+                continue  # held open, never answered
+            upstream = socket.create_connection(self._target)
+            self._conns.append(upstream)
+            for src, dst in ((conn, upstream), (upstream, conn)):
+                pump = threading.Thread(target=self._pump, args=(src, dst), daemon=True)
+                pump.start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                while self._stalled.is_set() and not self._stop.is_set():
+                    self._stop.wait(0.5)
+                if self._stop.is_set():
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass

@@ -1,8 +1,13 @@
-"""Opening inputs (Zarr v2/v3, groups, fsspec URLs) and atomic result folders."""
+"""Opening inputs (Zarr v2/v3, groups, fsspec URLs), atomic result folders, and generated
+inputs that appear whole or leave nothing (also after a failure or a kill)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import dask.array as da
 import numcodecs
@@ -11,10 +16,11 @@ import pytest
 import xarray as xr
 import zarr
 
-from pipeline.config import InputSpec, OutputSpec
+from pipeline.config import InputSpec, OutputSpec, SyntheticSpec
+from pipeline.datasets import synthetic_array, write_synthetic
 from pipeline.errors import ArtifactExistsError, InputError
 from pipeline.io import RunOutput, open_matrix
-from tests.conftest import write_array
+from tests.conftest import REPO, write_array
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])
@@ -215,3 +221,110 @@ def test_damaged_shards_are_refused_naming_the_shard(tmp_path, damage, missing, 
         x.compute(scheduler="sync")
     assert message in str(info.value)
     assert str(info.value).startswith(f"input: chunk (1, 0) of {url} ")
+
+
+def test_overwriting_a_symlinked_name_leaves_no_link_aside(tmp_path):
+    """``<name>`` a symbolic link to a result elsewhere: the overwrite moved the link aside
+    and ``rmtree`` refused to remove a link, so ``.r.old-*`` stayed for ever. Now the
+    link goes (what it pointed to stays), and so does such a leftover of a killed run."""
+    elsewhere = tmp_path / "elsewhere" / "r"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "metrics.json").write_text('{"status": "completed"}')
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "r").symlink_to(elsewhere)
+    (out / ".r.old-0123456789ab").symlink_to(elsewhere)  # a publisher killed between renames
+    new = RunOutput(OutputSpec(url=str(out), overwrite=True), "r")
+    new.begin()
+    new.factor_array("tsqr", "R", np.eye(2), ("component", "col"))
+    new.publish({"status": "completed", "v": 2})
+    assert sorted(p.name for p in out.iterdir()) == ["r"]
+    assert not (out / "r").is_symlink()
+    assert json.loads((out / "r" / "metrics.json").read_text())["v"] == 2
+    assert (elsewhere / "metrics.json").read_text() == '{"status": "completed"}'
+
+    import fsspec
+
+    from pipeline.io.artifacts import replace_tree
+
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "state.json").write_text("{}")
+    (tmp_path / "ckpt").symlink_to(elsewhere)  # a checkpoint folder that is a link
+    replace_tree(fsspec.filesystem("file"), str(tmp_path / "new"), str(tmp_path / "ckpt"), "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "elsewhere", "out"]
+    assert (elsewhere / "metrics.json").exists()
+
+
+def test_a_failed_generate_leaves_no_hidden_folder(tmp_path, monkeypatch):
+    """One chunk fails while another is being made: Dask raised at once, the hidden
+    folder was removed, and the chunk still in flight re-created it (Zarr makes the
+    parents of every chunk it writes). Now chunks in flight finish first, then it goes."""
+    import threading
+
+    import pipeline.datasets as datasets
+
+    make = datasets._block
+    failing, in_flight = threading.Event(), threading.Event()
+
+    def third_fails_while_another_runs(kind, seed, block_id, *args):
+        if block_id[0] == 3:
+            failing.set()
+            in_flight.wait(10)  # another chunk is being made now
+            raise RuntimeError("injected: disk error")
+        if failing.is_set():
+            in_flight.set()
+            time.sleep(0.3)  # written after the failure was raised
+        return make(kind, seed, block_id, *args)
+
+    monkeypatch.setattr(datasets, "_block", third_fails_while_another_runs)
+    spec = SyntheticSpec(kind="gaussian", shape=(400, 6), chunks=(10, 6))
+    with pytest.raises(RuntimeError, match="injected"):
+        datasets.write_synthetic(str(tmp_path / "m.zarr"), spec)
+    assert in_flight.is_set()
+    time.sleep(0.6)  # a chunk still being written would show up by now
+    assert list(tmp_path.iterdir()) == []
+
+
+KILLED_GENERATOR = """
+import sys, time
+
+import pipeline.datasets as datasets
+from pipeline.config import SyntheticSpec
+
+make = datasets._block
+
+def slow(*args):
+    time.sleep(0.5)
+    return make(*args)
+
+datasets._block = slow
+datasets.write_synthetic(sys.argv[1], SyntheticSpec(shape=(400, 6), chunks=(10, 6)))
+"""
+
+
+def test_a_killed_generate_is_cleaned_up_by_the_next(tmp_path):
+    """A real ``create_if_missing`` writer killed with SIGKILL leaves its hidden folder
+    with an owner record; the next writer of that store removes it and writes whole."""
+    script = tmp_path / "generate.py"
+    script.write_text(KILLED_GENERATOR)
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(data / "m.zarr")],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(data.glob(".m.zarr.partial-*/store/c/*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    (leftover,) = data.glob(".m.zarr.partial-*")
+    assert json.loads((leftover / ".owner.json").read_text())["pid"] == proc.pid
+    spec = SyntheticSpec(shape=(400, 6), chunks=(10, 6))
+    write_synthetic(str(data / "m.zarr"), spec)
+    assert sorted(p.name for p in data.iterdir()) == ["m.zarr"]
+    expected = synthetic_array(spec).compute(scheduler="sync")
+    np.testing.assert_array_equal(zarr.open_array(str(data / "m.zarr"))[...], expected)

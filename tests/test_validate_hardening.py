@@ -30,7 +30,7 @@ from pipeline.io.preflight import check_input_creatable, check_output_writable, 
 from pipeline.jobs import precheck
 from pipeline.methods import METHODS
 from pipeline.methods.base import _leaf_types
-from tests.conftest import factorize_cmd, job_dict, write_array, write_job
+from tests.conftest import factorize_cmd, job_dict, one_line_exit, write_array, write_job
 
 
 def alias_bomb_yaml(input_url: str, levels: int = 9) -> str:
@@ -118,6 +118,32 @@ def test_good_values_still_pass():
     assert cfg.cluster.memory_limit == "1.5 GiB" and cfg.methods[0].tol == 0.0
     assert parse_config({**cfg.model_dump(), "name": "n" * 200}).name == "n" * 200
     assert parse_config({**cfg.model_dump(), "cluster": {"memory_limit": 2**28}})
+
+
+def test_a_memory_limit_above_the_machine_is_refused_for_local_workers(tmp_path: Path):
+    """``1e26 PiB`` passed validate and became the machine's memory without a word
+    (distributed caps it). Local kinds refuse it, naming the machine's memory; clusters
+    whose workers start elsewhere keep their own limit."""
+    from pipeline.memory import machine_memory
+
+    total = machine_memory()
+    write_array(tmp_path / "in.zarr", np.ones((10, 3)))
+    job = job_dict(tmp_path, str(tmp_path / "in.zarr"), cluster={"memory_limit": "1e26 PiB"})
+    path = write_job(tmp_path, job)
+    proc = subprocess.run(
+        [*factorize_cmd(), "validate", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert one_line_exit(proc) == (
+        f"factorize: error: {path}: cluster.memory_limit: must be at most this machine's "
+        f"memory, {total / 2**30:.1f} GiB ({total} bytes), for cluster.kind local, "
+        "got '1e26 PiB'"
+    )
+    for kind in ("local", "local-cuda"):
+        with pytest.raises(ConfigError, match=rf"at most this machine's memory, .* {kind}, got"):
+            parse_config({**job, "cluster": {"kind": kind, "memory_limit": total + 1}})
+        assert parse_config({**job, "cluster": {"kind": kind, "memory_limit": total}})
+    remote = {"kind": "address", "address": "tcp://10.0.0.5:8786", "memory_limit": "1 PiB"}
+    assert parse_config({**job, "cluster": remote}).cluster.memory_limit == "1 PiB"
 
 
 # --------------------------------------------------------------------------- YAML bounds

@@ -14,16 +14,22 @@ Local filesystem
     with ``overwrite`` the last one wins whole, without it the first one wins and the
     others fail. Leftovers of a publisher killed between the renames (``.<name>.old-*``)
     are removed by the next publisher of that name. A reader sees the old result, no
-    ``<name>/`` for an instant, or the new result — never a mix.
+    ``<name>/`` for an instant, or the new result — never a mix. A ``<name>`` that is a
+    symbolic link is replaced as a link: the link goes, what it pointed to is left.
 
 Object stores (S3 and any fsspec store without rename)
     1. *Claim*: ``<name>/metrics.json`` is replaced by ``{"status": "publishing",
-       "run_id": …}``, in one PUT. From then on the old result no longer reads as
-       complete. Without ``overwrite`` the claim is an exclusive create
+       "run_id": …, "owner": …, "expires": …}``, in one PUT. From then on the old result
+       no longer reads as complete. Without ``overwrite`` the claim is an exclusive create
        (``If-None-Match: *`` on S3), so of two runs publishing one new name only one
-       gets it.
+       gets it. The claim is a lease (:mod:`pipeline.io.owners`): it expires
+       ``LEASE_SECONDS`` (2 min) after it was written and its publisher renews it every
+       ``RENEW_SECONDS`` (30 s) until the commit. Another run's live claim is refused
+       (that run's result is discarded); a lapsed one — its publisher was killed — is
+       taken over, and the dead run's staging prefix removed.
     2. *Copy*: every staging object is copied (server-side on S3) to the same key under
-       ``<name>/``; keys that only the old result had are deleted.
+       ``<name>/``; keys that only the old result had (or a dead publisher copied) are
+       deleted.
     3. *Commit*: the claim is re-read (still ours?) and ``metrics.json`` is written with
        ``"status": "completed"``.
     4. The staging prefix is removed (missing prefixes are fine: S3 has no directories).
@@ -34,17 +40,20 @@ Object stores (S3 and any fsspec store without rename)
     and returns success (:meth:`RunOutput.published`).
 
 Limits
-    - On an object store nothing locks a name: two runs publishing one name with
-      ``overwrite: true`` at the same moment can leave a result whose factors mix both
-      runs. The re-read before the commit makes the overtaken run fail, but copies of
-      the overtaken run that land after the winner's copies go unnoticed. Publish one
-      name from one run at a time.
+    - On an object store the claim is read, then written: two runs that claim one name
+      with ``overwrite: true`` within the same instant can both get it, and the factors
+      of the result can mix both runs. The re-read before the commit makes the overtaken
+      run fail, but copies of the overtaken run that land after the winner's copies go
+      unnoticed. Publish one name from one run at a time. A publisher cut off from the
+      store for longer than the lease loses its name to the next run, as a dead one.
     - A reader that read a completed ``metrics.json`` and then reads factors while an
       overwrite runs can read new factors under the old metrics; re-read ``metrics.json``
       (its ``run_id``) after reading factors to be sure.
-    - A publisher killed during the copy leaves ``<name>/`` claimed (not complete): rerun
-      with ``overwrite: true``. ``flock`` on network filesystems (NFS) is only as good as
-      their lock daemon.
+    - A publisher killed during the copy leaves ``<name>/`` claimed (not complete) until
+      its lease lapses (2 min); a run publishing that name before then is refused.
+      Leases compare the publisher's clock with the reader's: clocks more than a minute
+      apart shorten or lengthen them. ``flock`` on network filesystems (NFS) is only as
+      good as their lock daemon.
 """
 
 from __future__ import annotations
@@ -55,12 +64,11 @@ import glob
 import json
 import logging
 import os
-import shutil
+import threading
 import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 import dask.array as da
@@ -70,7 +78,17 @@ import zarr
 from pipeline.backend import host_blocks, to_host
 from pipeline.config import OutputSpec, redact
 from pipeline.errors import ArtifactExistsError, ConfigError
-from pipeline.io.owners import remove_owner, write_owner
+from pipeline.io.owners import (
+    RENEW_SECONDS,
+    claim_record,
+    describe_claim,
+    is_claim,
+    lease_lapsed,
+    remove_local,
+    remove_owner,
+    staging_of,
+    write_owner,
+)
 from pipeline.io.stores import is_local, split_url, zarr_store
 
 log = logging.getLogger(__name__)
@@ -78,7 +96,6 @@ log = logging.getLogger(__name__)
 FACTORS = "factors.zarr"
 METRICS = "metrics.json"
 COMPLETED = "completed"
-PUBLISHING = "publishing"
 _PARTIAL = ".partial-"
 
 
@@ -93,10 +110,14 @@ def _url(fs: Any, path: str) -> str:
 def check_output_free(spec: OutputSpec, name: str) -> None:
     """Refuse early when ``<url>/<name>`` exists and ``overwrite`` is false.
 
+    On object stores a name that holds only a lapsed claim (its publisher died, see
+    :mod:`pipeline.io.owners`) is free: the run takes it over when it publishes. A live
+    claim is refused: another run is publishing that name now.
+
     Raises
     ------
     ArtifactExistsError
-        The result exists and ``overwrite`` is false.
+        The result exists (or is being published) and ``overwrite`` is false.
     ConfigError
         The output location cannot be reached (network, credentials, timeouts).
     """
@@ -104,13 +125,30 @@ def check_output_free(spec: OutputSpec, name: str) -> None:
     fs, root = split_url(spec.url, spec.storage_options)
     try:
         exists = fs.exists(_join(root, name))
+        claim = _claim_at(fs, root, name) if exists and not spec.overwrite else None
     except Exception as exc:  # network/credential errors from object stores
         raise ConfigError(f"output.url: cannot reach {where!r}: {_one_line(exc)}") from None
-    if not spec.overwrite and exists:
+    if spec.overwrite or not exists:
+        return
+    if claim is not None and lease_lapsed(claim):
+        log.info("output: %s holds a dead publisher's claim (%s)", where, describe_claim(claim))
+        return
+    if claim is not None:
         raise ArtifactExistsError(
-            f"output: {where} already exists; set output.overwrite: true to replace it, "
-            "or change name"
+            f"output: {where} is being published by another {describe_claim(claim)}; "
+            "wait for it, or change name"
         )
+    raise ArtifactExistsError(
+        f"output: {where} already exists; set output.overwrite: true to replace it, or change name"
+    )
+
+
+def _claim_at(fs: Any, root: str, name: str) -> dict[str, Any] | None:
+    """The publisher's claim in ``<root>/<name>/metrics.json`` (object stores), else ``None``."""
+    if is_local(fs):  # local results appear by rename: never claimed
+        return None
+    record = _read_json(fs, _join(root, name, METRICS))
+    return record if is_claim(record) else None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -188,7 +226,7 @@ def replace_tree(fs: Any, src: str, dst: str, marker: str) -> None:
         if os.path.lexists(dst):
             os.rename(dst, old)
         os.rename(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_local(old)
         return
     if fs.exists(_join(dst, marker)):
         fs.rm_file(_join(dst, marker))
@@ -391,7 +429,7 @@ class RunOutput:
                 return
             pattern = os.path.join(glob.escape(self.root), glob.escape(f".{self.name}.old-"))
             for stale in glob.glob(pattern + "*"):  # of a publisher killed between renames
-                shutil.rmtree(stale, ignore_errors=True)
+                remove_local(stale)
             if not os.path.lexists(self.final):
                 os.rename(self.staging, self.final)
                 return
@@ -404,14 +442,15 @@ class RunOutput:
             except BaseException:
                 os.rename(old, self.final)  # put the old result back
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            remove_local(old)  # a symbolic link <name> goes, what it pointed to stays
 
     def _publish_objects(self, metrics: dict[str, Any]) -> None:
         marker = _join(self.final, METRICS)
         current = _read_json(self.fs, marker)
         if current is None or current.get("run_id") != self.run_id:
-            self._claim(marker)
-        sync_objects(self.fs, self.staging, self.final, skip=METRICS)
+            self._claim(marker, current)
+        with self._lease(marker):  # renewed while the copy runs
+            sync_objects(self.fs, self.staging, self.final, skip=METRICS)
         current = _read_json(self.fs, marker)
         if current is None or current.get("run_id") != self.run_id:
             self.abort()
@@ -423,13 +462,28 @@ class RunOutput:
         self.fs.pipe_file(marker, _json_bytes(metrics))  # the commit: complete from here
         remove_tree(self.fs, self.staging)
 
-    def _claim(self, marker: str) -> None:
-        """Replace ``metrics.json`` by this run's claim: the old result stops being complete."""
-        claim = {"status": PUBLISHING, "run_id": self.run_id, "since": _now()}
+    def _claim(self, marker: str, current: dict[str, Any] | None) -> None:
+        """Replace ``metrics.json`` by this run's claim: the old result stops being complete.
+
+        ``current`` is what ``metrics.json`` held. Another run's live claim is refused; a
+        lapsed one (its publisher died) is taken over and that run's staging removed.
+        """
+        took_over = False
+        if is_claim(current):
+            if not lease_lapsed(current):
+                self.abort()
+                raise ArtifactExistsError(
+                    f"output: {redact(self.final_url)} is being published by another "
+                    f"{describe_claim(current)}; this run's result was discarded (publish one "
+                    "name from one run at a time)"
+                )
+            self._take_over(marker, current)
+            took_over = True
+        claim = claim_record(self.run_id)
         if self.spec.overwrite:
             self.fs.pipe_file(marker, _json_bytes(claim))
             return
-        if self.fs.exists(self.final):
+        if not took_over and self.fs.exists(self.final):
             raise self._lost_race()
         try:
             self.fs.pipe_file(marker, _json_bytes(claim), mode="create")
@@ -440,6 +494,57 @@ class RunOutput:
                 raise
             raise self._lost_race() from None
 
+    def _take_over(self, marker: str, lapsed: dict[str, Any]) -> None:
+        """Free ``<name>`` from a claim that lapsed: remove the dead run's staging prefix,
+        then its claim (keys it copied are replaced or deleted by this run's copy)."""
+        log.warning(
+            "output: taking over %s from a publisher that died (%s)",
+            redact(self.final_url),
+            describe_claim(lapsed),
+        )
+        staging = staging_of(self.root, self.name, lapsed.get("run_id"))
+        if staging is not None and staging != self.staging:
+            remove_tree(self.fs, staging)
+        if not self.spec.overwrite:  # the exclusive create needs the name free of it
+            try:
+                self.fs.rm_file(marker)
+            except FileNotFoundError:
+                pass
+            self.fs.invalidate_cache(marker)
+
+    @contextmanager
+    def _lease(self, marker: str) -> Iterator[None]:
+        """Renew this run's claim on ``marker`` every :data:`RENEW_SECONDS` while the block
+        runs, so that no other run takes the name of a live publisher over."""
+        stop = threading.Event()
+
+        def renew_until_stopped() -> None:
+            while not stop.wait(RENEW_SECONDS):
+                if not self._renew(marker):
+                    return
+
+        thread = threading.Thread(target=renew_until_stopped, name="claim-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def _renew(self, marker: str) -> bool:
+        """Extend this run's claim by a lease; ``False`` once the claim is another run's
+        (the re-read before the commit then refuses). A failed renewal is logged."""
+        try:
+            current = _read_json(self.fs, marker)
+            if current is None or current.get("run_id") != self.run_id:
+                return False
+            renewed = claim_record(self.run_id, since=current.get("since"))
+            self.fs.pipe_file(marker, _json_bytes(renewed))
+        except Exception as exc:  # the next renewal may get through
+            where = redact(self.final_url)
+            log.warning("could not renew the claim on %s: %s", where, _one_line(exc))
+        return True
+
     def abort(self) -> None:
         """Remove the staging folder (after a failure); never touches a published result."""
         try:
@@ -448,10 +553,6 @@ class RunOutput:
             log.warning(
                 "could not remove staging folder %s: %s", redact(self.staging_url), _one_line(exc)
             )
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _json_bytes(payload: dict[str, Any]) -> bytes:

@@ -1,4 +1,4 @@
-"""Who owns a staging folder, and removing the staging folders of runs that died.
+"""Who owns a staging folder or a claimed name, and cleaning up after runs that died.
 
 A run killed outright (SIGKILL, a power cut, the OOM killer) cannot remove its staging
 folder ``.<name>.partial-<run id>``. On a local filesystem :meth:`RunOutput.begin
@@ -6,8 +6,17 @@ folder ``.<name>.partial-<run id>``. On a local filesystem :meth:`RunOutput.begi
 ``.owner.json`` inside it (host, pid, the process's start time, boot and pid namespace),
 and the next run of that name removes the folders whose owner is certainly dead
 (:func:`remove_stale_staging`): same host, boot and pid namespace, and no process with that
-pid and start time. Anything else — another host or container, no owner file, an object
-store (no local process to ask) — is left in place and logged.
+pid and start time. Anything else — another host or container, no owner file — is left in
+place and logged.
+
+On object stores no process can be asked, so a publisher's claim on ``<name>/`` is a
+*lease* (:func:`claim_record`): the claim in ``<name>/metrics.json`` records its run, its
+owner (host, pid) and an expiry :data:`LEASE_SECONDS` ahead, which the publisher renews
+every :data:`RENEW_SECONDS` while it copies. A claim whose expiry has passed
+(:func:`lease_lapsed`) belongs to a run that died (or lost the store for longer than the
+lease): the next run of that name removes that run's staging prefix
+(:func:`remove_stale_staging`) and takes the name over when it publishes. Other staging
+prefixes on object stores are left in place and logged.
 """
 
 from __future__ import annotations
@@ -16,8 +25,10 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import socket
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pipeline.config import OutputSpec, redact
@@ -26,6 +37,13 @@ from pipeline.io.stores import is_local, split_url
 log = logging.getLogger(__name__)
 
 OWNER = ".owner.json"
+PUBLISHING = "publishing"  # the status of a claim in <name>/metrics.json
+# A claim lasts 2 minutes unless renewed; its publisher renews it every 30 s, so three
+# renewals in a row may fail (each S3 call gives up after ~35 s) before it lapses. A name
+# left claimed by a killed publisher is free again at most 2 minutes after the kill.
+LEASE_SECONDS = 120
+RENEW_SECONDS = 30
+_RUN_ID = re.compile(r"[0-9a-f]{12}")  # RunOutput's run ids: 12 hex digits
 
 
 def _read(path: str) -> str | None:
@@ -113,33 +131,154 @@ def _owner_of(staging: str) -> dict[str, Any] | None:
     return owner if isinstance(owner, dict) else None
 
 
-def remove_stale_staging(spec: OutputSpec, name: str) -> list[str]:
-    """Remove the staging folders of ``name`` whose owner process is dead; return them.
+# --------------------------------------------------------------------------- leases
 
-    Never raises for what it finds: a folder it cannot judge or remove is logged and left.
+
+def _iso(when: datetime) -> str:
+    return when.isoformat(timespec="seconds")
+
+
+def claim_record(run_id: str, since: str | None = None) -> dict[str, Any]:
+    """The claim of run ``run_id`` on a name, leased for :data:`LEASE_SECONDS` from now.
+
+    Parameters
+    ----------
+    run_id
+        The claiming run.
+    since
+        When the run first claimed the name (kept by renewals); default now.
     """
-    fs, root = split_url(spec.url, spec.storage_options)
-    pattern = f"{root.rstrip('/')}/.{name}.partial-*"
-    if not is_local(fs):
-        try:
-            found = fs.glob(pattern)
-        except Exception:  # listing is a courtesy here: the run goes on
-            found = []
-        if found:
-            log.info(
-                "%d staging folder(s) of other runs of %s at %s left in place (on an object "
-                "store this run cannot tell whether their runs are alive)",
-                len(found),
-                name,
-                redact(spec.url),
-            )
+    now = datetime.now(UTC)
+    return {
+        "status": PUBLISHING,
+        "run_id": run_id,
+        "owner": {"host": socket.gethostname(), "pid": os.getpid()},
+        "since": since or _iso(now),
+        "renewed": _iso(now),
+        "lease_seconds": LEASE_SECONDS,
+        "expires": _iso(now + timedelta(seconds=LEASE_SECONDS)),
+    }
+
+
+def is_claim(record: dict[str, Any] | None) -> bool:
+    """Whether ``record`` (a ``metrics.json``) is a publisher's claim, not a result."""
+    return record is not None and record.get("status") == PUBLISHING
+
+
+def _parsed_time(value: Any) -> datetime | None:
+    try:
+        when = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def lease_expiry(claim: dict[str, Any]) -> datetime | None:
+    """When ``claim`` lapses: its ``expires``, or (claims written before leases) its
+    ``since`` plus :data:`LEASE_SECONDS`; ``None`` when it records neither."""
+    expires = _parsed_time(claim.get("expires"))
+    if expires is not None:
+        return expires
+    since = _parsed_time(claim.get("since"))
+    return since + timedelta(seconds=LEASE_SECONDS) if since is not None else None
+
+
+def lease_lapsed(claim: dict[str, Any]) -> bool:
+    """Whether the publisher of ``claim`` stopped renewing it: its expiry has passed (a
+    claim without any time is taken as lapsed)."""
+    expiry = lease_expiry(claim)
+    return expiry is None or expiry <= datetime.now(UTC)
+
+
+def describe_claim(claim: dict[str, Any]) -> str:
+    """``run <id> (host <host>, pid <pid>), claim expires <time>`` for messages."""
+    owner = claim.get("owner") if isinstance(claim.get("owner"), dict) else {}
+    expiry = lease_expiry(claim)
+    until = _iso(expiry) if expiry is not None else "unknown"
+    return (
+        f"run {claim.get('run_id')} (host {owner.get('host', '?')}, pid "
+        f"{owner.get('pid', '?')}), claim expires {until}"
+    )
+
+
+def staging_of(root: str, name: str, run_id: Any) -> str | None:
+    """The staging prefix of run ``run_id`` of ``name`` under ``root`` (``None`` for an
+    id that is not one of ours, so a claim's content never names another path)."""
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        return None
+    return f"{root.rstrip('/')}/.{name}.partial-{run_id}"
+
+
+def _read_claim(fs: Any, path: str) -> dict[str, Any] | None:
+    try:
+        fs.invalidate_cache(path)
+        record = json.loads(fs.cat_file(path))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and is_claim(record) else None
+
+
+def _remove_lapsed_claims_staging(fs: Any, root: str, name: str) -> list[str]:
+    """Object stores: remove the staging prefix of the run whose claim on ``name`` lapsed."""
+    claim = _read_claim(fs, f"{root.rstrip('/')}/{name}/metrics.json")
+    if claim is None or not lease_lapsed(claim):
         return []
+    staging = staging_of(root, name, claim.get("run_id"))
+    if staging is None or not fs.exists(staging):
+        return []
+    fs.rm(staging, recursive=True)
+    fs.invalidate_cache(staging)
+    log.info(
+        "removed %s, the staging of a publisher whose claim lapsed (%s)",
+        redact(fs.unstrip_protocol(staging)),
+        describe_claim(claim),
+    )
+    return [staging]
+
+
+def _remove_stale_object_staging(spec: OutputSpec, name: str, fs: Any, root: str) -> list[str]:
+    """:func:`remove_stale_staging` on an object store: only a lapsed claim's staging."""
+    try:
+        removed = _remove_lapsed_claims_staging(fs, root, name)
+        found = fs.glob(f"{root.rstrip('/')}/.{name}.partial-*")
+    except Exception:  # cleaning up is a courtesy here: the run goes on
+        return []
+    if found:
+        log.info(
+            "%d staging folder(s) of other runs of %s at %s left in place (on an object "
+            "store only a lapsed claim tells that a run died)",
+            len(found),
+            name,
+            redact(spec.url),
+        )
+    return removed
+
+
+def remove_local(path: str) -> None:
+    """Remove the local folder ``path``; a symbolic link is unlinked (what it points to
+    is left alone); a missing path is fine."""
+    if os.path.islink(path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_dead_local(folder: str, name: str) -> list[str]:
+    """Remove the hidden ``.<name>.partial-*`` folders in the local ``folder`` whose owner
+    process is certainly dead (see :func:`owner_dead`); return them.
+
+    Folders of live runs, of other hosts and without an owner record are left and logged.
+    """
     removed = []
-    for staging in sorted(glob.glob(glob.escape(pattern[:-1]) + "*")):
+    pattern = os.path.join(glob.escape(folder), glob.escape(f".{name}.partial-"))
+    for staging in sorted(glob.glob(pattern + "*")):
         owner = _owner_of(staging) if os.path.isdir(staging) else None
         dead = owner_dead(owner) if owner else None
         if dead:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_local(staging)
             removed.append(staging)
             log.info(
                 "removed %s, the staging folder of a run that died (pid %s)",
@@ -152,11 +291,35 @@ def remove_stale_staging(spec: OutputSpec, name: str) -> list[str]:
     return removed
 
 
+def remove_stale_staging(spec: OutputSpec, name: str) -> list[str]:
+    """Remove the staging folders of ``name`` whose owner is dead; return them.
+
+    Locally: folders whose owner process is certainly gone (:func:`remove_dead_local`).
+    On object stores: the staging prefix of a publisher whose claim on ``name`` lapsed.
+    Never raises for what it finds: a folder it cannot judge or remove is logged and left.
+    """
+    fs, root = split_url(spec.url, spec.storage_options)
+    if not is_local(fs):
+        return _remove_stale_object_staging(spec, name, fs, root)
+    return remove_dead_local(root, name)
+
+
 __all__ = [
+    "LEASE_SECONDS",
     "OWNER",
+    "PUBLISHING",
+    "RENEW_SECONDS",
+    "claim_record",
+    "describe_claim",
+    "is_claim",
+    "lease_expiry",
+    "lease_lapsed",
     "owner_dead",
     "owner_record",
+    "remove_dead_local",
+    "remove_local",
     "remove_owner",
     "remove_stale_staging",
+    "staging_of",
     "write_owner",
 ]

@@ -1,4 +1,5 @@
-"""Checks before anything is written: can the run create its output and its input here?
+"""Checks before anything is written: can the run create its output and its input here,
+and does its output stay clear of its input?
 
 ``factorize validate`` and the CLI before a run call these (through
 :func:`pipeline.jobs.precheck`), so a job that cannot write its result is refused with one
@@ -6,21 +7,24 @@ line and exit 2 instead of failing at ``run`` with exit 1. They look, never writ
 folder's permissions by ``os.access`` (which also answers for read-only filesystems, the
 one thing that stops root) and the free space by ``shutil.disk_usage``.
 
-Local paths only: on object stores permissions and space are the server's business (a
-write there fails with the store's own error).
+Permissions and space are checked on local paths only: on object stores they are the
+server's business (a write there fails with the store's own error). The overlap of output
+and input (:func:`check_output_apart`) is checked on every kind of store.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import shutil
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.errors import ConfigError, InputError
-from pipeline.io.stores import is_local, split_url
+from pipeline.io.stores import effective_options, is_local, split_url
 
 if TYPE_CHECKING:
     from pipeline.config import InputSpec, OutputSpec
@@ -121,4 +125,98 @@ def check_input_creatable(spec: InputSpec) -> None:
             f"input.create_if_missing: a {rows}×{cols} {recipe.dtype} matrix needs "
             f"{format_size(need)} but {base} has {format_size(free)} free; "
             "make shape smaller or point input.url elsewhere"
+        )
+
+
+# --------------------------------------------------------------------------- overlap
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a URL points, comparable with another place.
+
+    Attributes
+    ----------
+    store : ``"local"``, or the protocol and endpoint of an object store
+        (``"s3 http://127.0.0.1:9000"``; ``"s3 "`` for the default endpoint)
+    path : the absolute path in that store: symbolic links and ``..`` resolved locally,
+        ``..``, ``.`` and repeated slashes collapsed in object keys
+    shown : the URL as given, with what it resolves to when that differs (for messages)
+    """
+
+    store: str
+    path: PurePosixPath
+    shown: str
+
+    def contains(self, other: Place) -> bool:
+        """Whether ``other`` is this place or lies inside it."""
+        return self.store == other.store and other.path.is_relative_to(self.path)
+
+
+def _endpoint(url: str, storage_options: dict[str, Any] | None) -> str:
+    """The object store's endpoint as the job names it (``""``: the provider's default)."""
+    opts = effective_options(url, storage_options)
+    client = opts.get("client_kwargs") if isinstance(opts.get("client_kwargs"), dict) else {}
+    endpoint = opts.get("endpoint_url") or client.get("endpoint_url") or ""
+    return str(endpoint).rstrip("/").lower()
+
+
+def place_of(url: str, storage_options: dict[str, Any] | None = None) -> Place:
+    """The :class:`Place` that ``url`` (a local path or fsspec URL) points to."""
+    from pipeline.config import redact
+
+    fs, path = split_url(url, storage_options)
+    if is_local(fs):
+        resolved = os.path.realpath(path)
+        shown = path if path == resolved else f"{path} (resolves to {resolved})"
+        return Place("local", PurePosixPath(resolved), shown)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    key = posixpath.normpath("/" + path.strip("/"))
+    shown = redact(url)
+    if key.strip("/") != path.strip("/"):
+        shown += f" (resolves to {protocol}://{key.lstrip('/')})"
+    return Place(f"{protocol} {_endpoint(url, storage_options)}", PurePosixPath(key), shown)
+
+
+def check_output_apart(spec: InputSpec, output: OutputSpec, name: str) -> None:
+    """Refuse an output that is the input store, lies inside it, or holds it.
+
+    The run writes ``<output.url>/<name>`` and its staging folder beside it, and replaces
+    ``<name>`` with ``overwrite``: none of that may touch the input. Paths are compared
+    after resolving symbolic links and ``..`` (locally) on the same store (object
+    stores: the same protocol and endpoint).
+
+    Parameters
+    ----------
+    spec
+        The job's input.
+    output
+        The job's output.
+    name
+        The job's name (the result folder).
+
+    Raises
+    ------
+    ConfigError
+    """
+    try:
+        result = place_of(posixpath.join(output.url, name), output.storage_options)
+        store = place_of(spec.url, spec.storage_options)
+    except Exception:  # an unknown protocol, a driver not installed: the next checks say so
+        return
+    fix = "choose another output.url or name"
+    if result.contains(store) and store.contains(result):
+        raise ConfigError(
+            f"output: {result.shown} is the input store {store.shown}: the run "
+            f"would replace its own input; {fix}"
+        )
+    if store.contains(result):
+        raise ConfigError(
+            f"output: {result.shown} lies inside the input store {store.shown}: "
+            f"the run would write into its own input; {fix}"
+        )
+    if result.contains(store):
+        raise ConfigError(
+            f"output: the input store {store.shown} lies inside the output {result.shown}, "
+            f"which the run would replace; {fix}"
         )

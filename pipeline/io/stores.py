@@ -16,6 +16,12 @@ option): our ``BoundedS3FileSystem`` makes one attempt and leaves retrying to bo
 A job tunes the bound with ``storage_options.config_kwargs`` (its values win). Each retry
 botocore makes is logged at WARNING on ``pipeline.io.stores`` as one line naming the
 operation and the error (never a request, a header or a credential).
+
+A transient object-store error (a timeout, a refused or reset connection: see
+:func:`is_transient`) is one line wherever it is logged: in a process that opened an
+object store, records about one lose their traceback (Prefect logs a failed or retried task
+and a failed flow with ``exc_info``; a Dask worker logs a failed task with its traceback
+text). ``--log-level DEBUG`` keeps the tracebacks.
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ def _s3_class() -> type:
         BoundedS3FileSystem.__qualname__ = "BoundedS3FileSystem"
         _BOUNDED_S3 = BoundedS3FileSystem
         _surface_retries()
+        quiet_transient_errors()
     return _BOUNDED_S3
 
 
@@ -112,7 +119,10 @@ def split_url(
         return fs, cls._strip_protocol(url)
     if asynchronous:
         opts["asynchronous"] = True
-    return fsspec.core.url_to_fs(url, **opts)
+    fs, path = fsspec.core.url_to_fs(url, **opts)
+    if not is_local(fs):
+        quiet_transient_errors()
+    return fs, path
 
 
 def is_local(fs: Any) -> bool:
@@ -122,26 +132,36 @@ def is_local(fs: Any) -> bool:
 
 @contextmanager
 def written_aside(path: str) -> Iterator[str]:
-    """A hidden sibling folder of local ``path`` to write a store into, renamed into place
-    when the block ends (atomic on one disk) and removed when it fails. When another run
-    put its complete store in place meanwhile, that one is kept."""
+    """A hidden folder beside local ``path`` to write a store into, renamed into place when
+    the block ends (atomic on one disk) and removed when it fails. When another run put
+    its complete store in place meanwhile, that one is kept.
+
+    The store is written in ``.<name>.partial-<id>/store``; its hidden parent also records
+    the owner process (outside the store, which Zarr may clear when it creates it), so the
+    leftovers of a writer killed outright are removed by the next writer of ``path`` (see
+    :mod:`pipeline.io.owners`).
+    """
+    from pipeline.io.owners import remove_dead_local, write_owner
+
     final = os.path.abspath(path)
     parent, name = os.path.split(final)
     os.makedirs(parent, exist_ok=True)
+    remove_dead_local(parent, name)
     aside = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:12]}")
     os.mkdir(aside)  # honours the umask, unlike mkdtemp's 0700
     try:
-        yield aside
+        write_owner(aside)
+        store = os.path.join(aside, "store")
+        os.mkdir(store)
+        yield store
         try:
-            os.rename(aside, final)
+            os.rename(store, final)
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             log.info("%s was created meanwhile by another run; using it", final)
-            shutil.rmtree(aside, ignore_errors=True)
-    except BaseException:
+    finally:
         shutil.rmtree(aside, ignore_errors=True)
-        raise
 
 
 def zarr_store(url: str, storage_options: dict[str, Any] | None = None, *, read_only: bool) -> Any:
@@ -233,3 +253,88 @@ def _surface_retries() -> None:
         logger.addHandler(_RetryToWarning(logging.DEBUG))
         logger.setLevel(logging.DEBUG)
         logger.propagate = False
+
+
+# --------------------------------------------------------------------------- transient errors
+
+# Classes (by name, anywhere in an exception's MRO) of errors that say "the store did not
+# answer in time or the connection broke": botocore's HTTP client errors and connection
+# errors, aiohttp's connection errors, the builtin timeouts and connection errors.
+_TRANSIENT_BASES = frozenset(
+    {"TimeoutError", "ConnectionError", "HTTPClientError", "ClientConnectionError"}
+)
+# The same errors by the names a Dask worker reports them with (it logs only their text).
+_TRANSIENT_NAMES = _TRANSIENT_BASES | {
+    "ReadTimeoutError",
+    "ConnectTimeoutError",
+    "EndpointConnectionError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ClientOSError",
+    "ServerDisconnectedError",
+    "ServerTimeoutError",
+    "SocketTimeoutError",
+    "ConnectionResetError",
+    "ConnectionRefusedError",
+    "BrokenPipeError",
+}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a timeout or a broken connection (worth a retry, not a traceback).
+
+    Judged by class names, so that neither botocore nor aiohttp is imported to ask.
+    """
+    return any(cls.__name__ in _TRANSIENT_BASES for cls in type(exc).__mro__)
+
+
+def _worker_failure_of_transient(record: logging.LogRecord) -> bool:
+    """A Dask worker's "Compute Failed" record (key, state, task, exception text,
+    traceback text) about a transient error."""
+    args = record.args
+    if not (str(record.msg).startswith("Compute Failed") and isinstance(args, tuple)):
+        return False
+    text = str(args[3]) if len(args) > 3 else ""
+    return text.split("(", 1)[0].rsplit(".", 1)[-1] in _TRANSIENT_NAMES
+
+
+def _one_line_if_transient(record: logging.LogRecord, exc_info: Any) -> None:
+    """Drop the traceback of a record about a transient error (see :func:`is_transient`)."""
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        return
+    exc = exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) > 1 else None
+    if exc is not None and is_transient(exc):
+        record.exc_info, record.exc_text = None, None
+    elif _worker_failure_of_transient(record):
+        args = record.args
+        record.msg, record.args = "task %s failed: %s", (args[0], args[3])
+
+
+_QUIET_INSTALLED = False
+
+
+def quiet_transient_errors() -> None:
+    """Make every log record of this process about a transient error one line (once).
+
+    A :class:`logging.LogRecord` factory wrapping the current one (the credential scrubber
+    of :mod:`pipeline.secrets` among them): the exception a record was created with is
+    looked at, whatever an inner factory did to the record.
+    """
+    global _QUIET_INSTALLED
+    if _QUIET_INSTALLED:  # a factory installed later (the scrubber) wraps this one
+        return
+    _QUIET_INSTALLED = True
+    current = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = current(*args, **kwargs)
+        exc_info = kwargs.get("exc_info", args[6] if len(args) > 6 else None)
+        try:
+            _one_line_if_transient(record, exc_info)
+        except Exception:  # logging must never fail for this
+            pass
+        return record
+
+    # the scrubber's own "installed already" mark stays visible through this wrapper
+    factory._zf_scrubber = getattr(current, "_zf_scrubber", False)  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
