@@ -1,8 +1,10 @@
-"""Small PNG plots written next to metrics.json (matplotlib, headless)."""
+"""Small PNG plots written next to metrics.json (matplotlib, headless), and their
+shrinking to a byte budget for reports that carry them inline."""
 
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 
@@ -52,3 +54,55 @@ def convergence_png(history: list[float], solver: str) -> bytes:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+# Plots shrink by this factor per side at each step of :func:`fit_png`.
+SHRINK_STEP = 0.75
+
+
+def _palette_png(image: Any, scale: float) -> bytes:
+    """``image`` scaled by ``scale`` per side, quantized to 256 colours, as PNG bytes."""
+    from PIL import Image
+
+    if scale < 1.0:
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    image.quantize(colors=256).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def fit_png(png: bytes, max_bytes: int) -> bytes:
+    """``png`` itself when it has at most ``max_bytes``, else a smaller PNG of it.
+
+    First quantized to a 256-colour palette (plots have few colours: this alone usually
+    divides the size by 2–4), then scaled down by :data:`SHRINK_STEP` per side until it
+    fits. The floor is a 1 × 1 image (under 100 bytes), so every allowed budget is met.
+
+    Parameters
+    ----------
+    png : PNG bytes (a plot from this module)
+    max_bytes : the largest size the result may have
+
+    Returns
+    -------
+    PNG bytes of at most ``max_bytes``.
+
+    Raises
+    ------
+    ValueError
+        ``max_bytes`` is below 1 KiB (no plot would be readable).
+    """
+    if max_bytes < 1024:
+        raise ValueError(f"max_bytes must be at least 1024, got {max_bytes}")
+    if len(png) <= max_bytes:
+        return png
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")  # plots have an opaque background
+    scale = 1.0
+    smaller = _palette_png(image, scale)
+    while len(smaller) > max_bytes and min(image.width, image.height) * scale > 1:
+        scale *= SHRINK_STEP
+        smaller = _palette_png(image, scale)
+    return smaller

@@ -1,14 +1,22 @@
 """Human-readable run reports (Markdown) from a job's ``metrics.json`` content.
 
 The same text is written as ``report.md`` next to ``metrics.json`` and published as a
-Prefect Markdown artifact by the flow. Formatting only: every number comes from the report.
+Prefect Markdown artifact by the flow. ``report.md`` sits next to the plots, so it links
+them by relative path; the artifact is shown away from those files (the Prefect UI), so
+the flow passes the plots in as ``data:`` URIs (:func:`png_data_uri`, each at most
+:data:`EMBED_MAX_CHARS` characters) — the UI renders ``data:image/`` sources and draws the
+``mermaid`` block of passes. Formatting only: every number comes from the report.
 """
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.methods import METHODS
+from pipeline.plots import fit_png
 
 # The Markdown report adds these to each method's headline metrics.
 REPORT_EXTRA_KEYS = ("residual_method", "reads_from_storage", "rank", "rank_rule_met")
@@ -44,8 +52,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _method_spec(config: dict[str, Any], method: str) -> dict[str, Any]:
+    return next((m for m in config.get("methods", []) if m.get("method") == method), {})
+
+
 def _options(config: dict[str, Any], method: str) -> str:
-    spec = next((m for m in config.get("methods", []) if m.get("method") == method), {})
+    spec = _method_spec(config, method)
     opts = [f"`{k}: {_fmt(v)}`" for k, v in spec.items() if k != "method" and v is not None]
     return ", ".join(opts) or "defaults"
 
@@ -68,18 +80,214 @@ def _peak_memory(memory: dict[str, Any] | None) -> str | None:
     return f"predicted {mib[0]}, measured {mib[1]}"
 
 
-def report_markdown(report: dict[str, Any]) -> str:
+# The most characters one inline image may take in a report (its whole ``data:`` URI).
+EMBED_MAX_CHARS = 200_000
+_PNG_URI_PREFIX = "data:image/png;base64,"
+
+
+def png_data_uri(png: bytes, max_chars: int = EMBED_MAX_CHARS) -> str:
+    """``png`` as a ``data:image/png;base64,…`` URI of at most ``max_chars`` characters.
+
+    A larger plot is quantized and scaled down until it fits (:func:`pipeline.plots.fit_png`).
+    """
+    budget = (max_chars - len(_PNG_URI_PREFIX)) // 4 * 3  # base64: 4 characters per 3 bytes
+    return _PNG_URI_PREFIX + base64.b64encode(fit_png(png, budget)).decode("ascii")
+
+
+# --------------------------------------------------------------------------- passes
+
+
+@dataclass(frozen=True)
+class PassStep:
+    """Passes ``first`` to ``last`` (1-based) of a method over its input, and what they
+    compute."""
+
+    first: int
+    last: int
+    what: str
+
+    @property
+    def label(self) -> str:
+        """``pass 2: …`` or ``passes 2–5: …``."""
+        if self.first == self.last:
+            return f"pass {self.first}: {self.what}"
+        return f"passes {self.first}–{self.last}: {self.what}"
+
+
+def _tsqr_steps(spec: dict[str, Any], res: dict[str, Any]) -> list[PassStep]:
+    steps = [PassStep(1, 1, "R by TSQR (QR of each row block, combined in a tree), ‖A‖_F")]
+    if res.get("passes") == 2:
+        steps.append(PassStep(2, 2, "Q written; residual ‖A − QR‖, QᵀQ"))
+    return steps
+
+
+def _svd_steps(spec: dict[str, Any], res: dict[str, Any]) -> list[PassStep]:
+    means = ", column means" if spec.get("center") else ""
+    steps = [PassStep(1, 1, f"R by TSQR{means}; SVD of R: S, Vt")]
+    if res.get("passes") == 2:
+        steps.append(PassStep(2, 2, "U written; residual ‖A − USVt‖, UᵀU"))
+    return steps
+
+
+def _rsvd_steps(spec: dict[str, Any], res: dict[str, Any]) -> list[PassStep]:
+    # the iteration passes made (power_iters: auto records them in power_iters_used)
+    power_iters = res.get("power_iters_used", spec.get("power_iters", 0))
+    if spec.get("single_pass"):
+        steps = [PassStep(1, 1, "sketches AΩ and ΨA, column sums, ‖A‖²: U, S, Vt")]
+    elif not isinstance(power_iters, int):  # "auto" without a record: the generic step
+        return []
+    elif power_iters == 0:
+        steps = [PassStep(1, 1, "sketch Y = AΩ, column sums, ‖A‖²"), PassStep(2, 2, "B = QᵀA")]
+    else:
+        steps = [PassStep(1, 1, "column sums, ‖A‖², W = AᵀAΩ")]
+        if power_iters > 1:
+            kind = "block Krylov" if res.get("iteration") == "krylov" else "power"
+            what = f"{kind} iteration" + "s" * (power_iters > 2)
+            steps.append(PassStep(2, power_iters, f"{what}: W = AᵀAZ"))
+        last = power_iters + 1
+        steps.append(PassStep(last, last, "sketch Y = AZ kept; AᵀY, YᵀY: U, S, Vt"))
+    direct = res.get("residual_method") == "direct"
+    if not spec.get("single_pass") and power_iters > 0:
+        # A sketch not graded enough for its Gram is orthonormalized by TSQR instead, and
+        # B = QᵀA then takes one more pass (pipeline.linalg.rsvd).
+        if (res.get("passes") or 0) == steps[-1].last + 1 + direct:
+            extra = steps[-1].last + 1
+            steps.append(PassStep(extra, extra, "B = QᵀA (Q of the sketch by TSQR)"))
+    if direct:
+        extra = steps[-1].last + 1
+        steps.append(PassStep(extra, extra, "residual ‖A − USVt‖"))
+    return steps
+
+
+def _nmf_steps(spec: dict[str, Any], res: dict[str, Any]) -> list[PassStep]:
+    passes = res.get("passes") or 0
+    resumed = res.get("resumed_from") or 0
+    iterations = (res.get("iterations") or 0) - resumed
+    init = passes - 1 - iterations  # the NNDSVD start's passes (none when resumed or random)
+    steps = [PassStep(1, 1, "‖A‖², smallest and mean entry")]
+    if init > 0:
+        steps.append(PassStep(2, 1 + init, "NNDSVD start: randomized SVD"))
+    if iterations > 0:
+        done = f"{resumed + 1}" if iterations == 1 else f"s {resumed + 1}–{resumed + iterations}"
+        steps.append(PassStep(2 + init, passes, f"iteration{done}: W from AHᵀ, H from WᵀA"))
+    return steps
+
+
+# What each method's passes compute, from its spec and metrics (a method missing here, or
+# metrics these do not add up to, get one generic step: the diagram never contradicts the
+# recorded pass count).
+PASS_STEPS: dict[str, Callable[[dict[str, Any], dict[str, Any]], list[PassStep]]] = {
+    "tsqr": _tsqr_steps,
+    "svd": _svd_steps,
+    "rsvd": _rsvd_steps,
+    "nmf": _nmf_steps,
+}
+
+
+def _covers(steps: list[PassStep], passes: int) -> bool:
+    """True when ``steps`` number the passes 1 to ``passes`` in order, without gaps."""
+    expected = 1
+    for step in steps:
+        if step.first != expected or step.last < step.first:
+            return False
+        expected = step.last + 1
+    return expected == passes + 1
+
+
+def pass_steps(method: str, spec: dict[str, Any], res: dict[str, Any]) -> list[PassStep]:
+    """The passes a method made over its input, as :class:`PassStep`s covering ``1`` to
+    ``res["passes"]`` (empty when the metrics record no passes)."""
+    passes = res.get("passes")
+    if not isinstance(passes, int) or isinstance(passes, bool) or passes < 1:
+        return []
+    builder = PASS_STEPS.get(method)
+    steps = builder(spec, res) if builder else []
+    return steps if _covers(steps, passes) else [PassStep(1, passes, "over the input")]
+
+
+def input_residence(res: dict[str, Any]) -> str:
+    """How a method read its input: once, kept in memory, or streamed on every pass."""
+    passes, reads = res.get("passes"), res.get("reads_from_storage")
+    if not passes or reads is None:
+        return "reads from storage not recorded"
+    if passes == 1:
+        return "read once from storage"
+    if reads == 1:
+        return "read once from storage, kept in the workers' memory"
+    if reads >= passes:
+        return "streamed: read from storage on every pass"
+    return f"{reads} reads from storage"
+
+
+def _mermaid_text(text: str) -> str:
+    """``text`` safe inside a quoted Mermaid label."""
+    return text.replace('"', "#quot;")
+
+
+def passes_mermaid(report: dict[str, Any]) -> list[str]:
+    """A Mermaid flowchart of each method's passes over the input (lines of a fenced
+    ``mermaid`` block; empty when no method recorded passes)."""
+    inp = report.get("input", {})
+    shape = "×".join(map(str, inp.get("shape", [])))
+    lines = ["```mermaid", "flowchart LR", f'  src[("A: {shape} {inp.get("dtype", "")}")]']
+    drawn = False
+    for i, (method, res) in enumerate(report.get("methods", {}).items()):
+        steps = pass_steps(method, _method_spec(report.get("config", {}), method), res)
+        if not steps:
+            continue
+        drawn = True
+        title = _mermaid_text(f"{method}: {input_residence(res)}")
+        lines.append(f'  subgraph m{i}["{title}"]')
+        lines += [f'    m{i}_{j}["{_mermaid_text(s.label)}"]' for j, s in enumerate(steps)]
+        lines.append("  end")
+        lines.append(f'  src -->|"read"| m{i}_0')
+        again = "from memory" if res.get("reads_from_storage") == 1 else "read again"
+        lines += [f'  m{i}_{j - 1} -->|"{again}"| m{i}_{j}' for j in range(1, len(steps))]
+    return [*lines, "```"] if drawn else []
+
+
+def _passes_section(report: dict[str, Any]) -> list[str]:
+    """``## Passes over the input``: one line per method and the Mermaid diagram."""
+    diagram = passes_mermaid(report)
+    if not diagram:
+        return []
+    lines = ["## Passes over the input", ""]
+    for method, res in report.get("methods", {}).items():
+        if res.get("passes"):
+            count = f"{res['passes']} pass" + "es" * (res["passes"] != 1)
+            lines.append(f"- **{method}**: {count}, {input_residence(res)}")
+    return [*lines, "", *diagram, ""]
+
+
+def _plot_lines(method: str, output: str, images: Mapping[str, str] | None) -> list[str]:
+    """The method's plots as Markdown images: ``images[plot]`` as source, or the file name
+    (relative to ``report.md``) when ``images`` is ``None``."""
+    lines = []
+    for plot in METHODS[method].plots:
+        src = plot if images is None else images.get(plot)
+        if src is None:
+            lines.append(f"Plot: `{output.rstrip('/')}/{plot}` (not read)\n")
+        else:
+            alt = plot.removesuffix(".png").replace("_", " ")
+            lines.append(f"![{alt}]({src})\n")
+    return lines
+
+
+def report_markdown(report: dict[str, Any], images: Mapping[str, str] | None = None) -> str:
     """A Markdown report of a completed (or skipped) job.
 
     Parameters
     ----------
     report : the content of ``metrics.json`` (plus ``"output"``; ``"skipped"`` when the run
         found its result complete and unchanged)
+    images : ``{plot file name: image source}``, e.g. :func:`png_data_uri` of each plot for
+        a report shown away from its folder; a plot missing here is named by its path.
+        ``None`` (``report.md``): each plot links to its file next to the report.
 
     Returns
     -------
-    Markdown text: input, methods with options, headline metrics, passes, timings, plots
-    and where the factors are.
+    Markdown text: input, methods with options, headline metrics, plots, a diagram of the
+    passes over the input, and where the factors are.
     """
     inp = report.get("input", {})
     config = report.get("config", {})
@@ -125,7 +333,17 @@ def report_markdown(report: dict[str, Any]) -> str:
                 f"{res['rank']} components (its max); the result has rank {res['rank']}.",
                 "",
             ]
-        lines += [f"Plot: `{output.rstrip('/')}/{plot}`\n" for plot in METHODS[method].plots]
+        if res.get("converged") is False and "power_iters_used" in res:
+            est = res.get("error_estimate")
+            lines += [
+                f"**Warning**: `power_iters: auto` did not converge in "
+                f"{res['power_iters_used']} iteration passes (estimated relative error of "
+                f"the top singular values² {'unknown' if est is None else _fmt(est)}); the "
+                "factors may be inaccurate.",
+                "",
+            ]
+        lines += _plot_lines(method, output, images)
+    lines += _passes_section(report)
     lines += [
         "## Result",
         "",
