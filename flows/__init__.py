@@ -9,13 +9,8 @@ installs the log scrubber (secrets masked in every record; no traceback for user
 import functools
 import os
 
-from pipeline.lifetime import SERVER_DEFAULTS  # imports no Prefect
+from pipeline.lifetime import OFFLINE_ENV  # imports no Prefect
 
-OFFLINE_ENV = {
-    **SERVER_DEFAULTS,
-    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline",
-}
 for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
 

@@ -11,6 +11,7 @@ that can change under the same path.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,12 +29,23 @@ from prefect.logging import get_run_logger
 from pydantic import BeforeValidator
 
 from pipeline.cluster import cluster_from_spec
-from pipeline.config import ClusterSpec, JobConfig, check_unique_names, config_from_any, redact
+from pipeline.config import (
+    ClusterSpec,
+    JobConfig,
+    OutputSpec,
+    check_unique_names,
+    config_from_any,
+    redact,
+)
 from pipeline.errors import UserError
+from pipeline.io.stores import split_url
 from pipeline.jobs import PreparedRun, Steps, completed_result, compute, execute, prepare, publish
+from pipeline.methods import METHODS
 from pipeline.progress import Progress, progress_sink
-from pipeline.reports import headline, report_markdown
+from pipeline.reports import headline, png_data_uri, report_markdown
 from pipeline.secrets import check_references, scrubbed_errors
+
+log = logging.getLogger(__name__)
 
 
 def _as_config(value: Any) -> Any:
@@ -147,8 +159,40 @@ class ProgressArtifacts:
             self.ids[key] = create_progress_artifact(event.percent, key=key, description=text)
 
 
-def publish_artifacts(report: dict[str, Any]) -> None:
-    """Metrics table, Markdown report and a link to the result, keyed by the job name."""
+def _published_plots(report: dict[str, Any], output: OutputSpec) -> dict[str, bytes]:
+    """The PNG plots of the published result ``<output.url>/<name>/``, by file name.
+
+    A plot that cannot be read is left out (with a warning): the report then names its
+    path, and the job, already published, does not fail for a picture.
+    """
+    fs, root = split_url(output.url, output.storage_options)
+    folder = f"{root.rstrip('/')}/{report['name']}"
+    plots = {}
+    for method in report.get("methods", {}):
+        for plot in METHODS[method].plots:
+            try:
+                plots[plot] = fs.cat_file(f"{folder}/{plot}")
+            except OSError as exc:  # FileNotFoundError, and the object stores' errors
+                get_run_logger().warning("report: plot %s not read: %s", plot, redact(str(exc)))
+    return plots
+
+
+def _report_with_plots(report: dict[str, Any], output: OutputSpec) -> str:
+    """The Markdown report with its plots inline (``data:`` URIs): the Prefect UI shows
+    the artifact far from the result's files."""
+    images = {name: png_data_uri(png) for name, png in _published_plots(report, output).items()}
+    return report_markdown(report, images=images)
+
+
+def publish_artifacts(report: dict[str, Any], output: OutputSpec) -> None:
+    """Metrics table, Markdown report (plots and a diagram of the passes inline) and a link
+    to the result, keyed by the job name.
+
+    Parameters
+    ----------
+    report : the job's ``metrics.json`` content (credentials already masked)
+    output : the job's output section, where the published plots are read from
+    """
     name = report["name"]
     create_table_artifact(
         key=_artifact_key("metrics", name),
@@ -157,7 +201,7 @@ def publish_artifacts(report: dict[str, Any]) -> None:
     )
     create_markdown_artifact(
         key=_artifact_key("report", name),
-        markdown=report_markdown(report),
+        markdown=_report_with_plots(report, output),
         description=f"Report of {name}",
     )
     create_link_artifact(
@@ -196,14 +240,14 @@ def factorize(config: JobParameter) -> dict[str, Any]:
     The job's ``metrics.json`` content (with ``"skipped": true`` when ``skip_if_complete``
     found the published result unchanged).
     """
-    logger = get_run_logger()
+    logger = log  # a `flows` logger: shown by the CLI, sent to the run's log like ours
     with scrubbed_errors():  # the run's state message is stored: no secret in it
         cfg = _as_config(config)  # already a JobConfig unless called with validation off
         logger.info("job %s: %d method(s) on %s", cfg.name, len(cfg.methods), redact(cfg.input.url))
         check_references(cfg)  # a missing variable or Secret block fails here, by key path
         with progress_sink(ProgressArtifacts(cfg.name)):
             report = execute(cfg, TASK_STEPS)
-        publish_artifacts(report)
+        publish_artifacts(report, cfg.output)
     if report.get("skipped"):
         logger.info(
             "job %s: skipped — result at %s is complete and unchanged", cfg.name, report["output"]
@@ -236,7 +280,7 @@ def factorize_batch(
     ``{job name: its metrics.json content}``. The batch fails, naming the failed jobs,
     when any job fails; the others still run to the end.
     """
-    logger = get_run_logger()
+    logger = log  # a `flows` logger: shown by the CLI, sent to the run's log like ours
     cfgs = [_as_config(c) for c in configs]
     check_unique_names(cfgs)
     spec = ClusterSpec(**cluster) if cluster else cfgs[0].cluster

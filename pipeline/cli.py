@@ -13,8 +13,9 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
+from pipeline import lifetime
 from pipeline.config import (
     PACKAGED_KINDS,
     SYNTHETIC_KINDS,
@@ -25,8 +26,25 @@ from pipeline.config import (
     load_config,
     redact,
 )
-from pipeline.errors import ConfigError, FactorizeError, UserError, first_line
-from pipeline.lifetime import Terminated, raise_on_sigterm, start_api_server, wait_api_server
+from pipeline.errors import ConfigError, FactorizeError, UserError, first_line, naming_file
+from pipeline.lifetime import (
+    DEFAULT_IDLE_MINUTES,
+    DEFAULT_PORT,
+    ApiChoice,
+    OwnedServer,
+    Terminated,
+    prefect_home,
+    raise_on_sigterm,
+    read_owned_server,
+    run_warm,
+    start_api_server,
+    start_owned_server,
+    stop_owned_server,
+    wait_api_server,
+)
+
+if TYPE_CHECKING:
+    from pipeline.io.source import InputManifest
 
 log = logging.getLogger("pipeline")
 
@@ -35,19 +53,95 @@ log = logging.getLogger("pipeline")
 _verdict: TextIO | None = None
 
 
+# Loggers whose INFO records are the job's own lines; other libraries' (Prefect's run
+# bookkeeping, distributed's scheduler and worker chatter) show from WARNING on, all of
+# them with --log-level DEBUG.
+OWN_LOGGERS = ("pipeline", "flows")
+
+
+class _JobLinesOnly(logging.Filter):
+    """Our own loggers' records (see :data:`OWN_LOGGERS`); the others' from WARNING on,
+    except Prefect's records of a task or flow that failed on a user error: the run's
+    one-line verdict says it (they still reach the flow run's log in Prefect)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".")[0] in OWN_LOGGERS:
+            return True
+        if record.name.startswith("prefect") and _about_user_error(record):
+            return False
+        return record.levelno >= logging.WARNING
+
+
+def _about_user_error(record: logging.LogRecord) -> bool:
+    """Whether ``record`` reports a :class:`UserError` (flagged by the log scrubber, or
+    named in Prefect's "Finished in state Failed('… InputError: …')" text)."""
+    if getattr(record, "user_error", False):
+        return True
+    from pipeline.worker_setup import user_error_names
+
+    message = record.getMessage()
+    return any(f"{name}:" in message or f"{name}(" in message for name in user_error_names())
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """A stream handler that lifts the terminal progress bar off its line while it writes a
+    record (see :func:`pipeline.progress.bar_paused`), so records and the bar never share
+    a line. (Public name: Prefect keeps a root handler whose class name has no leading
+    underscore instead of installing its own.)"""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from pipeline.progress import bar_paused
+
+        with bar_paused():
+            super().emit(record)
+
+
+def _quiet_dask(level: str) -> None:
+    """distributed's loggers at WARNING (INFO with --log-level DEBUG) in this process and in
+    the worker processes it starts, which read the same setting from the environment;
+    distributed sets its levels when first imported, so this runs before that."""
+    chatty = "info" if level == "DEBUG" else "warning"
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", chatty)
+    os.environ.setdefault("DASK_LOGGING__BOKEH", "error")
+
+
 def _setup_logging(level: str) -> None:
     from pipeline.secrets import install_log_scrubber
 
     install_log_scrubber()  # before any record: secrets masked at every level
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
+    _quiet_dask(level)
+    handler = ConsoleHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
     )
-    # Worker lifecycle chatter is noise for users of the CLI.
-    for noisy in ("distributed", "bokeh", "tornado", "httpx", "aiobotocore.credentials"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if level != "DEBUG":
+        handler.addFilter(_JobLinesOnly())
+    # force: in a warm run (flows.runner) Prefect's handler is on the root logger already
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+    for noisy in ("bokeh", "tornado", "httpx", "httpcore", "aiobotocore.credentials"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _input_line(path: str, cfg: JobConfig, m: InputManifest | None) -> str:
+    """``validate``'s one line about a job file's input."""
+    if m is None:
+        spec = cfg.input.create_if_missing
+        size = f" {spec.shape[0]}×{spec.shape[1]}" if spec.shape else ""
+        return (
+            f"{path}: ok — input {redact(cfg.input.url)} does not exist yet and will be "
+            f"created ({spec.kind}{size} {spec.dtype})"
+        )
+    arr = f" array {m.array}" if m.array else ""
+    layout = (
+        f"{m.format.upper()}, nnz {m.nnz} (density {m.density:.3g}), row blocks of {m.chunks[0]}"
+        if m.nnz is not None
+        else f"dense, chunks {m.chunks[0]}×{m.chunks[1]}"
+    )
+    return (
+        f"{path}: ok — input {m.url}{arr}: shape {m.shape[0]}×{m.shape[1]}, {layout}, "
+        f"dtype {m.dtype} (Zarr v{m.zarr_format}); "
+        f"methods: {', '.join(s.method for s in cfg.methods)}"
+    )
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -55,39 +149,19 @@ def _validate(args: argparse.Namespace) -> int:
 
     for path in args.configs:
         cfg = load_config(path)
-        _check_credentials(path, cfg, submit=False)
-        m = precheck(cfg)
+        with naming_file(path):
+            _check_credentials(path, cfg, submit=False)
+            m = precheck(cfg)
+        print(_input_line(path, cfg, m))
         if args.plan:
             from pipeline.plan import format_plan, plan_job
 
-            plan = plan_job(cfg)
-            print(f"{path}: ok")
+            with naming_file(path):
+                plan = plan_job(cfg)
             if plan is None:
                 print("  plan: the sparse input is created by the run; plan it once it exists")
             else:
                 print("\n".join(format_plan(plan)))
-            continue
-        if m is None:
-            spec = cfg.input.create_if_missing
-            size = f" {spec.shape[0]}×{spec.shape[1]}" if spec.shape else ""
-            print(
-                f"{path}: ok — input {redact(cfg.input.url)} does not exist yet and will be "
-                "created "
-                f"({spec.kind}{size} {spec.dtype})"
-            )
-            continue
-        arr = f" array {m.array}" if m.array else ""
-        layout = (
-            f"{m.format.upper()}, nnz {m.nnz} (density {m.density:.3g}), "
-            f"row blocks of {m.chunks[0]}"
-            if m.nnz is not None
-            else f"dense, chunks {m.chunks[0]}×{m.chunks[1]}"
-        )
-        print(
-            f"{path}: ok — input {m.url}{arr}: shape {m.shape[0]}×{m.shape[1]}, {layout}, "
-            f"dtype {m.dtype} (Zarr v{m.zarr_format}); "
-            f"methods: {', '.join(s.method for s in cfg.methods)}"
-        )
     return 0
 
 
@@ -96,7 +170,8 @@ def _check_credentials(path: str, cfg: JobConfig, *, submit: bool, resolve: bool
 
     Every command refuses a password in a URL; ``submit`` refuses any literal credential
     (the job is stored on the server). References are resolved once here (``resolve``), so
-    a missing variable or Secret block is one line naming the key path.
+    a missing variable or Secret block is one line naming the key path; resolving a
+    Secret block needs the Prefect API, so it waits for the server :func:`_run` started.
     """
     from pipeline import secrets
 
@@ -106,32 +181,38 @@ def _check_credentials(path: str, cfg: JobConfig, *, submit: bool, resolve: bool
         secrets.refuse_literals(cfg, path)
     else:
         secrets.refuse_url_credentials(cfg, path)
-    if secrets.has_references(cfg, "secret"):
+    if resolve and secrets.has_references(cfg, "secret"):
+        wait_api_server()
         import flows  # noqa: F401  (registers the Prefect Secret resolver)
     if resolve:
         secrets.check_references(cfg, path)
 
 
-def _load(
-    paths: Sequence[str], *, together: bool = True, check_input: bool = True, submit: bool = False
-) -> list[JobConfig]:
-    """Parse job files once and refuse bad ones before Prefect or a cluster starts (exit 2).
+def _parse(paths: Sequence[str], *, together: bool = True) -> list[JobConfig]:
+    """Parse job files (no input opened, nothing imported but the config models): a bad
+    file is refused at once (exit 2). ``together``: the jobs run side by side, so their
+    names (result folders) must differ."""
+    configs = [load_config(p) for p in paths]
+    if together:
+        check_unique_names(configs)
+    return configs
 
-    ``together``: the jobs run side by side, so their names (result folders) must differ.
-    ``check_input``: open each input here (and resolve credential references for it).
+
+def _check(
+    paths: Sequence[str], configs: Sequence[JobConfig], *, check_input: bool, submit: bool
+) -> None:
+    """Credentials, and with ``check_input`` the input and the output (each job opened
+    once), before Prefect or a cluster starts; every refusal names its job file.
+
     ``submit``: the jobs are stored on a server, so no literal credential is allowed.
     """
     from pipeline.jobs import precheck
 
-    configs = [load_config(p) for p in paths]
     for path, cfg in zip(paths, configs, strict=True):
-        _check_credentials(path, cfg, submit=submit, resolve=check_input)
-    if together:
-        check_unique_names(configs)
-    if check_input:
-        for cfg in configs:
-            precheck(cfg)
-    return configs
+        with naming_file(path):
+            _check_credentials(path, cfg, submit=submit, resolve=check_input)
+            if check_input:
+                precheck(cfg)
 
 
 @contextmanager
@@ -142,35 +223,77 @@ def _terminal_progress() -> Iterator[None]:
         return
     from pipeline.progress import TerminalBar, progress_sink
 
-    with progress_sink(TerminalBar(sys.stdout)):
+    with TerminalBar(sys.stdout) as bar, progress_sink(bar):
         yield
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.reports import summary_table
+    """Run job files now: one flow run, or a batch of flow runs sharing one cluster.
+
+    Nothing starts before every job file and input is checked. Then the start-up work
+    overlaps: a temporary API server (when no server is configured or running, see
+    :func:`pipeline.lifetime.start_api_server`) boots and the cluster's workers start
+    while Prefect is imported.
+    """
+    from pipeline.cluster import discard_prestarted, prestart
     from pipeline.secrets import move_to_environment
 
+    configs = _parse(args.configs)
+    _check(args.configs, configs, check_input=True, submit=False)
+    api = start_api_server()  # before Prefect is imported: a temporary one dies with us
     # No literal credential goes to Prefect: each moves into a variable of this process.
-    configs = [move_to_environment(c) for c in _load(args.configs)]
-    start_api_server()  # before Prefect is imported: a temporary server that dies with us
-    from flows import factorize, factorize_batch
+    configs = [move_to_environment(c) for c in configs]
+    prestart(configs[0].cluster)  # the batch shares the first job's cluster
+    try:
+        from flows import factorize, factorize_batch
 
-    wait_api_server()
-    with _terminal_progress():
-        if len(configs) == 1:
-            reports = {configs[0].name: factorize(config=configs[0])}
-        else:  # concurrent flow runs on one shared cluster
-            reports = factorize_batch(configs=configs)
+        wait_api_server()
+        with _terminal_progress():
+            if len(configs) == 1:
+                with naming_file(args.configs[0]):
+                    state = factorize(config=configs[0], return_state=True)
+                    _say_where_recorded(api, state)
+                    reports = {configs[0].name: state.result()}
+            else:  # concurrent flow runs on one shared cluster
+                state = factorize_batch(configs=configs, return_state=True)
+                _say_where_recorded(api, state)
+                reports = state.result()
+    finally:
+        discard_prestarted()
+    _print_reports(reports)
+    return 0
+
+
+def _print_reports(reports: dict[str, Any]) -> None:
+    from pipeline.reports import summary_table
+
     for name, report in reports.items():
         verdict = "skipped (complete, unchanged)" if report.get("skipped") else "completed"
         print(f"\n{name}: {verdict} — {report['output']}")
         print(summary_table(report))
-    return 0
+
+
+def _say_where_recorded(api: ApiChoice, state: Any) -> None:
+    """Where the flow run's record is: its page when the server outlives this command,
+    else Prefect's database and how to browse it."""
+    from flows.operations import flow_run_url
+
+    run_id = state.state_details.flow_run_id
+    if api.lasting:
+        print(f"flow run {run_id}: {flow_run_url(run_id)}", flush=True)
+        return
+    print(
+        f"flow run {run_id} is recorded in Prefect's database in {prefect_home()}; to "
+        f"browse it: factorize server start, then open {OwnedServer(0, DEFAULT_PORT, 0, 0).url}"
+        f"/runs/flow-run/{run_id}",
+        flush=True,
+    )
 
 
 def _submit(args: argparse.Namespace) -> int:
+    configs = _parse(args.configs, together=False)
     # Workers resolve the references; here only when the input is opened here too.
-    configs = _load(args.configs, together=False, check_input=args.check_input, submit=True)
+    _check(args.configs, configs, check_input=args.check_input, submit=True)
     from flows.operations import flow_run_url, follow, submit
 
     runs = []
@@ -194,13 +317,38 @@ def _submit(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from pipeline.secrets import move_to_environment
 
+    configs = _parse(args.configs)
+    _check(args.configs, configs, check_input=True, submit=False)
+    start_api_server(services=True)  # with the scheduler; a temporary one dies with us
     # The served runs are subprocesses of this one: they inherit the moved credentials.
-    configs = [move_to_environment(c) for c in _load(args.configs)]
-    start_api_server(services=True)  # with the scheduler; a server that dies with us
+    configs = [move_to_environment(c) for c in configs]
     from flows.operations import serve_jobs
 
     wait_api_server()
     serve_jobs(configs, cron=args.cron, interval=args.interval, timezone=args.timezone)
+    return 0
+
+
+def _server(args: argparse.Namespace) -> int:
+    """``factorize server start|stop|status``: the lasting local Prefect server."""
+    if args.action == "start":
+        server, started = start_owned_server(args.port, args.idle_minutes)
+        idle = (
+            f"stops after {server.idle_timeout / 60:g} min without a run"
+            if server.idle_timeout
+            else "runs until stopped"
+        )
+        verb = "started" if started else "already running"
+        print(
+            f"Prefect server {verb} at {server.url} (pid {server.pid}); `factorize run` uses "
+            f"it; {idle}; `factorize server stop` stops it. Database: {prefect_home()}"
+        )
+    elif args.action == "stop":
+        server = stop_owned_server()
+        print(f"stopped the server at {server.url}" if server else "no server was running")
+    else:
+        server = read_owned_server()
+        print(f"running at {server.url} (pid {server.pid})" if server else "not running")
     return 0
 
 
@@ -296,6 +444,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timezone", default="UTC", help="of the schedule (default: %(default)s)")
     p.set_defaults(func=_serve)
 
+    p = sub.add_parser(
+        "server",
+        help="a lasting local Prefect server (API and UI) that runs use: they start in "
+        "seconds and their links keep working",
+    )
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="default: %(default)s")
+    p.add_argument(
+        "--idle-minutes",
+        type=float,
+        default=DEFAULT_IDLE_MINUTES,
+        help="stop after this long without a run (0: never; default: %(default)g)",
+    )
+    p.set_defaults(func=_server)
+
     p = sub.add_parser("schema", help="print the job file's JSON Schema")
     p.set_defaults(func=_schema)
 
@@ -318,12 +481,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def entry(argv: Sequence[str] | None = None) -> int:
+    """The ``factorize`` console script: :func:`main`, with ``factorize run`` handed to the
+    lasting server's warm runner when one runs (the run then starts without importing
+    Prefect, Dask and zarr here, see :mod:`flows.runner`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _command(argv) == "run":
+        code = run_warm(argv)
+        if code is not None:
+            return code
+    return main(argv)
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names (``None`` when it names none)."""
+    args, _ = build_parser().parse_known_args(argv)
+    return args.command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``factorize`` console script."""
+    """Run one ``factorize`` command in this process (see :func:`entry`)."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     _logs_to_stdout()
     raise_on_sigterm()
+    if lifetime.warm_run_of is not None:
+        log.debug("warm run: this process was forked by the warm runner %d", lifetime.warm_run_of)
     try:
         return args.func(args)
     except UserError as exc:
@@ -354,4 +537,4 @@ def _say(line: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 from distributed import Client
@@ -15,6 +17,9 @@ from pipeline.backend import is_sparse
 from pipeline.config import ClusterSpec, JobConfig
 from pipeline.errors import ClusterError, ConfigError, WorkersTimeoutError, first_line
 from pipeline.memory import WORKER_BASELINE, workers_of
+
+if TYPE_CHECKING:
+    from distributed import LocalCluster
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,9 @@ PERSIST_FRACTION = 0.4
 GPU_WORKER_THREADS = 4
 
 _BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+# Imported by each worker of the local clusters we start (see pipeline.worker_setup).
+WORKER_PRELOAD = ["pipeline.worker_setup"]
 
 
 def available_cores() -> int:
@@ -55,6 +63,7 @@ def local_defaults(spec: ClusterSpec) -> dict[str, Any]:
         "processes": True,
         "dashboard_address": ":0",
         "env": blas,
+        "preload": WORKER_PRELOAD,
     }
 
 
@@ -149,17 +158,13 @@ def _kind_client(spec: ClusterSpec) -> Iterator[Client]:
             # one worker per GPU; more than one thread, so the next block is read and
             # decoded on the host while the device works on this one
             "threads_per_worker": spec.threads_per_worker or GPU_WORKER_THREADS,
+            "preload": WORKER_PRELOAD,
         }
         if spec.n_workers:
             kwargs["n_workers"] = spec.n_workers
         cluster = LocalCUDACluster(**kwargs)
     else:
-        from distributed import LocalCluster
-
-        try:
-            cluster = LocalCluster(**local_defaults(spec))
-        except ValueError as exc:  # e.g. an unparsable memory_limit
-            raise ClusterError(f"cluster: cannot start a LocalCluster: {exc}") from None
+        cluster = _take_prestarted(spec) or _local_cluster(spec)
     try:
         with Client(cluster, set_as_default=True) as client:
             info = client.scheduler_info()["workers"].values()
@@ -175,6 +180,58 @@ def _kind_client(spec: ClusterSpec) -> Iterator[Client]:
             yield client
     finally:
         cluster.close()
+
+
+def _local_cluster(spec: ClusterSpec) -> LocalCluster:
+    from distributed import LocalCluster
+
+    try:
+        return LocalCluster(**local_defaults(spec))
+    except ValueError as exc:  # e.g. an unparsable memory_limit
+        raise ClusterError(f"cluster: cannot start a LocalCluster: {exc}") from None
+
+
+# LocalClusters started ahead of their job (see prestart), by their spec's JSON.
+_PRESTARTED: dict[str, Future[LocalCluster]] = {}
+
+
+def prestart(spec: ClusterSpec) -> None:
+    """Start the ``local`` cluster of ``spec`` in a background thread, so that its worker
+    processes start while the caller does other start-up work (``factorize run`` imports
+    Prefect and waits for its API meanwhile); :func:`cluster_from_spec` takes it.
+
+    Other kinds, and specs with ``dask_config`` (set process-wide for the cluster's
+    lifetime), start when the job needs them. Call :func:`discard_prestarted` when done.
+    """
+    key = spec.model_dump_json()
+    if spec.kind != "local" or spec.dask_config or key in _PRESTARTED:
+        return
+    future: Future[LocalCluster] = Future()
+
+    def start() -> None:
+        try:
+            future.set_result(_local_cluster(spec))
+        except BaseException as exc:  # handed to the job that takes it
+            future.set_exception(exc)
+
+    _PRESTARTED[key] = future
+    threading.Thread(target=start, name="prestart-cluster", daemon=True).start()
+
+
+def _take_prestarted(spec: ClusterSpec) -> LocalCluster | None:
+    """The cluster :func:`prestart` started for an equal spec (waiting for it), if any."""
+    future = _PRESTARTED.pop(spec.model_dump_json(), None)
+    return None if future is None else future.result()
+
+
+def discard_prestarted() -> None:
+    """Close the clusters :func:`prestart` started that no job took (e.g. after an error)."""
+    while _PRESTARTED:
+        _, future = _PRESTARTED.popitem()
+        try:
+            future.result().close()
+        except Exception as exc:  # it failed to start: nothing to close
+            log.debug("a cluster started ahead of its job failed: %s", exc)
 
 
 _ADAPTIVE: set[int] = set()  # ids of the clients of adaptive clusters (see keep_in_memory)

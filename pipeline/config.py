@@ -8,14 +8,23 @@ field path, e.g. ``configs/x.yaml: methods[0].block_rows: must be ≥ 1, got 0``
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
 from pipeline.methods import METHODS
@@ -38,6 +47,8 @@ YAML_MAX_DEPTH = 100
 # zarr, dask.array) holds ~170 MiB; the nanny pauses it at 80 % and restarts it at 95 % of
 # the limit, so below 256 MiB it is restarted before it holds a single block.
 MIN_WORKER_MEMORY = 256 << 20
+# Kinds whose workers run on this machine: their memory_limit must fit its memory.
+LOCAL_KINDS = ("local", "local-cuda")
 
 SYNTHETIC_KINDS = ("gaussian", "lowrank", "vandermonde", "nonnegative", "sparse", "counts")
 SPARSE_KINDS = ("sparse", "counts")  # written as CSR groups (see pipeline.sparse_datasets)
@@ -170,8 +181,8 @@ class ClusterSpec(StrictModel):
     threads_per_worker: int | None = Field(None, ge=1)
     memory_limit: str | int = Field(
         "auto",
-        description="per worker, e.g. '4GiB' or bytes, at least 256 MiB; 'auto' splits the "
-        "machine's memory",
+        description="per worker, e.g. '4GiB' or bytes, at least 256 MiB and, for local kinds, "
+        "at most the machine's memory; 'auto' splits the machine's memory",
     )
     connect_timeout: float = Field(
         20.0, gt=0, le=86400, description="seconds to wait for kind: address (at most a day)"
@@ -179,7 +190,7 @@ class ClusterSpec(StrictModel):
 
     @field_validator("memory_limit")
     @classmethod
-    def _memory_limit_sane(cls, v: str | int) -> str | int:
+    def _memory_limit_sane(cls, v: str | int, info: ValidationInfo) -> str | int:
         if v == "auto":
             return v
         if isinstance(v, str):
@@ -196,6 +207,9 @@ class ClusterSpec(StrictModel):
                 "must be 'auto' or at least 256 MiB per worker (a worker holds ~170 MiB "
                 "once the pipeline is loaded)"
             )
+        kind = info.data.get("kind")  # declared before memory_limit, so validated already
+        if kind in LOCAL_KINDS:
+            _fits_this_machine(size, kind)
         return v
 
     @model_validator(mode="after")
@@ -222,6 +236,26 @@ class ClusterSpec(StrictModel):
                 "clusters start their workers before the job runs)"
             )
         return self
+
+
+def _fits_this_machine(size: int, kind: str) -> None:
+    """Refuse a local worker's ``memory_limit`` above this machine's memory (``distributed``
+    would cut it down to that without a word). Clusters of other kinds start their workers
+    elsewhere, so their limit is the cluster's business.
+
+    Raises
+    ------
+    ValueError
+        With the machine's memory, for pydantic's one-line error.
+    """
+    from pipeline.memory import machine_memory  # lazily: it asks distributed
+
+    total = machine_memory()
+    if size > total:
+        raise ValueError(
+            f"must be at most this machine's memory, {total / 2**30:.1f} GiB "
+            f"({total} bytes), for cluster.kind {kind}"
+        )
 
 
 class ComputeSpec(StrictModel):
@@ -354,15 +388,58 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{msg}, got {_shown(got)}" if isinstance(got, str | int | float) else msg
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation admits (through Optional, unions, lists)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the job file allows in the mapping at ``loc`` (pydantic's error location,
+    e.g. ``('methods', 0, 'rsvd')``): the fields of every model that can sit there."""
+    models: list[type[BaseModel]] = [JobConfig]
+    for part in loc:
+        if isinstance(part, int) or part in UNION_TAGS:
+            continue  # list items and other unions' tags: the same candidate models
+        if part in METHODS and not any(part in m.model_fields for m in models):
+            models = [METHODS[part].spec]  # the tag of the methods' union
+            continue
+        models = [
+            model
+            for parent in models
+            for name, info in parent.model_fields.items()
+            if part in (name, info.alias)
+            for model in _models_in(info.annotation)
+        ]
+    return sorted({info.alias or name for m in models for name, info in m.model_fields.items()})
+
+
+def _did_you_mean(err: dict[str, Any]) -> str:
+    """For an unknown key, `` (did you mean 'x'?)`` naming the closest allowed key."""
+    loc = tuple(err["loc"])
+    close = difflib.get_close_matches(str(loc[-1]), known_keys(loc[:-1]), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _first_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The error to report: an unknown key before a missing one (a misspelt required key
+    makes both, and the unknown key names the typo)."""
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+    return unknown[0] if unknown else errors[0]
+
+
 def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line: ``<source>: <field path>: <what is wrong>`` for the first error."""
+    """One line: ``<source>: <field path>: <what is wrong>`` for the first error (an
+    unknown key names the closest allowed one)."""
     errors = exc.errors()
-    first = errors[0]
+    first = _first_error(errors)
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     loc = tuple(first["loc"])
     if first["type"] == "bool_not_number":  # raised by the model, about one of its fields
         loc = (*loc, first["ctx"]["field"])
-    return f"{source}: {_loc_to_path(loc)}: {_describe(first)}{more}"
+    hint = _did_you_mean(first) if first["type"] == "extra_forbidden" else ""
+    return f"{source}: {_loc_to_path(loc)}: {_describe(first)}{hint}{more}"
 
 
 # --------------------------------------------------------------------------- loading

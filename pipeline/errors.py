@@ -8,6 +8,9 @@ catch either.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class FactorizeError(Exception):
     """Base class of all zarr-factorize errors."""
@@ -51,3 +54,29 @@ def first_line(exc: BaseException) -> str:
     exception as one line, for errors that wrap another."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def in_file(exc: UserError, path: str) -> UserError:
+    """``exc`` with its message prefixed by the job file ``path`` (unless it names it
+    already), of the same class where that class takes a message."""
+    text = str(exc)
+    if text.startswith(f"{path}:"):
+        return exc
+    try:
+        named = type(exc)(f"{path}: {text}")
+    except Exception:  # a constructor with another signature
+        named = UserError(f"{path}: {text}")
+    named.exit_code = exc.exit_code
+    return named
+
+
+@contextmanager
+def naming_file(path: str) -> Iterator[None]:
+    """Re-raise a :class:`UserError` from the block with the job file's name in front."""
+    try:
+        yield
+    except UserError as exc:
+        named = in_file(exc, path)
+        if named is exc:
+            raise
+        raise named from None

@@ -116,13 +116,51 @@ def watch_blocks(
     poll()  # the last blocks, finished since the last look
 
 
+def plural(count: int, unit: str) -> str:
+    """``unit`` for ``count`` of them: pass → passes, block → blocks, iteration → iterations."""
+    if count == 1:
+        return unit
+    return f"{unit}es" if unit.endswith(("s", "x", "ch", "sh")) else f"{unit}s"
+
+
+_ACTIVE_BARS: list[TerminalBar] = []  # bars drawn on a terminal, for bar_paused
+
+
+@contextmanager
+def bar_paused() -> Iterator[None]:
+    """Lift every open progress bar off its line for the block (e.g. while a log record is
+    written), then draw it again below: a bar and a log line never share a line."""
+    bars = list(_ACTIVE_BARS)
+    for bar in bars:
+        bar.lift()
+    try:
+        yield
+    finally:
+        for bar in bars:
+            bar.redraw()
+
+
 class TerminalBar:
-    """A one-line bar redrawn in place (``\\r``), for a terminal; a line per finished step."""
+    """A one-line bar redrawn in place (``\r``), for a terminal; a line per finished step.
+
+    While used as a context manager it is known to :func:`bar_paused`, so log lines
+    written meanwhile go above it instead of onto its line.
+    """
 
     WIDTH = 30
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream or sys.stdout
+        self._open = ""  # the text on the current line, not yet ended by a newline
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> TerminalBar:
+        _ACTIVE_BARS.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _ACTIVE_BARS.remove(self)
+        self.lift()
 
     def __call__(self, event: Progress) -> None:
         filled = round(self.WIDTH * event.percent / 100)
@@ -130,8 +168,28 @@ class TerminalBar:
         detail = f" {event.detail}" if event.detail else ""
         text = (
             f"{event.job} {event.method} [{bar}] {event.percent:3.0f}% "
-            f"{event.done}/{event.total} {event.unit}{'s' * (event.total != 1)}{detail}"
+            f"{event.done}/{event.total} {plural(event.total, event.unit)}{detail}"
         )
-        end = "\n" if event.done >= event.total else ""
-        self.stream.write(f"\r\x1b[2K{text}{end}")
+        with self._lock:
+            if event.done >= event.total:
+                self._write(f"\r\x1b[2K{text}\n")
+                self._open = ""
+            else:
+                self._write(f"\r\x1b[2K{text}")
+                self._open = text
+
+    def lift(self) -> None:
+        """Clear the bar's line (the cursor stays at its start)."""
+        with self._lock:
+            if self._open:
+                self._write("\r\x1b[2K")
+
+    def redraw(self) -> None:
+        """Draw the open bar again (after :meth:`lift`)."""
+        with self._lock:
+            if self._open:
+                self._write(f"\r\x1b[2K{self._open}")
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
         self.stream.flush()

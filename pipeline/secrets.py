@@ -398,6 +398,7 @@ def _scrub_record(record: logging.LogRecord) -> None:
     if isinstance(exc, UserError) or (exc is not None and _is_shutdown_chatter(record)):
         # The one-line message is the whole story; the traceback would break the contract.
         record.exc_info, record.exc_text = None, None
+        record.user_error = isinstance(exc, UserError)  # the CLI's console filter reads it
     elif exc is not None:
         text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
         clean = scrub(text)

@@ -52,6 +52,40 @@ def client():
 
 
 @pytest.fixture(scope="session")
+def prefect_server():
+    """The session's lasting Prefect server (``factorize server start``) in its
+    ``PREFECT_HOME``: every ``factorize run`` subprocess of the session uses it, as a
+    user's runs do, instead of starting a temporary server each (5–20 s apiece here).
+    Stopped at the end; its idle timeout ends it should the session die first."""
+    from pipeline.lifetime import start_owned_server, stop_owned_server
+
+    server, _ = start_owned_server(port=free_port(), idle_minutes=15)
+    yield server
+    stop_owned_server(timeout=5)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli(*args, cwd=None, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
+    """``factorize ARGS…`` as a user runs it, output captured as text."""
+    return subprocess.run(
+        [*factorize_cmd(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        timeout=timeout,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="session")
 def prefect_harness():
     """One Prefect test database for the session; heartbeats off (each costs ~1 s a run)."""
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
+import re
 
+import httpx
 import numpy as np
 import pytest
 import xarray as xr
 import zarr
 
-from tests.conftest import REPO, factorize_cmd, job_dict, one_line_exit, write_array, write_job
+from tests.conftest import job_dict, one_line_exit, run_cli, write_array, write_job
 from tests.test_validate_hardening import alias_bomb_yaml
-
-
-def run_cli(*args, cwd=None, timeout=300):
-    return subprocess.run(
-        [*factorize_cmd(), *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd or REPO,
-        timeout=timeout,
-    )
 
 
 def assert_one_line_error(proc, *needles):
@@ -63,6 +54,11 @@ def _bad_cases(tmp_path):
         ("missing file", tmp_path / "nope.yaml", ["nope.yaml", "not found"]),
         ("yaml syntax", bad_yaml, ["syntax.yaml", "YAML syntax error at line"]),
         ("unknown key", job("unknown", colour="red"), ["unknown.yaml", "colour: unknown key"]),
+        (
+            "misspelt key",
+            job("typo", methods=[{"method": "rsvd", "rnak": 2}]),
+            ["methods[0].rnak: unknown key (did you mean 'rank'?)"],
+        ),
         ("wrong type", job("type", methods=[{"method": "tsqr", "q": [1]}]), ["methods[0].q"]),
         (
             "out of range",
@@ -144,9 +140,9 @@ def test_every_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
     cases = _bad_cases(tmp_path)
     with ThreadPoolExecutor(3) as pool:  # the CLI's start-up dominates: overlap it
         procs = list(pool.map(lambda c: run_cli("run", c[1], cwd=tmp_path, timeout=180), cases))
-    for (name, _, needles), proc in zip(cases, procs, strict=True):
-        try:
-            assert_one_line_error(proc, *needles)
+    for (name, path, needles), proc in zip(cases, procs, strict=True):
+        try:  # every error names the job file (and the field or the input it is about)
+            assert_one_line_error(proc, path.name, *needles)
         except AssertionError as exc:
             raise AssertionError(f"case {name!r}: {exc}") from None
     assert not (tmp_path / "out").exists(), "a bad case wrote output"
@@ -179,6 +175,11 @@ def test_validate_reports_without_computing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "shape 300×7" in proc.stdout and "chunks 100×7" in proc.stdout
     assert "dtype int32" in proc.stdout and "Zarr v2" in proc.stdout
+    planned = run_cli("validate", "--plan", path)
+    assert planned.returncode == 0, planned.stderr
+    input_line = proc.stdout.splitlines()[0]
+    assert planned.stdout.splitlines()[0] == input_line  # --plan keeps the input line
+    assert planned.stdout.splitlines()[1].startswith("plan for job: 300 × 7 float64")
     assert not (tmp_path / "out").exists()
 
 
@@ -207,7 +208,7 @@ def test_schema_and_generate(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_end_to_end_with_embedded_cluster_and_prefect(tmp_path):
+def test_run_end_to_end_with_embedded_cluster_and_prefect(tmp_path, prefect_server):
     """The README path: job files, an embedded LocalCluster, Prefect's ephemeral API; all
     three methods on one non-negative input, and a second job in the same command (a batch:
     concurrent flow runs on one shared cluster)."""
@@ -244,7 +245,12 @@ def test_run_end_to_end_with_embedded_cluster_and_prefect(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert "e2e: completed" in proc.stdout and "orthogonality_u" in proc.stdout
     assert "e2e-b: completed" in proc.stdout
-    assert "Beginning flow run" in proc.stdout  # it really ran as Prefect flows
+    # it really ran as a Prefect flow run, recorded on the lasting server, with its link
+    link = re.search(rf"flow run (\S+): {prefect_server.url}/runs/flow-run/(\S+)", proc.stdout)
+    assert link and link[1] == link[2], proc.stdout[-2000:]
+    run = httpx.get(f"{prefect_server.api_url}/flow_runs/{link[1]}").json()
+    assert run["state_type"] == "COMPLETED"
+    assert_quiet(proc.stdout)
     b = json.loads((tmp_path / "results" / "e2e-b" / "metrics.json").read_text())
     assert b["methods"]["tsqr"]["residual_rel"] < 1e-14
     out = tmp_path / "results" / "e2e"
@@ -272,6 +278,38 @@ def test_run_end_to_end_with_embedded_cluster_and_prefect(tmp_path):
     err = np.linalg.norm(a - w @ h) / np.linalg.norm(a)
     assert metrics["methods"]["nmf"]["residual_rel"] == pytest.approx(err, rel=1e-6)
     assert (out / "nmf_convergence.png").exists()
+
+
+def assert_quiet(stdout: str) -> None:
+    """The run log holds the job's own lines: no distributed or Prefect INFO chatter."""
+    chatter = [
+        line
+        for line in stdout.splitlines()
+        if re.match(r"\S+ INFO +(distributed|prefect)\.", line)
+        or "Run out-of-band function" in line
+        or "jupyter-server-proxy" in line
+    ]
+    assert not chatter, chatter[:5]
+
+
+@pytest.mark.slow
+def test_task_side_user_error_on_an_embedded_cluster_prints_no_traceback(tmp_path, prefect_server):
+    """NaN found by a worker of the run's own LocalCluster: exit 2, one line naming the job
+    file, and neither stdout nor stderr holds distributed's "Compute Failed" block or any
+    traceback (the workers' log lines are the run's stdout)."""
+    a = np.ones((4000, 5))
+    a[3500, 2] = np.nan
+    write_array(tmp_path / "nan.zarr", a, chunks=(500, 5))
+    job = job_dict(tmp_path, str(tmp_path / "nan.zarr"), name="nanjob")
+    job["cluster"] = {"kind": "local", "n_workers": 2, "memory_limit": "1GiB"}
+    path = write_job(tmp_path, job, "nanjob.yaml")
+    proc = run_cli("run", path)
+    line = one_line_exit(proc)
+    assert line.startswith(f"factorize: error: {path}: ") and "row 3500" in line, line
+    assert "Compute Failed" not in proc.stdout and "Traceback" not in proc.stdout
+    assert "NaN" not in proc.stdout.replace(str(tmp_path), "")  # said once, on stderr
+    assert_quiet(proc.stdout)
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 @pytest.mark.slow

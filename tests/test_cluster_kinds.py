@@ -105,7 +105,9 @@ def test_scheduler_file_with_a_worker(tmp_path, scheduler_file):
         worker.wait(timeout=30)
 
 
-def test_no_worker_times_out_with_one_line_and_nothing_published(tmp_path, scheduler_file):
+def test_no_worker_times_out_with_one_line_and_nothing_published(
+    tmp_path, scheduler_file, prefect_server
+):
     cluster = {
         "kind": "scheduler-file",
         "scheduler_file": str(scheduler_file),

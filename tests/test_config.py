@@ -110,6 +110,60 @@ def test_errors_name_file_and_field(job, expected):
     assert msg.startswith("configs/x.yaml: ") and expected.split("x.yaml: ")[-1] in msg
 
 
+def _renamed(key: str, to: str) -> dict:
+    """BASE with its top-level ``key`` misspelt as ``to``."""
+    job = json.loads(json.dumps(BASE))
+    job[to] = job.pop(key)
+    return job
+
+
+@pytest.mark.parametrize(
+    "job,expected",
+    [
+        # a misspelt required key: the unknown key is reported, not "required key is missing"
+        (_renamed("input", "imput"), "imput: unknown key (did you mean 'input'?) (and 1 more)"),
+        (_renamed("methods", "method"), "method: unknown key (did you mean 'methods'?) (and"),
+        (with_(clustr={}), "clustr: unknown key (did you mean 'cluster'?)"),
+        (
+            with_(cluster={"n_worker": 2}),
+            "cluster.n_worker: unknown key (did you mean 'n_workers'?)",
+        ),
+        (
+            with_(methods=[{"method": "rsvd", "rnak": 3}]),
+            "methods[0].rnak: unknown key (did you mean 'rank'?) (and 1 more)",
+        ),
+        (
+            with_(methods=[{"method": "rsvd", "rank": {"max": 3, "enrgy": 0.9}}]),
+            "methods[0].rank.enrgy: unknown key (did you mean 'energy'?)",
+        ),
+        (
+            with_(methods=[{"method": "nmf", "rank": 2, "max_iters": 3}]),
+            "methods[0].max_iters: unknown key (did you mean 'max_iter'?)",
+        ),
+        (
+            with_(input__create_if_missing={"kind": "gaussian", "shpe": [3, 3]}),
+            "input.create_if_missing.shpe: unknown key (did you mean 'shape'?)",
+        ),
+        (with_(output={"overwirte": True}), "output.overwirte: unknown key (did you mean"),
+        (with_(methods=[{"method": "tsqr", "zzzz": 1}]), "methods[0].zzzz: unknown key"),
+    ],
+)
+def test_unknown_key_names_the_closest_allowed_one(job, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_config(job, source="x.yaml")
+    assert str(err.value).startswith(f"x.yaml: {expected}"), str(err.value)
+    if "did you mean" not in expected:
+        assert "did you mean" not in str(err.value)
+
+
+def test_known_keys_follow_the_models():
+    from pipeline.config import known_keys
+
+    assert {"input", "methods", "cluster", "output", "name"} <= set(known_keys(()))
+    assert set(known_keys(("methods", 0, "nmf"))) == set(METHODS["nmf"].spec.model_fields)
+    assert "kind" in known_keys(("input", "create_if_missing"))
+
+
 def test_file_errors(tmp_path: Path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

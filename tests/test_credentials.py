@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -445,6 +446,33 @@ def test_debug_batch_with_literal_and_referenced_credentials_leaves_no_secret(
 
 
 @pytest.mark.slow
+def test_a_warm_run_on_the_lasting_server_leaves_no_secret(
+    tmp_path, s3, bucket, client, prefect_server
+):
+    """Literal and referenced credentials through the lasting server's warm runner (the
+    command hands it its environment over a socket only its owner can open): no secret in
+    the output, the result, or anything the server keeps (database, log, records)."""
+    lit = _write(
+        tmp_path, "lit.yaml", _s3_job(tmp_path, s3, bucket, "wlit", "ok.zarr", LITERAL, client)
+    )
+    ref = _write(
+        tmp_path, "ref.yaml", _s3_job(tmp_path, s3, bucket, "wref", "ok.zarr", BY_REFERENCE, client)
+    )
+    proc = subprocess.run(
+        [*factorize_cmd(), "--log-level", "DEBUG", "run", str(lit), str(ref)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **ENV},
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    assert "warm run: this process was forked by the warm runner" in proc.stdout
+    home = Path(os.environ["PREFECT_HOME"])
+    assert _leaks(proc, home, tmp_path / "out") == []
+
+
+@pytest.mark.slow
 def test_user_error_in_a_task_prints_no_traceback_and_no_secret(tmp_path, s3, bucket, client):
     """An Inf found by the first pass (inside a Prefect task): exit 2, one line, no
     traceback anywhere, no secret anywhere (the job had literal credentials)."""
@@ -454,7 +482,10 @@ def test_user_error_in_a_task_prints_no_traceback_and_no_secret(tmp_path, s3, bu
     proc = _cli(tmp_path, "run", str(job))
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "NaN or Inf" in proc.stderr
-    assert "Task run failed" in proc.stdout or "Finished in state Failed" in proc.stdout
+    assert "is recorded in Prefect's database" in proc.stdout  # it ran as a flow run
+    with sqlite3.connect(tmp_path / "home" / "prefect.db") as db:  # which failed
+        states = db.execute("select state_type from flow_run where name = 'nan'").fetchall()
+    assert states == [("FAILED",)]
     assert "Traceback" not in proc.stdout and "Traceback" not in proc.stderr, proc.stdout[-4000:]
     assert _leaks(proc, tmp_path / "home", tmp_path / "out") == []
 

@@ -190,7 +190,7 @@ def test_failed_create_if_missing_leaves_nothing_and_a_rerun_creates(tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["made.zarr", "out"]
 
 
-def test_short_frame_through_the_cli_exits_2_with_one_line(tmp_path):
+def test_short_frame_through_the_cli_exits_2_with_one_line(tmp_path, prefect_server):
     url = _store(tmp_path)
     _short_frame(_chunk(url))
     job = write_job(tmp_path, job_dict(tmp_path, str(url)))

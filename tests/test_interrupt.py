@@ -83,9 +83,8 @@ class Run:
         return "".join(self.err)
 
 
-def _start(tmp_path: Path, home: Path, name: str) -> tuple[Run, list[psutil.Process], Path]:
-    """A run of an NMF job that would compute for minutes, once it computes; with the
-    processes it started by then."""
+def _endless_job(tmp_path: Path, name: str) -> Path:
+    """The file of an NMF job that would compute for minutes, on its own LocalCluster."""
     rng = np.random.default_rng(0)
     data = tmp_path / "a.zarr"
     write_array(data, rng.random((2000, 20)), chunks=(500, 20))
@@ -93,7 +92,13 @@ def _start(tmp_path: Path, home: Path, name: str) -> tuple[Run, list[psutil.Proc
     nmf["checkpoint_every"] = 1_000_000
     job = job_dict(tmp_path, str(data), name=name, methods=[nmf])
     job["cluster"] = {"kind": "local", "n_workers": 1, "threads_per_worker": 1}
-    run = Run(write_job(tmp_path, job), home)
+    return write_job(tmp_path, job)
+
+
+def _start(tmp_path: Path, home: Path, name: str) -> tuple[Run, list[psutil.Process], Path]:
+    """A run of an NMF job that would compute for minutes, once it computes; with the
+    processes it started by then."""
+    run = Run(_endless_job(tmp_path, name), home)
     run.wait_for(COMPUTING)
     time.sleep(1)  # inside the iterations
     procs = run.descendants()
@@ -186,6 +191,54 @@ def test_sigkill_leaves_no_process_and_the_next_run_removes_its_staging(tmp_path
         assert _staging(out) == [Path(again.staging).name]
     finally:
         abort(again)
+
+
+# --------------------------------------------------------------------------- warm runs
+
+
+def _start_warm(tmp_path: Path, server, name: str) -> tuple[Run, list[psutil.Process], Path]:
+    """The NMF run of :func:`_start` handed to the lasting server's warm runner, once it
+    computes; with the runner's child that runs it and that child's processes."""
+    run = Run(_endless_job(tmp_path, name), Path(os.environ["PREFECT_HOME"]))
+    run.wait_for(COMPUTING)
+    time.sleep(1)
+    assert run.descendants() == []  # the client runs nothing itself
+    runner = next(
+        p for p in psutil.Process(server.pid).children() if "flows.runner" in " ".join(p.cmdline())
+    )
+    forked = runner.children()
+    assert len(forked) == 1, forked
+    procs = [forked[0], *forked[0].children(recursive=True)]
+    assert any("multiprocessing.spawn" in " ".join(p.cmdline()) for p in procs)
+    return run, procs, tmp_path / "out"
+
+
+def _api_state(server, name: str) -> str:
+    import httpx
+
+    body = {"flow_runs": {"name": {"any_": [name]}}}
+    runs = httpx.post(f"{server.api_url}/flow_runs/filter", json=body).json()
+    assert len(runs) == 1, runs
+    return runs[0]["state_type"]
+
+
+def test_a_warm_run_ends_cleanly_on_ctrl_c_relayed_by_its_client(tmp_path, prefect_server):
+    run, procs, out = _start_warm(tmp_path, prefect_server, "warm-sigint")
+    seconds = run.signal(signal.SIGINT, group=True)
+    _check_clean_exit(run, procs, out, 130, "factorize: interrupted", seconds)
+    assert _api_state(prefect_server, "warm-sigint") == "CRASHED"
+
+
+def test_a_warm_run_whose_client_is_killed_ends_and_cleans_up(tmp_path, prefect_server):
+    """SIGKILL of the client closes its connection: the run ends as on SIGTERM, its
+    staging removed and its processes gone (no orphan computes on unwatched)."""
+    run, procs, out = _start_warm(tmp_path, prefect_server, "warm-sigkill")
+    run.signal(signal.SIGKILL)
+    survivors = _survivors(procs, within=60)
+    _kill(procs)
+    assert survivors == []
+    assert _staging(out) == []
+    assert _api_state(prefect_server, "warm-sigkill") == "CRASHED"
 
 
 # --------------------------------------------------------------------------- in-process

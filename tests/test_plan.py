@@ -117,7 +117,7 @@ def test_plan_text_through_the_cli(tmp_path, store):
     )
     assert out.returncode == 0 and out.stderr == ""
     lines = out.stdout.splitlines()
-    assert lines[0] == f"{path}: ok"
+    assert lines[0].startswith(f"{path}: ok — input {store}")  # the input line, as validate
     assert "200000 × 200 float64, 305.2 MiB in memory" in lines[1]
     assert "2 workers × 1 thread, memory_limit 380.0 MiB each" in lines[2]
     tsqr = next(line for line in lines if line.startswith("  tsqr:"))
@@ -125,7 +125,9 @@ def test_plan_text_through_the_cli(tmp_path, store):
     assert "20 row blocks of ≤ 10000 × 200 (15.3 MiB), 20 tasks per pass" in tsqr
     assert "predicted peak" in tsqr
     rsvd = next(line for line in lines if line.startswith("  rsvd:"))
-    assert "up to 4 passes" in rsvd  # 3, and a direct residual pass if the formula fails
+    # power_iters auto: up to 20 iteration passes, the final one, and a direct residual pass
+    # if the formula fails
+    assert "up to 22 passes" in rsvd
 
 
 def test_plan_of_other_clusters_and_created_inputs(tmp_path, store):

@@ -4,18 +4,23 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pty
 import subprocess
 
 import numpy as np
+import pytest
 from conftest import factorize_cmd, job_dict, write_array, write_job
 
 from pipeline.jobs import run_job
-from pipeline.progress import Progress, TerminalBar, progress_sink, watch_blocks
+from pipeline.progress import Progress, TerminalBar, plural, progress_sink, watch_blocks
 
 A = np.abs(np.random.default_rng(2).standard_normal((600, 12)))
-METHODS = [{"method": "rsvd", "rank": 3}, {"method": "nmf", "rank": 3, "max_iter": 4, "tol": 0}]
+METHODS = [
+    {"method": "rsvd", "rank": 3, "power_iters": 2},  # a known pass count
+    {"method": "nmf", "rank": 3, "max_iter": 4, "tol": 0},
+]
 
 
 def _job(tmp_path, name="progress_job"):
@@ -79,7 +84,44 @@ def test_terminal_bar_redraws_one_line():
     assert text.endswith("[" + "#" * 30 + "] 100% 4/4 iterations error 0.25\n")
 
 
-def test_bar_under_a_pseudo_terminal_and_not_in_a_file(tmp_path):
+@pytest.mark.parametrize(
+    "count,unit,expected",
+    [(1, "pass", "pass"), (3, "pass", "passes"), (2, "block", "blocks"), (1, "step", "step")],
+)
+def test_units_are_plural_in_english(count, unit, expected):
+    assert plural(count, unit) == expected
+    out = io.StringIO()
+    TerminalBar(out)(Progress("j", "m", 0, count, unit))
+    assert out.getvalue().endswith(f"0/{count} {expected}")
+
+
+def test_log_lines_go_above_an_open_bar():
+    """A record written while a bar is open clears the bar's line first and draws the bar
+    again below it, so the two never share a line."""
+    from pipeline.cli import ConsoleHandler
+
+    out = io.StringIO()
+
+    handler = ConsoleHandler(out)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("test_progress.bar")
+    logger.addHandler(handler)
+    try:
+        with TerminalBar(out) as bar:
+            bar(Progress("job", "rsvd", 1, 3, "pass"))
+            logger.warning("a log line")
+            bar(Progress("job", "rsvd", 3, 3, "pass"))
+            logger.warning("after the bar")
+    finally:
+        logger.removeHandler(handler)
+    lines = out.getvalue().split("\n")
+    # the bar, lifted (cleared), the record on its own line, the bar drawn again
+    assert lines[0].endswith("1/3 passes\r\x1b[2Ka log line"), lines
+    assert lines[1].startswith("\r\x1b[2Kjob rsvd [") and "3/3 passes" in lines[1], lines
+    assert lines[2] == "after the bar"  # no bar left open: nothing to lift
+
+
+def test_bar_under_a_pseudo_terminal_and_not_in_a_file(tmp_path, prefect_server):
     job = write_job(tmp_path, _job(tmp_path))
     leader, follower = pty.openpty()
     proc = subprocess.Popen(

@@ -1,8 +1,10 @@
 """Object stores as outputs, on a real S3 server (moto on 127.0.0.1) and on ``memory://``.
 
-Publish is correct, idempotent under retries and atomic for readers; local publish is
-safe under concurrency; a stopped or stalled endpoint fails within bounded time with one
-line. See the module docstring of :mod:`pipeline.io.artifacts` for the protocol.
+Publish is correct, idempotent under retries and atomic for readers; a claim is a lease
+that a killed publisher's successor takes over; local publish is safe under concurrency; a
+stopped or stalled endpoint fails within bounded time with one line and no traceback; an
+output overlapping its input is refused. See the module docstring of
+:mod:`pipeline.io.artifacts` for the protocol.
 """
 
 from __future__ import annotations
@@ -12,22 +14,32 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 
 import dask.array as da
 import numpy as np
 import pytest
 import zarr
-from s3server import ACCESS_KEY, SECRET_KEY, moto_server, stalled_server
+from s3server import ACCESS_KEY, SECRET_KEY, StallingProxy, moto_server, stalled_server
 
 from pipeline.config import OutputSpec, config_from_any
-from pipeline.errors import ArtifactExistsError
-from pipeline.io.artifacts import RunOutput, read_published
+from pipeline.errors import ArtifactExistsError, ConfigError
+from pipeline.io.artifacts import RunOutput, check_output_free, read_published
+from pipeline.io.owners import claim_record, remove_stale_staging
 from pipeline.io.stores import split_url, zarr_store
-from pipeline.jobs import abort, compute, prepare, publish, run_job
-from tests.conftest import REPO, factorize_cmd, job_dict, write_array, write_job
+from pipeline.jobs import abort, compute, precheck, prepare, publish, run_job
+from tests.conftest import (
+    REPO,
+    factorize_cmd,
+    job_dict,
+    one_line_exit,
+    write_array,
+    write_job,
+)
 
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING) ")
 HIDDEN = (".partial-", ".old-", ".lock", ".tmp-", ".checkpoint")
@@ -357,7 +369,7 @@ def test_twelve_concurrent_local_publishers(tmp_path):
 
 
 @pytest.mark.slow
-def test_factorize_run_with_s3_input_and_output(s3, tmp_path):
+def test_factorize_run_with_s3_input_and_output(s3, tmp_path, prefect_server):
     """`factorize run` end to end on S3: input and output on the server, an overwrite of
     an older result with another layout, NMF checkpoints on S3; exit 0, metrics completed,
     factors readable over S3, nothing hidden left."""
@@ -421,3 +433,242 @@ def test_run_job_on_s3_in_process(s3, tmp_path, client):
     assert read_published(config_from_any(job).output, "job")["run_id"] == second["run_id"]
     keys = _keys(s3.filesystem(), f"{bucket[5:]}/out")
     assert keys and all(k.startswith("job/") for k in keys), keys
+
+
+# --------------------------------------------------------------------------- output vs input
+
+
+def test_an_output_overlapping_the_input_on_s3_is_refused(s3, tmp_path):
+    """Same bucket and endpoint, overlapping keys: refused before anything is written,
+    ``..`` in a key included; a sibling name with the same prefix is fine."""
+    bucket, job = _s3_round_trip_job(s3, tmp_path, 5, 40, 3, 10)
+    opts = s3.storage_options()
+    refused = [
+        ({"url": f"{bucket}/in.zarr"}, "job", "lies inside the input store"),
+        ({"url": bucket}, "in.zarr", "is the input store"),
+        ({"url": f"{bucket}/x/.."}, "in.zarr", "resolves to s3://"),
+        ({"url": f"{bucket}/in.zarr/c/.."}, "job", "lies inside the input store"),
+    ]
+    for output, name, needle in refused:
+        config = config_from_any(
+            {**job, "name": name, "output": {**output, "storage_options": opts, "overwrite": True}}
+        )
+        with pytest.raises(ConfigError) as err:
+            precheck(config)
+        msg = str(err.value)
+        assert msg.startswith("output: ") and needle in msg and "\n" not in msg, msg
+        assert f"{bucket}/in.zarr" in msg and SECRET_KEY not in msg, msg
+        with pytest.raises(ConfigError, match=r"choose another output\.url or name"):
+            prepare(config)
+    beside = {**job, "name": "in.zarr-out", "output": {"url": bucket, "storage_options": opts}}
+    assert precheck(config_from_any(beside)).shape == (40, 3)
+    elsewhere = {**job, "output": {"url": f"memory://{bucket[5:]}/in.zarr"}}  # another store
+    assert precheck(config_from_any(elsewhere)).shape == (40, 3)
+    assert sorted(p.rsplit("/", 1)[-1] for p in s3.filesystem().ls(bucket[5:])) == ["in.zarr"]
+
+
+# --------------------------------------------------------------------------- claims are leases
+
+
+def _claim_on(fs, root: str, name: str, claim: dict) -> None:
+    fs.pipe(f"{root}/{name}/metrics.json", json.dumps(claim).encode())
+    fs.pipe(f"{root}/.{name}.partial-{claim['run_id']}/factors.zarr/zarr.json", b"{}")
+
+
+def test_a_live_claim_is_refused_and_a_lapsed_one_is_taken_over(s3):
+    """A claim is a lease: while it runs, validate and publish refuse the name (another
+    run is publishing it); once it has lapsed — also a claim written before leases,
+    with ``since`` only — the name is free, and the dead run's staging is removed."""
+    url = _bucket(s3) + "/results"
+    root, fs = url[5:], s3.filesystem()
+    opts = s3.storage_options()
+    live = claim_record("0123456789ab")
+    _claim_on(fs, root, "r", live)
+    with pytest.raises(ArtifactExistsError, match=r"being published by another run 0123456789ab"):
+        check_output_free(OutputSpec(url=url, storage_options=opts), "r")
+    late = _output(url, opts, "r", overwrite=True, method="tsqr", value=1.0)
+    with pytest.raises(ArtifactExistsError, match=r"claim expires .*result was discarded"):
+        late.publish({"status": "completed"})
+    assert json.loads(fs.cat_file(f"{root}/r/metrics.json")) == live  # untouched
+    assert not [k for k in _keys(fs, root) if late.run_id in k]
+
+    old = {"status": "publishing", "run_id": "ba9876543210", "since": "2020-01-01T00:00:00+00:00"}
+    lapsed = {**live, "expires": "2020-01-01T00:02:00+00:00"}  # the live run, killed since
+    for claim, overwrite in ((old, False), (lapsed, True)):
+        _claim_on(fs, root, "r", claim)
+        spec = OutputSpec(url=url, storage_options=opts, overwrite=overwrite)
+        check_output_free(spec, "r")  # what validate asks: the name is free
+        out = _output(url, opts, "r", overwrite=overwrite, method="nmf", value=2.0)
+        out.publish({"status": "completed"})
+        assert read_published(spec, "r")["run_id"] == out.run_id
+        assert not [k for k in _keys(fs, root) if claim["run_id"] in k], claim
+    assert not [k for k in _keys(fs, root) if any(h in k for h in HIDDEN)]
+
+
+KILLED_PUBLISHER = """
+import sys, time
+
+import numpy as np
+
+import pipeline.io.artifacts as artifacts
+import pipeline.io.owners as owners
+from pipeline.config import OutputSpec
+
+owners.LEASE_SECONDS, artifacts.RENEW_SECONDS = 4, 0.5  # the real ones: 120 s and 30 s
+url, endpoint, key, secret = sys.argv[1:]
+options = {"endpoint_url": endpoint, "key": key, "secret": secret}
+out = artifacts.RunOutput(OutputSpec(url=url, storage_options=options, overwrite=True), "r")
+out.begin()
+out.factor_array("nmf", "W", np.full((3, 3), 7.0), ("row", "component"))
+copy = out.fs.copy
+
+def copy_half_then_hang(src, dst, **kw):
+    copy(src[: len(src) // 2], dst[: len(dst) // 2], **kw)
+    print(out.run_id, flush=True)
+    time.sleep(3600)
+
+out.fs.copy = copy_half_then_hang
+out.publish({"status": "completed"})
+"""
+
+
+def test_a_publisher_killed_after_its_claim_is_taken_over_once_its_lease_lapses(s3, tmp_path):
+    """A real publisher process claims a name, copies half its objects, renews its lease
+    and gets SIGKILL. Until the lease lapses the name is refused as being published;
+    then a run with ``overwrite: false`` takes it over: the killed run's staging and the
+    objects it copied are gone, the result is the new run's."""
+    url = _bucket(s3) + "/results"
+    root, fs = url[5:], s3.filesystem()
+    opts = s3.storage_options()
+    script = tmp_path / "publisher.py"
+    script.write_text(KILLED_PUBLISHER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), url, s3.endpoint, ACCESS_KEY, SECRET_KEY],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        killed_run = proc.stdout.readline().strip()
+        time.sleep(1.2)  # a renewal or two
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+    assert len(killed_run) == 12, err[-2000:]
+    claim = json.loads(fs.cat_file(f"{root}/r/metrics.json"))
+    assert claim["run_id"] == killed_run and claim["owner"]["pid"] == proc.pid
+    assert claim["renewed"] >= claim["since"]
+    assert any(k.startswith("r/factors.zarr") for k in _keys(fs, root)), "half copied"
+    spec = OutputSpec(url=url, storage_options=opts)
+    with pytest.raises(ArtifactExistsError, match=f"being published by another run {killed_run}"):
+        check_output_free(spec, "r")
+
+    expires = datetime.fromisoformat(claim["expires"])
+    time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.5)
+    check_output_free(spec, "r")  # lapsed: free for overwrite: false
+    staging = f"{root}/.r.partial-{killed_run}"
+    assert remove_stale_staging(spec, "r") == [staging]  # what prepare does first
+    new = _output(url, opts, "r", overwrite=False, method="tsqr", value=3.0)
+    new.publish({"status": "completed"})
+    assert read_published(spec, "r")["run_id"] == new.run_id
+    keys = _keys(fs, root)
+    assert not [k for k in keys if "/nmf" in k], "an object the killed run copied"
+    assert not [k for k in keys if any(h in k for h in HIDDEN)], keys
+
+
+# --------------------------------------------------------------------------- one line
+
+
+def test_transient_errors_are_logged_on_one_line():
+    """What Prefect logs for a failed or retried task (``exc_info``) and what a Dask worker
+    logs for a failed task (its traceback as text) is one line for a timeout."""
+    from botocore.exceptions import ReadTimeoutError
+
+    from pipeline.io.stores import quiet_transient_errors
+
+    quiet_transient_errors()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    loggers = [logging.getLogger(n) for n in ("prefect.task_runs", "distributed.worker")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    root_level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        for exc in (ReadTimeoutError(endpoint_url="http://h/b/k"), ValueError("a bug")):
+            try:
+                raise exc
+            except Exception as caught:
+                loggers[0].error("Task run failed with exception: %r", caught, exc_info=True)
+        loggers[1].error(
+            "Compute Failed\nKey: %s\nState: %s\nTask: %s\nException: %r\nTraceback: %r\n",
+            "store-abc",
+            "executing",
+            "<Task ...>",
+            "ReadTimeoutError('Read timeout on endpoint URL: \"http://h/b/k\"')",
+            '  File "x.py", line 1, in f\n',
+        )
+    finally:
+        logging.getLogger().setLevel(root_level)
+        for logger in loggers:
+            logger.removeHandler(handler)
+    text = [logging.Formatter().format(r) for r in records]
+    assert text[0].startswith("Task run failed with exception: ReadTimeoutError(")
+    assert "\n" not in text[0] and "Traceback" not in text[0]
+    assert "Traceback" in text[1]  # a bug keeps its traceback
+    assert text[2] == (
+        "task store-abc failed: ReadTimeoutError('Read timeout on endpoint URL: \"http://h/b/k\"')"
+    )
+
+
+@pytest.mark.slow
+def test_an_endpoint_stalling_mid_run_fails_with_one_line_and_no_traceback(
+    s3, tmp_path, prefect_server
+):
+    """`factorize run` writing to S3 through a proxy that stops answering once the run has
+    opened its staging folder: exit 1 with one line; the log holds each retry as one
+    WARNING line and not a single traceback (it held up to 14)."""
+    bucket = _bucket(s3)
+    write_array(tmp_path / "in.zarr", np.random.default_rng(6).random((20000, 20)), (1000, 20))
+    proxy = StallingProxy(s3.endpoint)
+    small = {"connect_timeout": 1, "read_timeout": 1}
+    job = job_dict(
+        tmp_path,
+        str(tmp_path / "in.zarr"),
+        cluster={"n_workers": 1, "threads_per_worker": 2},
+        output={
+            "url": f"{bucket}/out",
+            "storage_options": {"endpoint_url": proxy.endpoint, "config_kwargs": small},
+        },
+    )
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [*factorize_cmd(), "run", str(write_job(tmp_path, job))],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        fs = s3.filesystem()
+        while time.monotonic() - t0 < 240 and proc.poll() is None:
+            if any(".job.partial-" in p for p in fs.find(f"{bucket[5:]}/out")):
+                break
+            fs.invalidate_cache()
+            time.sleep(0.2)
+        proxy.stall()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        proxy.close()
+    print(f"factorize run on an endpoint that stalls mid-run: {time.monotonic() - t0:.1f} s")
+    line = one_line_exit(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 1)
+    assert line.startswith("factorize: failed: ") and "Timeout" in line, line
+    retries = [ln for ln in out.splitlines() if "object store:" in ln]
+    assert retries and all("WARNING" in ln and "attempt" in ln for ln in retries), out[-3000:]
+    assert SECRET_KEY not in out + err
