@@ -198,7 +198,8 @@ def main() -> None:
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)])
 
-    print(f"demo job, input {job.read_text().split('shape:')[1].split(chr(10))[0].strip()}:")
+    shape = yaml.safe_load(job.read_text())["input"]["create_if_missing"]["shape"]
+    print(f"demo job (tsqr with Q) of a {shape[0]:,} × {shape[1]} float64 input:")
     print(f"  median of {repeats} run(s), each a fresh `factorize run` process")
     _print("cold (temporary API)", cold)
     _print("warm (lasting server)", warm)

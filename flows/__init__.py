@@ -32,6 +32,6 @@ def prefect_secret(name: str) -> str:
 register_resolver("secret", prefect_secret)
 install_log_scrubber()
 
-from flows.factorize import factorize, factorize_batch  # noqa: E402
+from flows.factorize import factorize, factorize_batch, heartbeats  # noqa: E402
 
-__all__ = ["OFFLINE_ENV", "factorize", "factorize_batch", "prefect_secret"]
+__all__ = ["OFFLINE_ENV", "factorize", "factorize_batch", "heartbeats", "prefect_secret"]

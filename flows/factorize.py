@@ -12,6 +12,8 @@ that can change under the same path.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -210,6 +212,21 @@ def publish_artifacts(report: dict[str, Any], output: OutputSpec) -> None:
         link_text=f"{name}: factors.zarr, metrics.json, report.md",
         description=f"Where {name}'s result is",
     )
+
+
+@contextmanager
+def heartbeats(on: bool) -> Iterator[None]:
+    """Prefect's flow-run heartbeats on (as configured) or off for the flow runs started in
+    the block. They let a lasting server tell a crashed run; a temporary server dies with
+    the run, so there they tell nothing, and their thread delays the end of each run by up
+    to a second (it is joined at the end and sleeps in one-second steps)."""
+    if on:
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def _run_name() -> str:

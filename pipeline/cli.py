@@ -36,7 +36,6 @@ from pipeline.lifetime import (
     prefect_home,
     raise_on_sigterm,
     read_owned_server,
-    run_warm,
     start_api_server,
     start_owned_server,
     stop_owned_server,
@@ -230,25 +229,26 @@ def _terminal_progress() -> Iterator[None]:
 def _run(args: argparse.Namespace) -> int:
     """Run job files now: one flow run, or a batch of flow runs sharing one cluster.
 
-    Nothing starts before every job file and input is checked. Then the start-up work
-    overlaps: a temporary API server (when no server is configured or running, see
-    :func:`pipeline.lifetime.start_api_server`) boots and the cluster's workers start
+    Nothing starts before every job file parses (a bad one is refused at once). Then the
+    start-up work overlaps: a temporary API server (when no server is configured or
+    running, see :func:`pipeline.lifetime.start_api_server`) boots while the inputs are
+    opened — it dies with this process if one is refused — and the cluster's workers start
     while Prefect is imported.
     """
+    configs = _parse(args.configs)
+    api = start_api_server()  # before Prefect is imported: a temporary one dies with us
+    _check(args.configs, configs, check_input=True, submit=False)
     from pipeline.cluster import discard_prestarted, prestart
     from pipeline.secrets import move_to_environment
 
-    configs = _parse(args.configs)
-    _check(args.configs, configs, check_input=True, submit=False)
-    api = start_api_server()  # before Prefect is imported: a temporary one dies with us
     # No literal credential goes to Prefect: each moves into a variable of this process.
     configs = [move_to_environment(c) for c in configs]
     prestart(configs[0].cluster)  # the batch shares the first job's cluster
     try:
-        from flows import factorize, factorize_batch
+        from flows import factorize, factorize_batch, heartbeats
 
         wait_api_server()
-        with _terminal_progress():
+        with _terminal_progress(), heartbeats(api.lasting):
             if len(configs) == 1:
                 with naming_file(args.configs[0]):
                     state = factorize(config=configs[0], return_state=True)
@@ -285,7 +285,7 @@ def _say_where_recorded(api: ApiChoice, state: Any) -> None:
     print(
         f"flow run {run_id} is recorded in Prefect's database in {prefect_home()}; to "
         f"browse it: factorize server start, then open {OwnedServer(0, DEFAULT_PORT, 0, 0).url}"
-        f"/runs/flow-run/{run_id}",
+        f"/runs/flow-run/{run_id} (with that server running, later runs start in seconds)",
         flush=True,
     )
 
@@ -481,26 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def entry(argv: Sequence[str] | None = None) -> int:
-    """The ``factorize`` console script: :func:`main`, with ``factorize run`` handed to the
-    lasting server's warm runner when one runs (the run then starts without importing
-    Prefect, Dask and zarr here, see :mod:`flows.runner`)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if _command(argv) == "run":
-        code = run_warm(argv)
-        if code is not None:
-            return code
-    return main(argv)
-
-
-def _command(argv: Sequence[str]) -> str | None:
-    """The subcommand ``argv`` names (``None`` when it names none)."""
-    args, _ = build_parser().parse_known_args(argv)
-    return args.command
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one ``factorize`` command in this process (see :func:`entry`)."""
+    """Run one ``factorize`` command in this process (the console script,
+    :func:`pipeline.launcher.entry`, may hand ``run`` to a warm runner instead)."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     _logs_to_stdout()
@@ -537,4 +520,4 @@ def _say(line: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(entry())
+    sys.exit(main())

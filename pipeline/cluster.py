@@ -179,7 +179,27 @@ def _kind_client(spec: ClusterSpec) -> Iterator[Client]:
             )
             yield client
     finally:
-        cluster.close()
+        _close_in_background(cluster)
+
+
+# Threads closing the clusters this module started (see _close_in_background).
+_CLOSING: list[threading.Thread] = []
+
+
+def _close_in_background(cluster: Any) -> None:
+    """Close a cluster this module started without waiting for it: the job's results are in
+    hand by then, and its workers' exit (a few tenths of a second here) overlaps what the
+    run does next (publishing). The thread is not a daemon: the interpreter waits for it
+    at exit, :func:`wait_closed` earlier."""
+    thread = threading.Thread(target=cluster.close, name="close-cluster")
+    thread.start()
+    _CLOSING.append(thread)
+
+
+def wait_closed() -> None:
+    """Wait until the clusters being closed in the background are closed."""
+    while _CLOSING:
+        _CLOSING.pop().join()
 
 
 def _local_cluster(spec: ClusterSpec) -> LocalCluster:
@@ -210,12 +230,38 @@ def prestart(spec: ClusterSpec) -> None:
 
     def start() -> None:
         try:
-            future.set_result(_local_cluster(spec))
+            cluster = _local_cluster(spec)
+            _warm_up(cluster)
+            future.set_result(cluster)
         except BaseException as exc:  # handed to the job that takes it
             future.set_exception(exc)
 
     _PRESTARTED[key] = future
     threading.Thread(target=start, name="prestart-cluster", daemon=True).start()
+
+
+# Modules the first tasks of a pass import: the block kernels and the block readers.
+KERNEL_MODULES = ("pipeline.linalg", "pipeline.io.fastread")
+
+
+def _warm_up(cluster: LocalCluster) -> None:
+    """Have each worker import :data:`KERNEL_MODULES` now, while the run starts (tasks
+    left to finish on their own), rather than inside the first task of the first pass."""
+    import importlib
+
+    from distributed import fire_and_forget
+
+    with Client(cluster, set_as_default=False) as client:
+        for address in client.scheduler_info(n_workers=-1)["workers"]:
+            for module in KERNEL_MODULES:
+                task = client.submit(
+                    importlib.import_module,
+                    module,
+                    workers=[address],
+                    allow_other_workers=False,
+                    pure=False,
+                )
+                fire_and_forget(task)
 
 
 def _take_prestarted(spec: ClusterSpec) -> LocalCluster | None:
@@ -225,13 +271,15 @@ def _take_prestarted(spec: ClusterSpec) -> LocalCluster | None:
 
 
 def discard_prestarted() -> None:
-    """Close the clusters :func:`prestart` started that no job took (e.g. after an error)."""
+    """Close the clusters :func:`prestart` started that no job took (e.g. after an error),
+    and wait for those being closed in the background."""
     while _PRESTARTED:
         _, future = _PRESTARTED.popitem()
         try:
             future.result().close()
         except Exception as exc:  # it failed to start: nothing to close
             log.debug("a cluster started ahead of its job failed: %s", exc)
+    wait_closed()
 
 
 _ADAPTIVE: set[int] = set()  # ids of the clients of adaptive clusters (see keep_in_memory)

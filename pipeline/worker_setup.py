@@ -8,9 +8,10 @@ as its one-line verdict: that record only repeats it with a traceback, so it is 
 (kept with ``--log-level DEBUG``, which sets distributed's loggers to INFO). Failures of
 other kinds keep distributed's record.
 
-Kept small on purpose: preloading the kernels' modules (SciPy, zarr) here was measured to
-delay a run more than it saved, the workers' start being on the critical path of a run on
-a lasting server.
+Kept small on purpose: preloading the kernels' modules (SciPy, zarr) here delays the
+workers' start, which is on the critical path of a run on a lasting server. A cluster
+started ahead of its job imports them in tasks instead (see :func:`pipeline.cluster.prestart`),
+while the run's other start-up work goes on.
 """
 
 from __future__ import annotations
