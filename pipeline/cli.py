@@ -229,15 +229,15 @@ def _terminal_progress() -> Iterator[None]:
 def _run(args: argparse.Namespace) -> int:
     """Run job files now: one flow run, or a batch of flow runs sharing one cluster.
 
-    Nothing starts before every job file parses (a bad one is refused at once). Then the
-    start-up work overlaps: a temporary API server (when no server is configured or
-    running, see :func:`pipeline.lifetime.start_api_server`) boots while the inputs are
-    opened — it dies with this process if one is refused — and the cluster's workers start
-    while Prefect is imported.
+    Nothing starts before every job file and input is checked (a refused one costs no
+    server: concurrent first runs on a new ``PREFECT_HOME`` would also race on its
+    database's migrations). Then the start-up work overlaps: a temporary API server (when
+    no server is configured or running, see :func:`pipeline.lifetime.start_api_server`)
+    boots, and the cluster's workers start, while Prefect is imported.
     """
     configs = _parse(args.configs)
-    api = start_api_server()  # before Prefect is imported: a temporary one dies with us
     _check(args.configs, configs, check_input=True, submit=False)
+    api = start_api_server()  # before Prefect is imported: a temporary one dies with us
     from pipeline.cluster import discard_prestarted, prestart
     from pipeline.secrets import move_to_environment
 
