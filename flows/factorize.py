@@ -31,21 +31,24 @@ from prefect.logging import get_run_logger
 from pydantic import BeforeValidator
 
 from pipeline.cluster import cluster_from_spec
-from pipeline.config import (
-    ClusterSpec,
-    JobConfig,
-    OutputSpec,
-    check_unique_names,
-    config_from_any,
-    redact,
-)
+from pipeline.config import JobConfig, check_unique_names, config_from_any
 from pipeline.errors import UserError
 from pipeline.io.stores import split_url
-from pipeline.jobs import PreparedRun, Steps, completed_result, compute, execute, prepare, publish
+from pipeline.jobs import (
+    PreparedRun,
+    Steps,
+    completed_result,
+    compute,
+    execute,
+    plan,
+    prepare,
+    publish,
+)
 from pipeline.methods import METHODS
 from pipeline.progress import Progress, progress_sink
 from pipeline.reports import headline, png_data_uri, report_markdown
-from pipeline.secrets import check_references, scrubbed_errors
+from pipeline.secrets import check_references, redact, scrubbed_errors
+from pipeline.sections import ClusterSpec, OutputSpec
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,13 @@ def compute_task(run: PreparedRun, index: int) -> dict[str, Any]:
         return compute(run, index)
 
 
+@task(name="plan", cache_policy=NO_CACHE)
+def plan_task(run: PreparedRun) -> PreparedRun:
+    """Plan the methods for the cluster's workers (blocks, keep, passes, memory)."""
+    with scrubbed_errors():
+        return plan(run)
+
+
 @task(
     name="publish",
     retries=2,
@@ -123,6 +133,7 @@ def _compute_named(run: PreparedRun, index: int) -> dict[str, Any]:
 TASK_STEPS = Steps(
     check_complete=check_complete_task,
     prepare=prepare_task,
+    plan=plan_task,
     compute=_compute_named,
     publish=publish_task,
 )

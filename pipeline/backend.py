@@ -24,11 +24,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.errors import first_line
+from pipeline.errors import ConfigError, first_line
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from pipeline.sections import ClusterSpec, ComputeSpec
 
 BACKENDS = ("numpy", "cupy")
 
@@ -283,3 +288,47 @@ def _sparse_sum_squares(a: Any, shift: Any | None) -> tuple[float, np.ndarray]:
     d = data - mu[cols]
     zeros = m - np.bincount(cols, minlength=n)
     return float(d @ d + zeros @ (mu * mu)), colsum
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def check_backend_available(compute: ComputeSpec, cluster: ClusterSpec) -> None:
+    """Refuse ``compute.backend: cupy`` before anything starts when this machine cannot
+    use it (local kinds; an ``address`` cluster's workers are asked at compute time).
+
+    Raises
+    ------
+    ConfigError
+    """
+    if compute.backend != "cupy" or cluster.kind == "address":
+        return
+    problem = device_problem()
+    if problem:
+        raise ConfigError(f"compute.backend: cupy cannot run here: {problem}")
+
+
+def resolve_backend(compute: ComputeSpec, cluster: ClusterSpec, client: Client | None) -> str:
+    """``numpy`` or ``cupy`` for this job on this cluster.
+
+    ``auto`` is cupy on ``local-cuda`` and on an ``address`` cluster whose every worker
+    can use a GPU; an explicit ``cupy`` the workers cannot honour is refused.
+
+    Raises
+    ------
+    ConfigError
+    """
+    choice, kind = compute.backend, cluster.kind
+    if choice == "numpy" or (choice == "auto" and kind == "local"):
+        return "numpy"
+    if client is None:
+        problems = {"this process": device_problem()}
+    else:
+        problems = client.run(device_problem)
+    bad = {worker: p for worker, p in problems.items() if p}
+    if not bad and problems:
+        return "cupy"
+    if choice == "auto" and kind != "local-cuda":
+        return "numpy"
+    worker, problem = next(iter(bad.items()), ("the cluster", "it has no workers"))
+    raise ConfigError(f"compute.backend: cupy cannot run on {worker}: {problem}")

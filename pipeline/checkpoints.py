@@ -8,7 +8,7 @@ copied last. ``state.json`` is written last and marks a checkpoint complete; it
 records an ``identity`` (what the checkpoint belongs to) that :meth:`Checkpoints.load`
 compares, so a resumed job refuses a checkpoint of a different job. What goes in and how
 it maps back to an algorithm's state is the method's business (see ``methods/nmf.py``);
-the method's ``on_published`` hook removes the checkpoint once the result is in place.
+the lifecycle removes it once the result is in place (methods declaring ``checkpoints``).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import numpy as np
 import zarr
 
 from pipeline.backend import host_blocks
-from pipeline.config import OutputSpec
 from pipeline.errors import InputError
 from pipeline.io.artifacts import remove_tree, replace_tree
 from pipeline.io.stores import is_local, split_url, zarr_store
+from pipeline.sections import OutputSpec
 
 log = logging.getLogger(__name__)
 

@@ -16,16 +16,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
 from pipeline import lifetime
-from pipeline.config import (
-    PACKAGED_KINDS,
-    SYNTHETIC_KINDS,
-    JobConfig,
-    SyntheticSpec,
-    check_unique_names,
-    json_schema,
-    load_config,
-    redact,
-)
+from pipeline.config import JobConfig, check_unique_names, json_schema, load_config
 from pipeline.errors import ConfigError, FactorizeError, UserError, first_line, naming_file
 from pipeline.lifetime import (
     DEFAULT_IDLE_MINUTES,
@@ -41,6 +32,8 @@ from pipeline.lifetime import (
     stop_owned_server,
     wait_api_server,
 )
+from pipeline.secrets import redact
+from pipeline.sections import PACKAGED_KINDS, SYNTHETIC_KINDS, SyntheticSpec
 
 if TYPE_CHECKING:
     from pipeline.io.source import InputManifest

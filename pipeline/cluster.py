@@ -8,24 +8,20 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 from distributed import Client
 
-from pipeline.backend import is_sparse
-from pipeline.config import ClusterSpec, JobConfig
 from pipeline.errors import ClusterError, ConfigError, WorkersTimeoutError, first_line
-from pipeline.memory import WORKER_BASELINE, workers_of
+from pipeline.memory import PERSIST_FRACTION, Workers, will_keep, workers_of
+from pipeline.sections import ClusterSpec
 
 if TYPE_CHECKING:
     from distributed import LocalCluster
 
 log = logging.getLogger(__name__)
-
-# Fraction of the workers' total memory_limit an input may take to be kept in memory
-# between passes; the rest is head-room for blocks in flight and factor outputs.
-PERSIST_FRACTION = 0.4
 
 # Threads of a local-cuda worker (one worker per GPU): blocks are decoded on the host by
 # one thread while another's block products run on the device.
@@ -460,29 +456,25 @@ def _client_for(address: str | None) -> Client | None:
     return client if client.scheduler.address == address else None
 
 
-def cluster_memory(client: Client | None, on_device: bool = False) -> int:
-    """Bytes the workers have for data: the sum of their ``memory_limit`` less each
-    process's own (:func:`data_memory`), or with ``on_device`` of their devices' memory
-    (0 when unknown or unlimited)."""
-    if client is None:
-        return 0
+def plan_workers(client: Client | None, on_device: bool = False) -> Workers | None:
+    """The running cluster as the plan sees it (:class:`~pipeline.memory.Workers`): count,
+    threads, ``memory_limit``, whether it is adaptive and, with ``on_device``, its
+    devices' memory; ``None`` without a client or workers."""
+    workers = workers_of(client)
+    if workers is None:
+        return None
+    device = 0
     if on_device:
-        from pipeline.backend import device
+        from pipeline.backend import device as current_device
 
-        return int(sum(client.run(lambda: device().memory_bytes()).values()))
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    return int(sum(data_memory(w.get("memory_limit") or 0) for w in workers))
-
-
-def data_memory(memory_limit: int) -> int:
-    """What a worker with ``memory_limit`` has for data: the limit less its process
-    (:data:`WORKER_BASELINE`); 0 when unlimited or unknown."""
-    return max(memory_limit - WORKER_BASELINE, 0) if memory_limit else 0
+        device = int(sum(client.run(lambda: current_device().memory_bytes()).values()))
+    return replace(workers, device_memory=device, adaptive=id(client) in _ADAPTIVE)
 
 
-def will_keep(size: int, memory: int) -> bool:
-    """Whether an input of ``size`` bytes is kept on workers of ``memory`` bytes in all."""
-    return bool(memory) and size <= memory * PERSIST_FRACTION
+def cluster_memory(client: Client | None, on_device: bool = False) -> int:
+    """Bytes the workers have for data (:meth:`pipeline.memory.Workers.data_memory`)."""
+    workers = plan_workers(client, on_device)
+    return workers.data_memory(on_device) if workers is not None else 0
 
 
 def keep_in_memory(
@@ -497,10 +489,11 @@ def keep_in_memory(
     """
     where = "device" if on_device else "cluster"
     size = x.nbytes if nbytes is None else nbytes
-    if client is not None and id(client) in _ADAPTIVE:  # its size now says nothing
+    workers = plan_workers(client, on_device)
+    if workers is not None and workers.adaptive:
         log.info("input (%.2f GiB) is streamed: the cluster is adaptive", size / 2**30)
         return x, False
-    if will_keep(size, cluster_memory(client, on_device)):
+    if will_keep(size, workers, on_device):
         log.info(
             "input (%.2f GiB) fits in %.0f%% of %s memory: reading it once and keeping it",
             size / 2**30,
@@ -510,54 +503,6 @@ def keep_in_memory(
         return x.persist(), True
     log.info("input (%.2f GiB) is streamed from storage on every pass", size / 2**30)
     return x, False
-
-
-# --------------------------------------------------------------------------- backend
-
-
-def check_backend_available(config: JobConfig) -> None:
-    """Refuse ``compute.backend: cupy`` before anything starts when this machine cannot
-    use it (local kinds; an ``address`` cluster's workers are asked at compute time).
-
-    Raises
-    ------
-    ConfigError
-    """
-    if config.compute.backend != "cupy" or config.cluster.kind == "address":
-        return
-    from pipeline.backend import device_problem
-
-    problem = device_problem()
-    if problem:
-        raise ConfigError(f"compute.backend: cupy cannot run here: {problem}")
-
-
-def resolve_backend(config: JobConfig, client: Client | None) -> str:
-    """``numpy`` or ``cupy`` for this job on this cluster.
-
-    ``auto`` is cupy on ``local-cuda`` and on an ``address`` cluster whose every worker
-    can use a GPU; an explicit ``cupy`` the workers cannot honour is refused.
-
-    Raises
-    ------
-    ConfigError
-    """
-    from pipeline.backend import device_problem
-
-    choice, kind = config.compute.backend, config.cluster.kind
-    if choice == "numpy" or (choice == "auto" and kind == "local"):
-        return "numpy"
-    if client is None:
-        problems = {"this process": device_problem()}
-    else:
-        problems = client.run(device_problem)
-    bad = {worker: p for worker, p in problems.items() if p}
-    if not bad and problems:
-        return "cupy"
-    if choice == "auto" and kind != "local-cuda":
-        return "numpy"
-    worker, problem = next(iter(bad.items()), ("the cluster", "it has no workers"))
-    raise ConfigError(f"compute.backend: cupy cannot run on {worker}: {problem}")
 
 
 # --------------------------------------------------------------------------- worker memory
@@ -576,54 +521,6 @@ def worker_memory_limit(client: Client | None) -> int:
     """The smallest ``memory_limit`` among the workers in bytes (0 when unknown or unlimited)."""
     workers = workers_of(client)
     return workers.memory_limit if workers is not None else 0
-
-
-def _usable_fraction() -> float:
-    """Share of ``memory_limit`` a worker may use before its nanny restarts it (a paused
-    worker still finishes the task it runs)."""
-    import dask
-
-    terminate = dask.config.get("distributed.worker.memory.terminate", 0.95)
-    return float(terminate) if terminate else 1.0
-
-
-def check_block_memory(client: Client | None, a: da.Array, buffers: int, method: str) -> None:
-    """Refuse, before computing, row blocks the workers cannot hold.
-
-    A task of ``method`` holds ``buffers`` block-sized arrays at once (the block and the
-    kernel's temporaries); a worker also needs :data:`WORKER_BASELINE` for its libraries,
-    all below distributed's terminate threshold (95 % of ``memory_limit``), where the
-    nanny restarts the worker. Without this check such workers are restarted again and
-    again.
-
-    Raises
-    ------
-    ClusterError
-        One line naming the memory needed per worker and the two fixes.
-    """
-    limit = worker_memory_limit(client)
-    if not limit or is_sparse(a._meta):  # sparse blocks are planned by stored bytes
-        return
-    rows, n = max(a.chunks[0]), a.shape[1]
-    row_bytes = n * a.dtype.itemsize
-    need = WORKER_BASELINE + buffers * rows * row_bytes
-    usable = _usable_fraction() * limit
-    if need <= usable:
-        return
-    required = -(-need // int(_usable_fraction() * _MiB))  # MiB of memory_limit, rounded up
-    fit = int((usable - WORKER_BASELINE) // (buffers * row_bytes))
-    lower = (
-        f"lower block_rows of {method} (at most {fit} rows fit)"
-        if fit >= n
-        else f"lowering block_rows of {method} cannot help ({n} columns)"
-    )
-    raise ClusterError(
-        f"{method}: row blocks of {rows} × {n} {a.dtype} ({rows * row_bytes / _MiB:.0f} MiB, "
-        f"{buffers} held at once per task, plus ~{WORKER_BASELINE // _MiB} MiB per worker "
-        f"process) need a memory_limit of at least {required} MiB per worker, but the "
-        f"workers have {limit / _MiB:.0f} MiB; raise cluster.memory_limit to {required}MiB "
-        f"or more, or {lower}"
-    )
 
 
 class _NannyRestarts(logging.Handler):

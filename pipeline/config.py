@@ -14,28 +14,32 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Union
 
 import yaml
 from pydantic import (
     BaseModel,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from pipeline.errors import ConfigError
 from pipeline.methods import METHODS
-from pipeline.methods.base import StrictModel
 from pipeline.methods.rank import UNION_TAGS
+from pipeline.secrets import redact
+from pipeline.sections import (
+    NAME_MAX,
+    NAME_PATTERN,
+    ClusterSpec,
+    ComputeSpec,
+    InputSpec,
+    OutputSpec,
+    StrictModel,
+    SyntheticSpec,
+    WaitForWorkers,
+)
 
-NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"  # a plain folder name: no ".", "..", ".hidden"
-# The staging folder ".<name>.partial-<12 hex>" adds 22 characters and must fit the usual
-# 255-byte file-name limit (ext4, xfs, btrfs, S3 keys' path parts); 200 leaves room for the
-# other hidden siblings (".<name>.old-<hex>") and a prefix on object stores.
-NAME_MAX = 200
 # Job files are a few hundred bytes (configs/ holds 390–500 B each). 1 MiB is ~2,000× that,
 # parses in about a second and bounds the parser's memory (a 50 MB YAML list took 87 s and
 # 2.2 GB); the value and depth bounds stop alias bombs, which are cheap to parse but
@@ -43,244 +47,11 @@ NAME_MAX = 200
 YAML_MAX_BYTES = 1 << 20
 YAML_MAX_VALUES = 100_000
 YAML_MAX_DEPTH = 100
-# The least memory_limit per worker: a worker that has imported the pipeline (numpy, scipy,
-# zarr, dask.array) holds ~170 MiB; the nanny pauses it at 80 % and restarts it at 95 % of
-# the limit, so below 256 MiB it is restarted before it holds a single block.
-MIN_WORKER_MEMORY = 256 << 20
-# Kinds whose workers run on this machine: their memory_limit must fit its memory.
-LOCAL_KINDS = ("local", "local-cuda")
-
-SYNTHETIC_KINDS = ("gaussian", "lowrank", "vandermonde", "nonnegative", "sparse", "counts")
-SPARSE_KINDS = ("sparse", "counts")  # written as CSR groups (see pipeline.sparse_datasets)
-PACKAGED_KINDS = ("digits", "sample-image")
-
-
-class SyntheticSpec(StrictModel):
-    """Recipe for a matrix written to ``input.url`` when the store is missing."""
-
-    kind: Literal[
-        "gaussian",
-        "lowrank",
-        "vandermonde",
-        "nonnegative",
-        "sparse",
-        "counts",
-        "digits",
-        "sample-image",
-    ] = Field(
-        "gaussian",
-        description="gaussian: i.i.d. N(0,1); lowrank: decaying spectrum; vandermonde: "
-        "ill-conditioned columns x**j; nonnegative: rank-10 W₀H₀ plus noise; sparse: a "
-        "cell × gene-like count matrix (8 cell types, power-law gene use, varying depth) "
-        "stored as CSR; counts: a topic-model document × term count matrix (20 topics) "
-        "stored as CSR — both an AnnData store with input.array: X, else a bare CSR group; "
-        "digits: scikit-learn's 1797 × 64 handwritten digits; sample-image: scikit-learn's "
-        "427 × 640 sample photo in grey levels (the last two need scikit-learn)",
-    )
-    shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
-        None, description="(rows, columns); required for synthetic kinds, fixed for packaged data"
-    )
-    chunks: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
-        None, description="storage chunks; default: row blocks of about 32 MiB"
-    )
-    dtype: Literal["float32", "float64"] = "float64"
-    seed: int = Field(0, ge=0, description="random seed (≥ 0); each chunk derives its own")
-    density: float = Field(
-        0.05, gt=0, le=1, description="sparse kinds: about this share of entries non-zero"
-    )
-
-    @model_validator(mode="after")
-    def _shape_matches_kind(self) -> SyntheticSpec:
-        if self.kind in SYNTHETIC_KINDS and self.shape is None:
-            raise ValueError(f"shape is required for kind {self.kind!r}")
-        if self.kind in PACKAGED_KINDS and self.shape is not None:
-            raise ValueError(f"kind {self.kind!r} has a fixed shape; remove shape")
-        return self
-
-
-class InputSpec(StrictModel):
-    """Where the matrix lives."""
-
-    url: str = Field(description="local path or fsspec URL (file://, s3://, memory://)")
-    array: str | None = Field(
-        None, description="path of the 2-D array inside the store; omit when the store is the array"
-    )
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="handed to fsspec; secrets are never logged or written"
-    )
-    create_if_missing: SyntheticSpec | None = Field(
-        None, description="write a synthetic matrix to url when the store does not exist"
-    )
-    missing_chunks: Literal["error", "fill"] = Field(
-        "error",
-        description="a chunk absent from the store: error refuses the input (validate and run "
-        "count them); fill reads it as the array's fill value, with a warning giving the count. "
-        "Zarr omits chunks equal to the fill value (zarr-python 3 by default: "
-        "write_empty_chunks=False), so an all-zero block written by zarr is absent: set fill "
-        "for such intentionally sparse stores",
-    )
-
-    @field_validator("url")
-    @classmethod
-    def _url_not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty")
-        return v
-
-
-class WaitForWorkers(StrictModel):
-    """Wait for workers before computing (clusters whose workers start as batch jobs)."""
-
-    n: int = Field(ge=1, description="workers to wait for")
-    timeout: float = Field(600.0, gt=0, le=86400, description="seconds; then the job fails")
-
-
-CLUSTER_CLASS_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$"
-CLASS_ONLY = ("cluster_class", "cluster_kwargs", "scale", "adapt_kwargs")
-NOT_CLIENT_KWARGS = ("address", "asynchronous", "scheduler_file")  # set by the kind
-
-
-class ClusterSpec(StrictModel):
-    """Which Dask cluster runs the job (prefect-dask's vocabulary for ``kind: class``)."""
-
-    kind: Literal["local", "address", "local-cuda", "class", "scheduler-file"] = Field(
-        "local",
-        description="local: embedded LocalCluster; address: an existing scheduler; "
-        "local-cuda: LocalCUDACluster (needs the gpu extra); class: any cluster class "
-        "(cluster_class, e.g. dask_jobqueue.SLURMCluster); scheduler-file: the scheduler "
-        "that wrote scheduler_file (dask scheduler --scheduler-file)",
-    )
-    address: str | None = Field(None, description="scheduler address for kind: address")
-    cluster_class: str | None = Field(
-        None,
-        pattern=CLUSTER_CLASS_PATTERN,
-        description="kind: class — dotted path of the cluster class, e.g. "
-        "dask_jobqueue.SLURMCluster, dask_kubernetes.operator.KubeCluster",
-    )
-    cluster_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="kind: class — passed to the class as given"
-    )
-    scale: dict[str, Any] | None = Field(
-        None, description="kind: class — cluster.scale(**scale), e.g. {n: 4} or {jobs: 2}"
-    )
-    adapt_kwargs: dict[str, Any] | None = Field(
-        None, description="kind: class — cluster.adapt(**adapt_kwargs), e.g. {maximum: 10}"
-    )
-    client_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="passed to distributed.Client (not address/asynchronous)"
-    )
-    scheduler_file: str | None = Field(None, description="kind: scheduler-file — its path")
-    wait_for_workers: WaitForWorkers | None = Field(
-        None, description="non-local kinds: wait for n workers, fail after timeout seconds"
-    )
-    dask_config: dict[str, Any] = Field(
-        default_factory=dict,
-        description="dask.config.set(...) in this process before the cluster class is imported",
-    )
-    n_workers: int | None = Field(None, ge=1, description="local kinds: default from the machine")
-    threads_per_worker: int | None = Field(None, ge=1)
-    memory_limit: str | int = Field(
-        "auto",
-        description="per worker, e.g. '4GiB' or bytes, at least 256 MiB and, for local kinds, "
-        "at most the machine's memory; 'auto' splits the machine's memory",
-    )
-    connect_timeout: float = Field(
-        20.0, gt=0, le=86400, description="seconds to wait for kind: address (at most a day)"
-    )
-
-    @field_validator("memory_limit")
-    @classmethod
-    def _memory_limit_sane(cls, v: str | int, info: ValidationInfo) -> str | int:
-        if v == "auto":
-            return v
-        if isinstance(v, str):
-            from dask.utils import parse_bytes  # lazily: the config loader names no dask
-
-            try:
-                size = parse_bytes(v)
-            except (ValueError, OverflowError):
-                raise ValueError("must be 'auto', a byte count or a size such as '4GiB'") from None
-        else:
-            size = v
-        if size < MIN_WORKER_MEMORY:
-            raise ValueError(
-                "must be 'auto' or at least 256 MiB per worker (a worker holds ~170 MiB "
-                "once the pipeline is loaded)"
-            )
-        kind = info.data.get("kind")  # declared before memory_limit, so validated already
-        if kind in LOCAL_KINDS:
-            _fits_this_machine(size, kind)
-        return v
-
-    @model_validator(mode="after")
-    def _fields_match_kind(self) -> ClusterSpec:
-        if self.address and self.cluster_class:
-            raise ValueError("address and cluster_class exclude each other (as in prefect-dask)")
-        for field, kind in (("address", "address"), ("scheduler_file", "scheduler-file")):
-            if self.kind == kind and not getattr(self, field):
-                raise ValueError(f"{field} is required when kind is {kind!r}")
-            if self.kind != kind and getattr(self, field):
-                raise ValueError(f"{field} is only used with kind: {kind} (kind is {self.kind!r})")
-        if self.kind == "class" and not self.cluster_class:
-            raise ValueError("cluster_class is required when kind is 'class'")
-        given = [f for f in CLASS_ONLY if getattr(self, f)]
-        if self.kind != "class" and given:
-            raise ValueError(f"{given[0]} is only used with kind: class (kind is {self.kind!r})")
-        if self.scale and self.adapt_kwargs:
-            raise ValueError("scale and adapt_kwargs exclude each other: a fixed or adaptive size")
-        if bad := [k for k in NOT_CLIENT_KWARGS if k in self.client_kwargs]:
-            raise ValueError(f"client_kwargs may not set {bad[0]!r} (the kind sets it)")
-        if self.wait_for_workers and self.kind in ("local", "local-cuda"):
-            raise ValueError(
-                "wait_for_workers is for kinds class, address and scheduler-file (local "
-                "clusters start their workers before the job runs)"
-            )
-        return self
-
-
-def _fits_this_machine(size: int, kind: str) -> None:
-    """Refuse a local worker's ``memory_limit`` above this machine's memory (``distributed``
-    would cut it down to that without a word). Clusters of other kinds start their workers
-    elsewhere, so their limit is the cluster's business.
-
-    Raises
-    ------
-    ValueError
-        With the machine's memory, for pydantic's one-line error.
-    """
-    from pipeline.memory import machine_memory  # lazily: it asks distributed
-
-    total = machine_memory()
-    if size > total:
-        raise ValueError(
-            f"must be at most this machine's memory, {total / 2**30:.1f} GiB "
-            f"({total} bytes), for cluster.kind {kind}"
-        )
-
-
-class ComputeSpec(StrictModel):
-    """Where the block products run: host numpy or a GPU's cupy."""
-
-    backend: Literal["auto", "numpy", "cupy"] = Field(
-        "auto",
-        description="numpy: the CPU; cupy: blocks on the workers' GPUs (needs a gpu extra and a "
-        "visible GPU); auto: cupy on cluster.kind local-cuda or when the workers report a GPU, "
-        "else numpy",
-    )
-
 
 AnyMethodSpec = Annotated[
     Union[tuple(m.spec for m in METHODS.values())],  # noqa: UP007 (built at run time)
     Field(discriminator="method"),
 ]
-
-
-class OutputSpec(StrictModel):
-    """Where results go: ``<url>/<name>/``."""
-
-    url: str = Field("artifacts", description="folder or fsspec URL")
-    overwrite: bool = Field(False, description="replace an existing result of the same name")
-    storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class JobConfig(StrictModel):
@@ -591,18 +362,24 @@ def json_schema() -> str:
     return json.dumps(schema, indent=2, ensure_ascii=False)
 
 
-def redact(value: Any) -> Any:
-    """Copy of ``value`` with secrets masked, by key name and by value shape.
-
-    See :func:`pipeline.secrets.redact` (credential-like keys, auth tuples, Authorization
-    headers, URL user-info, ``AccountKey=``/``SharedAccessSignature`` strings; references
-    such as ``${env:NAME}`` stay visible).
-    """
-    from pipeline.secrets import redact as _redact
-
-    return _redact(value)
-
-
 def redacted_dump(config: JobConfig) -> dict[str, Any]:
     """The config as a JSON-able dict with secrets masked (for logs and provenance)."""
     return redact(config.model_dump(mode="json"))
+
+
+__all__ = [  # the job model: JobConfig and, re-exported, its sections
+    "ClusterSpec",
+    "ComputeSpec",
+    "InputSpec",
+    "JobConfig",
+    "OutputSpec",
+    "SyntheticSpec",
+    "WaitForWorkers",
+    "check_unique_names",
+    "config_from_any",
+    "format_validation_error",
+    "json_schema",
+    "load_config",
+    "parse_config",
+    "redacted_dump",
+]

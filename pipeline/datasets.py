@@ -14,9 +14,11 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from pipeline.config import SPARSE_KINDS, SyntheticSpec, redact
 from pipeline.errors import InputError
-from pipeline.io.stores import is_local, split_url, written_aside, zarr_store
+from pipeline.io.owners import written_aside
+from pipeline.io.stores import is_local, split_url, zarr_store
+from pipeline.secrets import redact
+from pipeline.sections import SPARSE_KINDS, InputSpec, SyntheticSpec
 from pipeline.sparse_datasets import write_sparse_local
 
 log = logging.getLogger(__name__)
@@ -156,7 +158,7 @@ def _write_metadata_last(
 ) -> None:
     """Object stores (no rename): chunks first, then the metadata documents, the root last.
 
-    The store is a Zarr store — "exists" for :func:`pipeline.jobs.input_will_be_created` —
+    The store is a Zarr store — "exists" for :func:`input_will_be_created` —
     only once every chunk is in place; a failed write leaves no metadata and is
     overwritten by the next attempt.
     """
@@ -205,3 +207,20 @@ def write_synthetic(
         _write_local(path, x, array)
     else:
         _write_metadata_last(url, storage_options, x, array)
+
+
+def input_will_be_created(spec: InputSpec) -> bool:
+    """True when the input store is absent and ``input.create_if_missing`` will write it.
+
+    Locally the store is renamed into place when complete, so "absent" is "no such path"
+    (a folder that holds something else is never overwritten). On object stores its
+    metadata is written last (:func:`write_synthetic`), so "absent" is
+    "no Zarr metadata at the root": the leftover of a failed write is written again.
+    """
+    if spec.create_if_missing is None:
+        return False
+    fs, path = split_url(spec.url, spec.storage_options)
+    if is_local(fs):
+        return not fs.exists(path)
+    root = path.rstrip("/")
+    return not any(fs.exists(f"{root}/{doc}") for doc in ("zarr.json", ".zgroup", ".zarray"))

@@ -7,9 +7,12 @@ A job runs as a fixed sequence of steps over small values (a config, a
    answers this job;
 2. ``prepare`` — create the input if asked, open it once, check every method and the
    output, open the staging folder;
-3. ``compute`` — one step per method, each opening the input once;
-4. ``publish`` — ``metrics.json``, the report, the atomic move into place, the methods'
-   ``on_published`` hooks.
+3. ``plan`` — on the cluster: the job's :class:`~pipeline.plan.JobPlan` for the workers
+   it got (blocks, keep, passes, predicted memory), refused when blocks cannot fit;
+4. ``compute`` — one step per method, each opening the input once and executing its
+   part of the plan;
+5. ``publish`` — ``metrics.json`` (with the plan), the report, the atomic move into
+   place, then the checkpoints the result supersedes are removed.
 
 :func:`execute` runs those steps in order (on failure the staging folder is removed).
 :func:`run_job` gives it the plain functions; the Prefect flow gives it the same
@@ -29,21 +32,21 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import JobConfig, config_from_any, redact, redacted_dump
-from pipeline.datasets import write_synthetic
+from pipeline.config import JobConfig, config_from_any, redacted_dump
+from pipeline.datasets import input_will_be_created, write_synthetic
 from pipeline.fingerprint import job_fingerprint
 from pipeline.io.anndata_out import ADATA, write_anndata_output
 from pipeline.io.artifacts import RunOutput, check_output_free, read_published
 from pipeline.io.owners import remove_stale_staging
 from pipeline.io.preflight import check_input_creatable, check_output_apart, check_output_writable
 from pipeline.io.source import InputManifest, open_matrix
-from pipeline.io.sparse import densified
-from pipeline.io.stores import is_local, split_url
 from pipeline.memory import measure_peaks
 from pipeline.methods import METHODS, RunContext
+from pipeline.plan import JobPlan, plan_run
 from pipeline.progress import Progress
 from pipeline.progress import report as report_progress
 from pipeline.reports import report_markdown
+from pipeline.secrets import redact
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -80,12 +83,14 @@ class PreparedRun:
         ``skip_if_complete``)
     staging : path of the staging folder in the output filesystem
     started : ISO-8601 time the run started
+    plan : the plan the methods execute (set by the ``plan`` step, on the cluster)
     """
 
     config: JobConfig
     manifest: InputManifest
     staging: str
     started: str
+    plan: JobPlan | None = None
 
     @property
     def steps(self) -> list[str]:
@@ -98,24 +103,6 @@ class PreparedRun:
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def input_will_be_created(config: JobConfig) -> bool:
-    """True when the input store is absent and ``input.create_if_missing`` will write it.
-
-    Locally the store is renamed into place when complete, so "absent" is "no such path"
-    (a folder that holds something else is never overwritten). On object stores its
-    metadata is written last (:func:`pipeline.datasets.write_synthetic`), so "absent" is
-    "no Zarr metadata at the root": the leftover of a failed write is written again.
-    """
-    spec = config.input
-    if spec.create_if_missing is None:
-        return False
-    fs, path = split_url(spec.url, spec.storage_options)
-    if is_local(fs):
-        return not fs.exists(path)
-    root = path.rstrip("/")
-    return not any(fs.exists(f"{root}/{doc}") for doc in ("zarr.json", ".zgroup", ".zarray"))
 
 
 def check_methods(config: JobConfig, shape: tuple[int, int]) -> None:
@@ -139,10 +126,11 @@ def inspect_job(config: JobConfig, *, output: bool = True) -> InputManifest:
     ------
     InputError, ConfigError, ArtifactExistsError, ClusterError
     """
-    from pipeline.cluster import check_backend_available, check_cluster_available
+    from pipeline.backend import check_backend_available
+    from pipeline.cluster import check_cluster_available
 
     check_cluster_available(config.cluster)
-    check_backend_available(config)
+    check_backend_available(config.compute, config.cluster)
     _, manifest = open_matrix(config.input, check_chunks=True)
     check_methods(config, manifest.shape)
     check_output_writable(config.output, config.name)  # also in prepare: flows skip the CLI
@@ -158,13 +146,14 @@ def precheck(config: JobConfig) -> InputManifest | None:
     (then only the cluster kind and the output are checked). A job that
     ``skip_if_complete`` will skip passes (its output exists, and that is fine).
     """
-    from pipeline.cluster import check_backend_available, check_cluster_available
+    from pipeline.backend import check_backend_available
+    from pipeline.cluster import check_cluster_available
 
     # also in prepare: flows skip the CLI
     check_output_apart(config.input, config.output, config.name)
-    if input_will_be_created(config):
+    if input_will_be_created(config.input):
         check_cluster_available(config.cluster)
-        check_backend_available(config)
+        check_backend_available(config.compute, config.cluster)
         check_input_creatable(config.input)
         check_output_writable(config.output, config.name)
         check_output_free(config.output, config.name)
@@ -184,7 +173,7 @@ def completed_result(config: JobConfig) -> dict[str, Any] | None:
     input manifest and store, see :mod:`pipeline.fingerprint`) equals the current one.
     Without ``skip_if_complete`` nothing is read or listed.
     """
-    if not config.skip_if_complete or input_will_be_created(config):
+    if not config.skip_if_complete or input_will_be_created(config.input):
         return None
     report = read_published(config.output, config.name)
     if report is None:
@@ -205,7 +194,7 @@ def prepare(config: JobConfig) -> PreparedRun:
     """Create the input if asked, open and check it once, open the staging folder."""
     started = now_iso()
     check_output_apart(config.input, config.output, config.name)  # flows skip the CLI
-    if input_will_be_created(config):
+    if input_will_be_created(config.input):
         spec = config.input
         write_synthetic(spec.url, spec.create_if_missing, spec.storage_options, spec.array)
     manifest = inspect_job(config, output=False)  # out.begin() refuses an existing output
@@ -240,32 +229,45 @@ def _current_client() -> Client | None:
         return None
 
 
+def plan(run: PreparedRun) -> PreparedRun:
+    """The run with the plan its methods execute, made for the current client's workers
+    (see :func:`pipeline.plan.plan_run`)."""
+    return replace(run, plan=plan_run(run.config, _current_client()))
+
+
 def compute(run: PreparedRun, index: int) -> dict[str, Any]:
-    """Run method ``index`` of the job on the current Dask client, into the staging folder."""
-    config = run.config
+    """Run method ``index`` of the job as planned, on the current Dask client, into the
+    staging folder."""
+    from pipeline.checkpoints import Checkpoints
+    from pipeline.cluster import guard_workers
+
+    config, job_plan = run.config, run.plan
+    if job_plan is None:
+        raise RuntimeError("compute needs the plan step first")
     spec = config.methods[index]
     method = METHODS[spec.method]
     t0 = time.perf_counter()
-    from pipeline.cluster import guard_workers, resolve_backend
-
     client = _current_client()
-    backend = resolve_backend(config, client)
-    a, manifest = open_matrix(config.input, on_device=backend != "numpy")
-    if manifest.format != "dense" and not method.sparse:
-        a = densified(a)  # one dense row block per task, never the whole matrix
+    a, _ = open_matrix(config.input, on_device=job_plan.backend != "numpy")
     ctx = RunContext(
-        method, run.output(), client, config.name, config.output, backend, manifest.stored_bytes
+        method,
+        run.output(),
+        client,
+        config.name,
+        job_plan.methods[index],
+        job_plan.backend,
+        Checkpoints(config.output, config.name) if method.checkpoints else None,
     )
     report_progress(Progress(config.name, spec.method, 0, 1, "step"))
     with guard_workers(client, spec.method), measure_peaks(client) as peaks:
         result = method.run(spec, a, ctx)
     # The runner's kept input and factors are futures inside reference cycles (graphs,
     # results): collect them now, or the workers hold them through the next method.
-    del a
+    del a, ctx
     gc.collect()
     report_progress(Progress(config.name, spec.method, 1, 1, "step"))
-    result["backend"] = backend
-    result["memory"] = {"predicted_peak": ctx.predicted_peak, **peaks.to_dict()}
+    result["backend"] = job_plan.backend
+    result["memory"] = {"predicted_peak": job_plan.methods[index].peak, **peaks.to_dict()}
     result["seconds"] = time.perf_counter() - t0
     if client is not None:  # provenance: which cluster computed it
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
@@ -291,6 +293,7 @@ def publish(run: PreparedRun, results: dict[str, dict[str, Any]]) -> dict[str, A
         "status": "completed",
         "input": {**run.manifest.to_dict(), "fro_norm": fro},
         "methods": results,
+        "plan": None if run.plan is None else run.plan.to_dict(),
         "config": redacted_dump(config),
         "versions": versions(),
         "started": run.started,
@@ -312,10 +315,10 @@ def publish(run: PreparedRun, results: dict[str, dict[str, Any]]) -> dict[str, A
             report["anndata"] = ADATA
         out.write_bytes(REPORT, report_markdown(report).encode())
     out.publish(report)  # idempotent; also removes staging a first try left behind
-    for spec in config.methods:
-        hook = METHODS[spec.method].on_published
-        if hook is not None:
-            hook(config.output, config.name)
+    if any(METHODS[spec.method].checkpoints for spec in config.methods):
+        from pipeline.checkpoints import Checkpoints
+
+        Checkpoints(config.output, config.name).remove()  # the result supersedes them
     log.info("%s: result published at %s", config.name, report["output"])
     return report
 
@@ -334,6 +337,7 @@ class Steps:
 
     check_complete: Callable[[JobConfig], dict[str, Any] | None] = completed_result
     prepare: Callable[[JobConfig], PreparedRun] = prepare
+    plan: Callable[[PreparedRun], PreparedRun] = plan
     compute: Callable[[PreparedRun, int], dict[str, Any]] = compute
     publish: Callable[[PreparedRun, dict[str, dict[str, Any]]], dict[str, Any]] = publish
 
@@ -365,6 +369,7 @@ def execute(config: JobConfig, steps: Steps = Steps(), client: Client | None = N
     run = steps.prepare(config)
     try:
         with _cluster(config, client):
+            run = steps.plan(run)
             results = {name: steps.compute(run, i) for i, name in enumerate(run.steps)}
         return steps.publish(run, results)
     except BaseException:
@@ -395,6 +400,7 @@ __all__ = [
     "compute",
     "execute",
     "inspect_job",
+    "plan",
     "precheck",
     "prepare",
     "publish",

@@ -24,6 +24,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from pipeline.cost import TREE_FAN_IN, Cost
+from pipeline.errors import ClusterError
+
 if TYPE_CHECKING:
     from distributed import Client
 
@@ -32,6 +37,7 @@ if TYPE_CHECKING:
 # task it separates what was measured: 31 MiB blocks die in 244 MiB workers, 37 MiB
 # blocks run in 300 MiB ones.
 WORKER_BASELINE = 160 * 2**20
+_MiB = 2**20
 
 
 def machine_memory() -> int:
@@ -46,49 +52,9 @@ def machine_memory() -> int:
     return int(MEMORY_LIMIT)
 
 
-# Fan-in of the reduction trees of small factors (TSQR's R factors): a tree node stacks
-# this many children (pipeline.linalg.tsqr's default split_every).
-TREE_FAN_IN = 16
-
-
-@dataclass(frozen=True)
-class Cost:
-    """What a method costs, declared by the method from its spec and the input's shape.
-
-    Attributes
-    ----------
-    passes : passes over the input (an upper bound when ``exact`` is false: NMF stops
-        when it converges, rsvd may add a direct residual pass)
-    exact : whether ``passes`` is exact
-    columns : columns of the matrix the method factorizes (the input's, or its transpose's)
-    min_rows : rows a row block needs (what its local factorization needs)
-    buffers : block-sized arrays a running task holds at once, the block included
-    keeps : whether the input is kept in memory between passes when it fits
-    state_columns : float64 columns of tall state kept with each row block between
-        passes (rsvd's sketches, NMF's ``W``)
-    block_squares : ``columns × columns`` arrays kept per row block (TSQR's factors)
-    node_squares : ``columns × columns`` arrays a reduction-tree node holds per child
-    output_blocks : block-sized results per block of the last pass (TSQR's ``Q``),
-        computed faster than they are written: a worker holds those of all its kept
-        blocks, or of its running and next tasks when the input is streamed
-    transpose : the method factorizes the input's transpose
-    """
-
-    passes: int
-    exact: bool
-    columns: int
-    min_rows: int
-    buffers: int
-    keeps: bool
-    state_columns: int = 0
-    block_squares: int = 0
-    node_squares: int = 0
-    output_blocks: int = 0
-    transpose: bool = False
-
-    def describe_passes(self) -> str:
-        """``"3"``, or ``"up to 208"`` for an upper bound."""
-        return str(self.passes) if self.exact else f"up to {self.passes}"
+# Fraction of the workers' total memory_limit an input may take to be kept in memory
+# between passes; the rest is head-room for blocks in flight and factor outputs.
+PERSIST_FRACTION = 0.4
 
 
 @dataclass(frozen=True)
@@ -98,6 +64,15 @@ class Workers:
     count: int
     threads: int
     memory_limit: int  # bytes per worker, 0 when unlimited or unknown
+    device_memory: int = 0  # bytes of the workers' GPUs in all (0: none or not asked)
+    adaptive: bool = False  # the cluster grows and shrinks: its size now says nothing
+
+    def data_memory(self, on_device: bool = False) -> int:
+        """Bytes the workers have for data: their devices' memory, or the sum of their
+        ``memory_limit`` less each process's own (0 when unknown or unlimited)."""
+        if on_device:
+            return self.device_memory
+        return self.count * data_memory(self.memory_limit)
 
 
 def workers_of(client: Client | None) -> Workers | None:
@@ -135,6 +110,71 @@ def predicted_peak(
     outputs = cost.output_blocks * block_bytes * (per_worker if kept else tasks + 1)
     node = cost.node_squares * min(len(rows), TREE_FAN_IN) * squares
     return WORKER_BASELINE + kept_bytes + state + max(running + outputs, node)
+
+
+def data_memory(memory_limit: int) -> int:
+    """What a worker with ``memory_limit`` has for data: the limit less its process
+    (:data:`WORKER_BASELINE`); 0 when unlimited or unknown."""
+    return max(memory_limit - WORKER_BASELINE, 0) if memory_limit else 0
+
+
+def will_keep(size: int, workers: Workers | None, on_device: bool = False) -> bool:
+    """The keep rule: an input of ``size`` bytes is kept in memory between passes when it
+    fills at most :data:`PERSIST_FRACTION` of the workers' memory for data (their devices'
+    with ``on_device``); never on an adaptive cluster or unknown workers."""
+    if workers is None or workers.adaptive:
+        return False
+    memory = workers.data_memory(on_device)
+    return bool(memory) and size <= memory * PERSIST_FRACTION
+
+
+def _usable_fraction() -> float:
+    """Share of ``memory_limit`` a worker may use before its nanny restarts it (a paused
+    worker still finishes the task it runs)."""
+    import dask
+
+    terminate = dask.config.get("distributed.worker.memory.terminate", 0.95)
+    return float(terminate) if terminate else 1.0
+
+
+def check_block_memory(
+    workers: Workers | None, rows: int, n: int, dtype: Any, buffers: int, method: str
+) -> None:
+    """Refuse, before computing, row blocks the workers cannot hold.
+
+    A task of ``method`` holds ``buffers`` block-sized arrays at once (the block and the
+    kernel's temporaries); a worker also needs :data:`WORKER_BASELINE` for its libraries,
+    all below distributed's terminate threshold (95 % of ``memory_limit``), where the
+    nanny restarts the worker. Without this check such workers are restarted again and
+    again.
+
+    Raises
+    ------
+    ClusterError
+        One line naming the memory needed per worker and the two fixes.
+    """
+    limit = workers.memory_limit if workers is not None else 0
+    if not limit:
+        return
+    row_bytes = n * np.dtype(dtype).itemsize
+    need = WORKER_BASELINE + buffers * rows * row_bytes
+    usable = _usable_fraction() * limit
+    if need <= usable:
+        return
+    required = -(-need // int(_usable_fraction() * _MiB))  # MiB of memory_limit, rounded up
+    fit = int((usable - WORKER_BASELINE) // (buffers * row_bytes))
+    lower = (
+        f"lower block_rows of {method} (at most {fit} rows fit)"
+        if fit >= n
+        else f"lowering block_rows of {method} cannot help ({n} columns)"
+    )
+    raise ClusterError(
+        f"{method}: row blocks of {rows} × {n} {dtype} ({rows * row_bytes / _MiB:.0f} MiB, "
+        f"{buffers} held at once per task, plus ~{WORKER_BASELINE // _MiB} MiB per worker "
+        f"process) need a memory_limit of at least {required} MiB per worker, but the "
+        f"workers have {limit / _MiB:.0f} MiB; raise cluster.memory_limit to {required}MiB "
+        f"or more, or {lower}"
+    )
 
 
 # --------------------------------------------------------------------------- measurement

@@ -1,46 +1,72 @@
-"""The plan of a job before it runs (``factorize validate --plan``): per method, the passes
-over the input, the bytes read from storage, whether the input is kept in memory, the
-row blocks and tasks per pass, and the predicted peak memory per worker.
+"""The plan of a job, made once and executed as made (rechunker's plan vs executor).
 
-Every figure comes from the code the run uses: the method's :class:`~pipeline.memory.Cost`,
-:func:`~pipeline.methods.base.method_blocks` for the blocks, the keep-in-memory rule of
-:func:`pipeline.cluster.keep_in_memory` and :func:`pipeline.memory.predicted_peak`. The
-run records its own prediction next to the measured peak in ``metrics.json``
-(``memory.predicted_peak``, ``memory.measured_peak``), so the plan can be checked.
+:func:`make_plan` decides, per method, from the opened input and the workers: the row
+blocks (and whether a sparse input is densified or the input transposed for them), whether
+the input is kept in memory between passes, the passes and reads from storage, and the
+predicted peak memory per worker. ``factorize validate --plan`` prints the plan of the
+workers a local cluster will have (:func:`plan_job`); a run makes it from the workers it
+got (:func:`plan_run`), executes exactly that object (:meth:`RunContext.blocks
+<pipeline.methods.base.RunContext.blocks>` lays out the blocks it names and keeps what it
+keeps) and records it in ``metrics.json`` (``plan``), where :func:`format_plan` renders it
+the same way.
 
-The cluster is known before it starts for the local kinds only (workers, threads and
-``memory_limit`` from the job and the machine); for the others the plan says what the
-decision depends on, and the run decides from the workers it gets.
+Every figure comes from the algorithm's :class:`~pipeline.cost.Cost` and the memory
+policy of :mod:`pipeline.memory` (the keep rule, the block check, the peak prediction).
+The cluster is known before it starts for the local kinds only; for the others the plan
+says what the keep decision depends on, and the run decides from the workers it gets.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import logging
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
-from pipeline.memory import WORKER_BASELINE, Cost, Workers, predicted_peak
+from pipeline.cost import Cost
+from pipeline.memory import (
+    WORKER_BASELINE,
+    Workers,
+    check_block_memory,
+    predicted_peak,
+    will_keep,
+)
 
 if TYPE_CHECKING:
     import dask.array as da
+    from distributed import Client
 
-    from pipeline.config import ClusterSpec, JobConfig
+    from pipeline.config import JobConfig
     from pipeline.io.source import InputManifest
+    from pipeline.sections import ClusterSpec
+
+log = logging.getLogger(__name__)
 
 _MiB = 2**20
 
 
 @dataclass(frozen=True)
 class MethodPlan:
-    """What one method will cost (see the module docstring); sizes in bytes."""
+    """What one method will do and cost (see the module docstring); sizes in bytes."""
 
     method: str
     cost: Cost
     rows: tuple[int, ...]  # rows of each row block
+    densify: bool  # a sparse input reaches the method as dense row blocks
+    sparse: bool  # the blocks the method factorizes are sparse
     block_bytes: int  # the largest block in memory
     kept_bytes: int  # the input in memory as this method keeps it (densified or sparse)
     kept: bool | None  # None: decided by the workers the run gets
     reads: int  # reads of the input from storage (an upper bound unless cost.exact)
     peak: int | None  # per worker; None when the workers are not known before the run
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (``metrics.json``)."""
+        return {**asdict(self), "rows": list(self.rows)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MethodPlan:
+        """The plan :meth:`to_dict` wrote."""
+        return cls(**{**d, "cost": Cost(**d["cost"]), "rows": tuple(d["rows"])})
 
 
 @dataclass(frozen=True)
@@ -53,7 +79,29 @@ class JobPlan:
     memory_bytes: int  # the input in memory (sparse: data, indices and indptr)
     stored_bytes: int | None  # on storage (None: not written yet)
     workers: Workers | None
-    methods: list[MethodPlan]
+    backend: str  # where the blocks live: numpy (host) or cupy (device)
+    methods: tuple[MethodPlan, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (``metrics.json``'s ``plan``)."""
+        return {
+            **asdict(self),
+            "shape": list(self.shape),
+            "methods": [m.to_dict() for m in self.methods],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobPlan:
+        """The plan :meth:`to_dict` wrote."""
+        workers = d["workers"]
+        return cls(
+            **{
+                **d,
+                "shape": tuple(d["shape"]),
+                "workers": None if workers is None else Workers(**workers),
+                "methods": tuple(MethodPlan.from_dict(m) for m in d["methods"]),
+            }
+        )
 
 
 def local_workers(spec: ClusterSpec) -> Workers | None:
@@ -85,57 +133,106 @@ def stored_size(config: JobConfig) -> int | None:
         return None
 
 
-def _input(config: JobConfig) -> tuple[da.Array | None, InputManifest | None]:
-    """The input as the methods see it (lazy), and its manifest (``None`` when the run
-    will create it); no array for a sparse input the run will create (its non-zeros, which
-    set the blocks, are not known before)."""
-    from pipeline.config import SPARSE_KINDS
-    from pipeline.datasets import synthetic_array
-    from pipeline.io.source import open_matrix
-    from pipeline.jobs import input_will_be_created
-
-    if input_will_be_created(config):
-        spec = config.input.create_if_missing
-        return (None if spec.kind in SPARSE_KINDS else synthetic_array(spec)), None
-    return open_matrix(config.input)
-
-
-def plan_job(config: JobConfig) -> JobPlan | None:
-    """The plan of ``config`` (opens the input's metadata and lists its store; reads no
-    values and starts no cluster); ``None`` for a sparse input the run will create."""
-    from pipeline.cluster import data_memory, will_keep
-    from pipeline.io.sparse import densified
+def _method_plan(
+    spec: Any, a: da.Array, sparse_bytes: int | None, workers: Workers | None, on_device: bool
+) -> MethodPlan:
+    """The plan of one method (``spec``) on the input ``a`` (``sparse_bytes``: a sparse
+    input's size in memory, else ``None``)."""
     from pipeline.methods import METHODS
     from pipeline.methods.base import block_bytes, method_blocks
 
-    a, manifest = _input(config)
-    if a is None:
-        return None
+    method = METHODS[spec.method]
+    densify = sparse_bytes is not None and not method.sparse
+    sparse = sparse_bytes is not None and method.sparse
+    cost = method.cost(spec, a.shape)
+    blocks = method_blocks(a, spec.block_rows, cost, densify)
+    size = block_bytes(blocks, sparse_bytes if sparse else None)
+    nbytes = sparse_bytes if sparse else blocks.nbytes
+    kept = None
+    if not cost.keeps:
+        kept = False
+    elif workers is not None:
+        kept = will_keep(nbytes, workers, on_device)
+    peak = None
+    if workers is not None and kept is not None:
+        peak = predicted_peak(cost, blocks.chunks[0], size, kept, workers)
+    reads = 1 if kept else cost.passes
+    return MethodPlan(
+        spec.method, cost, blocks.chunks[0], densify, sparse, size, nbytes, kept, reads, peak
+    )
+
+
+def make_plan(
+    config: JobConfig,
+    a: da.Array,
+    manifest: InputManifest | None,
+    workers: Workers | None,
+    backend: str = "numpy",
+) -> JobPlan:
+    """The plan of ``config`` on the opened input ``a`` (``manifest``: what was opened,
+    ``None`` for a dense input the run will create) and ``workers`` (``None``: not known
+    before the run)."""
     sparse_bytes = manifest.stored_bytes if manifest is not None else None
     in_memory = sparse_bytes if sparse_bytes is not None else a.nbytes
-    workers = local_workers(config.cluster)
-    plans = []
-    for spec in config.methods:
-        method = METHODS[spec.method]
-        x = a if (sparse_bytes is None or method.sparse) else densified(a)
-        cost = method.cost(spec, x.shape)
-        blocks = method_blocks(x, spec, cost)
-        size = block_bytes(blocks, sparse_bytes if method.sparse else None)
-        nbytes = sparse_bytes if (sparse_bytes is not None and method.sparse) else blocks.nbytes
-        kept = None
-        if not cost.keeps:
-            kept = False
-        elif workers is not None:
-            kept = will_keep(nbytes, workers.count * data_memory(workers.memory_limit))
-        reads = 1 if kept else cost.passes
-        peak = None
-        if workers is not None and kept is not None:
-            peak = predicted_peak(cost, blocks.chunks[0], size, kept, workers)
-        plans.append(
-            MethodPlan(spec.method, cost, blocks.chunks[0], size, nbytes, kept, reads, peak)
-        )
+    on_device = backend != "numpy"
+    methods = tuple(
+        _method_plan(spec, a, sparse_bytes, workers, on_device) for spec in config.methods
+    )
     stored = stored_size(config) if manifest is not None else None
-    return JobPlan(config.name, a.shape, str(a.dtype), int(in_memory), stored, workers, plans)
+    return JobPlan(
+        config.name, a.shape, str(a.dtype), int(in_memory), stored, workers, backend, methods
+    )
+
+
+def plan_job(config: JobConfig) -> JobPlan | None:
+    """The plan ``factorize validate --plan`` prints: for the workers a local cluster will
+    have (opens the input's metadata and lists its store; reads no values and starts no
+    cluster); ``None`` for a sparse input the run will create (its non-zeros, which set
+    the blocks, are not known before)."""
+    from pipeline.datasets import input_will_be_created, synthetic_array
+    from pipeline.io.source import open_matrix
+    from pipeline.sections import SPARSE_KINDS
+
+    if input_will_be_created(config.input):
+        spec = config.input.create_if_missing
+        if spec.kind in SPARSE_KINDS:
+            return None
+        return make_plan(config, synthetic_array(spec), None, local_workers(config.cluster))
+    a, manifest = open_matrix(config.input)
+    return make_plan(config, a, manifest, local_workers(config.cluster))
+
+
+def plan_run(config: JobConfig, client: Client | None) -> JobPlan:
+    """The plan a run executes, for the workers of ``client``: the backend resolved, the
+    input opened once; row blocks the workers cannot hold are refused, and a predicted
+    peak above ``memory_limit`` is warned about.
+
+    Raises
+    ------
+    ClusterError, ConfigError
+    """
+    from pipeline.backend import resolve_backend
+    from pipeline.cluster import plan_workers
+    from pipeline.io.source import open_matrix
+
+    backend = resolve_backend(config.compute, config.cluster, client)
+    a, manifest = open_matrix(config.input, on_device=backend != "numpy")
+    workers = plan_workers(client, on_device=backend != "numpy")
+    plan = make_plan(config, a, manifest, workers, backend)
+    for p in plan.methods:
+        if not p.sparse:
+            n = plan.shape[0] if p.cost.transpose else plan.shape[1]
+            check_block_memory(workers, max(p.rows), n, a.dtype, p.cost.buffers, p.method)
+        limit = workers.memory_limit if workers is not None else 0
+        if p.peak is not None and limit and p.peak > limit:
+            log.warning(
+                "%s: predicted peak %.0f MiB per worker exceeds memory_limit %.0f MiB; "
+                "raise cluster.memory_limit or lower block_rows of the method",
+                p.method,
+                p.peak / _MiB,
+                limit / _MiB,
+            )
+    return plan
 
 
 # --------------------------------------------------------------------------- text
@@ -156,7 +253,7 @@ def _kept_text(p: MethodPlan, plan: JobPlan) -> str:
     if not p.cost.keeps:
         return "input streamed (one pass)" if p.cost.passes == 1 else "input streamed"
     if p.kept is None:
-        from pipeline.cluster import PERSIST_FRACTION
+        from pipeline.memory import PERSIST_FRACTION
 
         need = p.kept_bytes / PERSIST_FRACTION
         return (

@@ -22,9 +22,9 @@ import numpy as np
 import scipy.sparse as sp
 import zarr
 
-from pipeline.config import SyntheticSpec
 from pipeline.io.anndata_out import ANNDATA, DICT
-from pipeline.io.stores import written_aside
+from pipeline.io.owners import written_aside
+from pipeline.sections import SyntheticSpec
 
 BLOCK_ROWS = 4096
 ENTRY_CHUNK = 1 << 20  # entries per chunk of data and indices

@@ -21,9 +21,9 @@ import zarr
 from conftest import factorize_cmd, job_dict, one_line_exit, write_array, write_job
 
 from pipeline.config import SyntheticSpec, parse_config
-from pipeline.datasets import synthetic_array, write_synthetic
+from pipeline.datasets import input_will_be_created, synthetic_array, write_synthetic
 from pipeline.errors import ConfigError, InputError
-from pipeline.jobs import Steps, execute, input_will_be_created, precheck, prepare, run_job
+from pipeline.jobs import Steps, execute, precheck, prepare, run_job
 
 A = np.random.default_rng(7).standard_normal((40, 6))
 CHUNK_BYTES = 10 * 6 * 8  # chunks of 10 × 6 float64: chunk (2, 0) holds rows 20–29
@@ -223,8 +223,8 @@ def test_failed_create_on_s3_leaves_no_store_and_a_rerun_overwrites_leftovers(tm
         write_synthetic(url, failing, opts)
     fs = s3.filesystem()
     fs.pipe(f"{url.removeprefix('s3://')}/c/3/0", b"a chunk of an earlier, killed write")
-    assert input_will_be_created(parse_config(job))  # objects, but no metadata: not a store
+    assert input_will_be_created(parse_config(job).input)  # objects, but no metadata: not a store
     report = run_job(job, client=client)
     expected = synthetic_array(SyntheticSpec(**recipe)).compute(scheduler="sync")
     assert report["input"]["fro_norm"] == pytest.approx(np.linalg.norm(expected), rel=1e-12)
-    assert not input_will_be_created(parse_config(job))
+    assert not input_will_be_created(parse_config(job).input)

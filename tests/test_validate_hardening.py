@@ -29,7 +29,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.io.preflight import check_input_creatable, check_output_writable, format_size
 from pipeline.jobs import precheck
 from pipeline.methods import METHODS
-from pipeline.methods.base import _leaf_types
+from pipeline.sections import _leaf_types
 from tests.conftest import factorize_cmd, job_dict, one_line_exit, write_array, write_job
 
 

@@ -142,8 +142,9 @@ def test_workers_dying_for_memory_end_the_run_with_one_line(
     memory — or paused at their limit, whichever the machine's timing makes them do first
     — end the run with a ClusterError naming the limit, instead of restarts without end."""
     import pipeline.cluster
+    import pipeline.plan
 
-    monkeypatch.setattr(pipeline.cluster, "check_block_memory", lambda *args: None)
+    monkeypatch.setattr(pipeline.plan, "check_block_memory", lambda *args: None)
     monkeypatch.setattr(pipeline.cluster, "PAUSED_TIMEOUT", 10.0)
     t0 = time.perf_counter()
     with pytest.raises(ClusterError) as info:

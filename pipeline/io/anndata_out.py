@@ -21,8 +21,9 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from pipeline.config import InputSpec, redact
 from pipeline.io.stores import zarr_store
+from pipeline.secrets import redact
+from pipeline.sections import InputSpec
 
 log = logging.getLogger(__name__)
 

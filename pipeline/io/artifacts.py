@@ -76,7 +76,6 @@ import numpy as np
 import zarr
 
 from pipeline.backend import host_blocks, to_host
-from pipeline.config import OutputSpec, redact
 from pipeline.errors import ArtifactExistsError, ConfigError
 from pipeline.io.owners import (
     RENEW_SECONDS,
@@ -90,6 +89,8 @@ from pipeline.io.owners import (
     write_owner,
 )
 from pipeline.io.stores import is_local, split_url, zarr_store
+from pipeline.secrets import redact
+from pipeline.sections import OutputSpec
 
 log = logging.getLogger(__name__)
 

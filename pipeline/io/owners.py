@@ -21,6 +21,7 @@ prefixes on object stores are left in place and logged.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import logging
@@ -28,11 +29,15 @@ import os
 import re
 import shutil
 import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pipeline.config import OutputSpec, redact
 from pipeline.io.stores import is_local, split_url
+from pipeline.secrets import redact
+from pipeline.sections import OutputSpec
 
 log = logging.getLogger(__name__)
 
@@ -323,3 +328,35 @@ __all__ = [
     "staging_of",
     "write_owner",
 ]
+
+
+@contextmanager
+def written_aside(path: str) -> Iterator[str]:
+    """A hidden folder beside local ``path`` to write a store into, renamed into place when
+    the block ends (atomic on one disk) and removed when it fails. When another run put
+    its complete store in place meanwhile, that one is kept.
+
+    The store is written in ``.<name>.partial-<id>/store``; its hidden parent also records
+    the owner process (outside the store, which Zarr may clear when it creates it), so the
+    leftovers of a writer killed outright are removed by the next writer of ``path`` (see
+    :func:`remove_dead_local`).
+    """
+    final = os.path.abspath(path)
+    parent, name = os.path.split(final)
+    os.makedirs(parent, exist_ok=True)
+    remove_dead_local(parent, name)
+    aside = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:12]}")
+    os.mkdir(aside)  # honours the umask, unlike mkdtemp's 0700
+    try:
+        write_owner(aside)
+        store = os.path.join(aside, "store")
+        os.mkdir(store)
+        yield store
+        try:
+            os.rename(store, final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            log.info("%s was created meanwhile by another run; using it", final)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)

@@ -27,7 +27,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.io.stores import effective_options, is_local, split_url
 
 if TYPE_CHECKING:
-    from pipeline.config import InputSpec, OutputSpec
+    from pipeline.sections import InputSpec, OutputSpec
 
 
 def nearest_existing(path: str | os.PathLike[str]) -> Path:
@@ -163,7 +163,7 @@ def _endpoint(url: str, storage_options: dict[str, Any] | None) -> str:
 
 def place_of(url: str, storage_options: dict[str, Any] | None = None) -> Place:
     """The :class:`Place` that ``url`` (a local path or fsspec URL) points to."""
-    from pipeline.config import redact
+    from pipeline.secrets import redact
 
     fs, path = split_url(url, storage_options)
     if is_local(fs):

@@ -13,12 +13,13 @@ import numpy as np
 import zarr
 
 from pipeline.backend import empty_meta, to_device
-from pipeline.config import InputSpec, redact
 from pipeline.errors import InputError
 from pipeline.io.fastread import plan, read_array
 from pipeline.io.sparse import inspect_sparse, sparse_array, sparse_encoding
 from pipeline.io.stores import split_url, zarr_store
 from pipeline.linalg import working_dtype
+from pipeline.secrets import redact
+from pipeline.sections import InputSpec
 
 log = logging.getLogger(__name__)
 

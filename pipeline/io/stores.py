@@ -26,15 +26,10 @@ text). ``--log-level DEBUG`` keeps the tracebacks.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import shutil
 import sys
-import uuid
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import fsspec
@@ -130,40 +125,6 @@ def is_local(fs: Any) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-@contextmanager
-def written_aside(path: str) -> Iterator[str]:
-    """A hidden folder beside local ``path`` to write a store into, renamed into place when
-    the block ends (atomic on one disk) and removed when it fails. When another run put
-    its complete store in place meanwhile, that one is kept.
-
-    The store is written in ``.<name>.partial-<id>/store``; its hidden parent also records
-    the owner process (outside the store, which Zarr may clear when it creates it), so the
-    leftovers of a writer killed outright are removed by the next writer of ``path`` (see
-    :mod:`pipeline.io.owners`).
-    """
-    from pipeline.io.owners import remove_dead_local, write_owner
-
-    final = os.path.abspath(path)
-    parent, name = os.path.split(final)
-    os.makedirs(parent, exist_ok=True)
-    remove_dead_local(parent, name)
-    aside = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:12]}")
-    os.mkdir(aside)  # honours the umask, unlike mkdtemp's 0700
-    try:
-        write_owner(aside)
-        store = os.path.join(aside, "store")
-        os.mkdir(store)
-        yield store
-        try:
-            os.rename(store, final)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            log.info("%s was created meanwhile by another run; using it", final)
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
 def zarr_store(url: str, storage_options: dict[str, Any] | None = None, *, read_only: bool) -> Any:
     """A Zarr v3 store object for ``url``: ``LocalStore`` for paths, ``FsspecStore`` else.
 
@@ -208,7 +169,7 @@ class _RetryToWarning(logging.Handler):
 
 
 def _describe_retry(record: logging.LogRecord) -> str:
-    from pipeline.config import redact
+    from pipeline.secrets import redact
 
     delay = record.args[0] if isinstance(record.args, tuple) and record.args else None
     context = _retry_context()

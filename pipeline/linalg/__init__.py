@@ -19,17 +19,18 @@ from pipeline.linalg._validation import (
     check_tall,
     working_dtype,
 )
-from pipeline.linalg.nmf import INIT_POWER_ITERS, NMFResult, NMFState, nmf, svd_for_init
+from pipeline.linalg.nmf import INIT_POWER_ITERS, NMFResult, NMFState, nmf, nmf_cost, svd_for_init
 from pipeline.linalg.rsvd import (
     AUTO_MAX_POWER_ITERS,
     AUTO_TOL,
     Convergence,
     RSVDResult,
     rsvd,
+    rsvd_cost,
     rsvd_passes,
 )
-from pipeline.linalg.svd import SVDResult, svd
-from pipeline.linalg.tsqr import TSQRResult, row_blocks, tsqr
+from pipeline.linalg.svd import SVDResult, svd, svd_cost
+from pipeline.linalg.tsqr import TSQRResult, compute_again, row_blocks, tsqr, tsqr_cost
 
 __all__ = [
     "AUTO_MAX_POWER_ITERS",
@@ -48,12 +49,17 @@ __all__ = [
     "check_number",
     "check_rank",
     "check_tall",
+    "compute_again",
     "nmf",
+    "nmf_cost",
     "row_blocks",
     "rsvd",
+    "rsvd_cost",
     "rsvd_passes",
     "svd",
+    "svd_cost",
     "svd_for_init",
     "tsqr",
+    "tsqr_cost",
     "working_dtype",
 ]

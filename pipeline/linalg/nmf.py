@@ -47,6 +47,7 @@ from pipeline.backend import (
     to_device,
     to_host,
 )
+from pipeline.cost import Cost
 from pipeline.errors import InputError
 from pipeline.linalg._graph import fetch, persist, stack_row_blocks, sum_block_pieces
 from pipeline.linalg._validation import (
@@ -56,7 +57,7 @@ from pipeline.linalg._validation import (
     check_number,
     check_rank,
 )
-from pipeline.linalg.rsvd import rsvd
+from pipeline.linalg.rsvd import SKETCHES_KEPT, rsvd, rsvd_passes
 from pipeline.linalg.tsqr import UNOPTIMIZED, row_blocks
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,31 @@ INNER_STOP = 0.1  # stop repeating when a sweep changes less than this × the fi
 INIT_POWER_ITERS = 1
 SOLVERS = ("hals", "mu")
 INITS = ("nndsvd", "nndsvda", "random")
+
+
+# Block-sized arrays a task holds at once: the block (W_i and the products are narrow)
+# and the row chunks a rechunk merges into it.
+BLOCK_BUFFERS = 2
+# The NNDSVD's randomized SVD sketches rank + INIT_OVERSAMPLE columns.
+INIT_OVERSAMPLE = 10
+
+
+def nmf_cost(shape: tuple[int, int], *, rank: int, init: str, max_iter: int) -> Cost:
+    """What :func:`nmf` costs: a pass for the input's statistics, the NNDSVD's passes,
+    then one per iteration up to ``max_iter`` (fewer when it converges); the input is kept
+    in memory when it fits. Tall state per row block: ``W`` and its update, or during the
+    NNDSVD the randomized SVD's sketches."""
+    width = min(rank + INIT_OVERSAMPLE, *shape)
+    init_passes = 0 if init == "random" else rsvd_passes(INIT_POWER_ITERS)
+    return Cost(
+        passes=1 + init_passes + max_iter,
+        exact=False,
+        columns=shape[1],
+        min_rows=width,
+        buffers=BLOCK_BUFFERS,
+        keeps=True,
+        state_columns=max(2 * rank, SKETCHES_KEPT * width * bool(init_passes)),
+    )
 
 
 @dataclass
@@ -214,7 +240,7 @@ def _nndsvd_block(u: Any, s: Any, pos: Any, fill: float, like_dtype: Any) -> Any
 def svd_for_init(a: da.Array, rank: int, seed: int) -> tuple[da.Array, np.ndarray, np.ndarray]:
     """The default SVD of the NNDSVD inits: :func:`~pipeline.linalg.rsvd` with
     ``INIT_POWER_ITERS`` power iterations (``rsvd_passes(INIT_POWER_ITERS)`` passes)."""
-    res = rsvd(a, rank, seed=seed, power_iters=INIT_POWER_ITERS)
+    res = rsvd(a, rank, oversample=INIT_OVERSAMPLE, seed=seed, power_iters=INIT_POWER_ITERS)
     return res.u, res.s64, res.vt
 
 

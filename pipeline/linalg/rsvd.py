@@ -84,6 +84,7 @@ from pipeline.backend import (
     sum_squares_f64,
     to_host,
 )
+from pipeline.cost import Cost
 from pipeline.errors import InputError
 from pipeline.linalg._graph import fetch, persist, stack_row_blocks, sum_block_pieces
 from pipeline.linalg._validation import (
@@ -97,6 +98,10 @@ from pipeline.linalg._validation import (
 from pipeline.linalg.tsqr import UNOPTIMIZED, row_blocks, tsqr
 
 AUTO = "auto"
+# The formula ‖A‖² − Σσ² keeps about log10(‖A‖² / difference) of the float's digits: below
+# 1e3 round-off units of ‖A‖² it keeps fewer than 3 of them (float32: a residual_rel
+# below ~1e-2), so the residual is measured directly then.
+DIRECT_BELOW_EPS = 1e3
 ITERATIONS = ("krylov", "power")
 # Stop once the estimated largest relative error of a top-k σ² is at most this: every
 # explained variance within 0.1 %, a tenth of issue 20's per-component bar (1e-2) and its
@@ -185,6 +190,22 @@ class RSVDResult:
         if not self.projection:
             return None
         return self.total_sumsq - float(np.sum(self.s64**2))
+
+    def residual_rule(self, measure_residual: bool | None = None) -> str | None:
+        """How the residual is had: ``"direct"`` (one more pass over ``A``), ``"formula"``
+        (:attr:`residual_sumsq`, no pass) or ``None`` (single pass: neither).
+
+        ``measure_residual`` forces it (``True``: direct; ``False``: the formula); unasked,
+        direct only when the formula's difference is below ``DIRECT_BELOW_EPS`` units of
+        ``total_sumsq``'s round-off, where it has lost its digits."""
+        formula = self.residual_sumsq
+        if measure_residual:
+            return "direct"
+        if measure_residual is None and formula is not None:
+            eps = float(np.finfo(self.a.dtype).eps)
+            if formula < DIRECT_BELOW_EPS * eps * self.total_sumsq:
+                return "direct"
+        return None if formula is None else "formula"
 
 
 # --------------------------------------------------------------------------- block kernels
@@ -392,6 +413,41 @@ def rsvd_passes(
         return 1
     iters = max_power_iters if power_iters == AUTO else power_iters
     return max(iters + 1, 2)
+
+
+# Block-sized arrays a task holds at once: the block (its products with the sketch are
+# narrow) and the row chunks a rechunk merges into it.
+BLOCK_BUFFERS = 2
+# Tall state per row block between passes: the sketch Y, its orthonormal basis Q and U.
+SKETCHES_KEPT = 3
+
+
+def rsvd_cost(
+    shape: tuple[int, int],
+    *,
+    rank: int,
+    oversample: int,
+    power_iters: int | str,
+    single_pass: bool = False,
+    measure_residual: bool | None = None,
+) -> Cost:
+    """What :func:`rsvd` costs for ``rank`` triplets of a matrix of ``shape``: its passes
+    (:func:`rsvd_passes`; up to the cap for ``"auto"``), plus a direct residual pass when
+    asked for (or, unasked, when the exact formula has lost its digits: see
+    :func:`residual_rule`)."""
+    width = min(rank + oversample, *shape)
+    passes = rsvd_passes(power_iters, single_pass)
+    maybe_direct = measure_residual is None and not single_pass
+    auto = power_iters == AUTO and not single_pass
+    return Cost(
+        passes=passes + int(bool(measure_residual) or maybe_direct),
+        exact=not (maybe_direct or auto),
+        columns=shape[1],
+        min_rows=width,
+        buffers=BLOCK_BUFFERS,
+        keeps=passes > 1 or bool(measure_residual),
+        state_columns=SKETCHES_KEPT * width,
+    )
 
 
 # --------------------------------------------------------------------------- convergence

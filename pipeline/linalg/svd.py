@@ -43,6 +43,7 @@ import dask.array as da
 import numpy as np
 
 from pipeline.backend import array_module, to_host
+from pipeline.cost import Cost
 from pipeline.errors import InputError
 from pipeline.linalg._graph import dense_row_blocks
 from pipeline.linalg._validation import (
@@ -52,9 +53,17 @@ from pipeline.linalg._validation import (
     check_rank,
     check_tall,
 )
-from pipeline.linalg.tsqr import DEFAULT_BLOCK_BYTES, row_blocks, tsqr
+from pipeline.linalg.tsqr import DEFAULT_BLOCK_BYTES, row_blocks, tsqr, tsqr_cost
 
 TRANSPOSE_HINT = "for a wide matrix take svd(a.T): its U and Vt are the V and Uᵀ of a"
+
+
+def svd_cost(
+    shape: tuple[int, int], *, compute_u: bool, transpose: bool = False, center: bool = False
+) -> Cost:
+    """What :func:`svd` costs: TSQR's (:func:`~pipeline.linalg.tsqr.tsqr_cost`), ``U``
+    in the pass that would form ``Q``; centring widens each block by its constant column."""
+    return tsqr_cost(shape, compute_q=compute_u, transpose=transpose, extra_columns=int(center))
 
 
 @dataclass

@@ -26,6 +26,7 @@ import numpy as np
 from dask.delayed import Delayed, delayed
 
 from pipeline.backend import array_module, is_sparse, to_host
+from pipeline.cost import Cost
 from pipeline.linalg import _kernels as k
 from pipeline.linalg._graph import dense_row_blocks, fetch, persist, stack_row_blocks, unfused
 from pipeline.linalg._validation import as_matrix, check_bool, check_int, check_tall
@@ -37,11 +38,53 @@ DEFAULT_BLOCK_BYTES = 64 * 2**20
 # definitions that conflict with the ones the scheduler remembers from the R pass.
 UNOPTIMIZED = {"optimize_graph": False}
 
+
+def compute_again(*collections: Any) -> tuple[Any, ...]:
+    """``dask.compute`` of collections that read a factorization's input again (its Q or
+    U pass, metrics on ``result.a``), without the graph optimization that would clash
+    with the keys the scheduler remembers (see :data:`UNOPTIMIZED`)."""
+    return dask.compute(*collections, **UNOPTIMIZED)
+
+
 # Key prefixes of the one-per-row-block tasks of each pass (what progress counts): R's
 # pass, Q's, and Q·M's (svd's U).
 R_PASS_TASK = "factor_block"
 Q_PASS_TASK = "block_q"
 Q_TIMES_PASS_TASK = "block_q_times"
+
+
+# Block-sized arrays a task holds at once: the block and two Cholesky-QR iterates (or
+# Householder's copy and Q; while a rechunk merges row chunks: the chunks and the block).
+BLOCK_BUFFERS = 3
+# n × n arrays kept per row block: its R, up to three more Cholesky factors and the
+# transform Q needs. A tree node stacks its children's R and holds the stack, its QR's
+# copy and Q: about four per child.
+BLOCK_SQUARES = 4
+NODE_SQUARES = 4
+
+
+def tsqr_cost(
+    shape: tuple[int, int], *, compute_q: bool, transpose: bool = False, extra_columns: int = 0
+) -> Cost:
+    """What :func:`tsqr` costs on a matrix of ``shape`` (or its transpose): one pass for
+    ``R``, a second for ``Q`` (the input kept in memory between them when it fits).
+
+    ``extra_columns`` widens each block (the exact SVD's centring column): blocks then
+    need that many more rows, and a task one more buffer per column added.
+    """
+    n = (shape[0] if transpose else shape[1]) + extra_columns
+    return Cost(
+        passes=2 if compute_q else 1,
+        exact=True,
+        columns=n,
+        min_rows=n,
+        buffers=BLOCK_BUFFERS + extra_columns,
+        keeps=compute_q,
+        block_squares=BLOCK_SQUARES,
+        node_squares=NODE_SQUARES,
+        output_blocks=int(compute_q),  # Q_i (or Q_i times a small factor: the SVD's U_i)
+        transpose=transpose,
+    )
 
 
 @dataclass

@@ -12,93 +12,24 @@ This module is imported by the config loader: it names no dask, zarr or distribu
 
 from __future__ import annotations
 
-import json
 import logging
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field
 
-from pipeline.memory import Cost
+from pipeline.cost import Cost
+from pipeline.sections import StrictModel
 
 if TYPE_CHECKING:
     import dask.array as da
     from distributed import Client
 
-    from pipeline.config import OutputSpec
     from pipeline.io.artifacts import RunOutput
+    from pipeline.plan import MethodPlan
 
 log = logging.getLogger(__name__)
-
-
-def _leaf_types(annotation: Any) -> set[Any]:
-    """The types a field admits at its top level: ``int | None`` → ``{int, NoneType}``."""
-    if typing.get_origin(annotation) is Annotated:
-        return _leaf_types(typing.get_args(annotation)[0])
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return set().union(*(_leaf_types(a) for a in typing.get_args(annotation)))
-    return {annotation}
-
-
-def _item_types(annotation: Any, n: int) -> list[Any] | None:
-    """Annotations of the ``n`` items of a list or tuple value, or ``None`` if not a sequence."""
-    for leaf in _leaf_types(annotation):
-        origin, args = typing.get_origin(leaf), typing.get_args(leaf)
-        if origin is list and args:
-            return [args[0]] * n
-        if origin is tuple and args:
-            return [args[0]] * n if args[-1] is Ellipsis else list(args[:n])
-    return None
-
-
-def bool_as_number(value: Any, annotation: Any) -> str | None:
-    """What ``annotation`` wants when ``value`` holds ``true``/``false`` in place of a number.
-
-    ``None`` when ``value`` is fine. Lists and tuples are checked item by item; nested
-    models check their own fields.
-    """
-    if isinstance(value, bool):
-        leaves = _leaf_types(annotation)
-        if bool not in leaves and Any not in leaves and leaves & {int, float}:
-            return "an integer" if float not in leaves else "a number"
-    elif isinstance(value, list | tuple):
-        for item, ann in zip(value, _item_types(annotation, len(value)) or [], strict=False):
-            if wanted := bool_as_number(item, ann):
-                return wanted
-    return None
-
-
-class StrictModel(BaseModel):
-    """A frozen pydantic model that refuses unknown keys (every job-file section).
-
-    Two rules hold for every field of every section, so no field can forget them:
-    numbers are finite (``.inf``/``.nan`` are refused: no count, time or tolerance is
-    infinite) and booleans are not numbers (pydantic's lax mode ran ``rank: true`` as
-    rank 1). The error of the second names the field in its context (``ctx["field"]``,
-    see :func:`pipeline.config.format_validation_error`): a model-level validator is the
-    one place that sees every raw value — a field validator for ``*`` is not allowed on
-    the methods' ``method`` discriminator.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_bool_as_number(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name, info in cls.model_fields.items():
-                key = info.alias or name
-                if key in data and (wanted := bool_as_number(data[key], info.annotation)):
-                    raise PydanticCustomError(
-                        "bool_not_number",
-                        "must be {wanted}, not a boolean, got {value}",
-                        {"field": key, "wanted": wanted, "value": json.dumps(data[key])},
-                    )
-        return data
 
 
 class MethodSpec(StrictModel):
@@ -148,6 +79,31 @@ class AnnDataSlots:
     uns: str | None = None
 
 
+def spectral_arrays(
+    writes_u: Callable[[Any], bool] = lambda spec: True,
+    writes_vt: Callable[[Any], bool] = lambda spec: True,
+) -> tuple[FactorArray, ...]:
+    """The SVD family's outputs, declared once: ``U``, ``S``, ``Vt`` and, with ``center``,
+    the column ``mean`` (``writes_u``/``writes_vt`` say when a spec writes the tall ones)."""
+    return (
+        FactorArray("U", ("row", "component"), when=writes_u),
+        FactorArray("S", ("component",)),
+        FactorArray("Vt", ("component", "col"), when=writes_vt),
+        FactorArray("mean", ("col",), when=lambda spec: spec.center),
+    )
+
+
+# The SVD family's headline metrics (CLI summary, Prefect table).
+SPECTRAL_HEADLINE = (
+    "residual_rel",
+    "orthogonality_u",
+    "orthogonality_v",
+    "energy_retained",
+    "passes",
+    "seconds",
+)
+
+
 def spectral_slots(spec: Any) -> AnnDataSlots:
     """SVD-type methods: PCA where scanpy keeps it (``center``), else an SVD beside it."""
     return (
@@ -174,8 +130,8 @@ class Method:
     headline : metric keys shown in the CLI summary and the Prefect table artifact
     plots : file names of the plots it writes next to ``metrics.json``
     example : a small valid entry of ``methods:`` (docs and the contract test)
-    on_published : called with ``(output spec, job name)`` once the result is in place
-        (e.g. to remove checkpoints the result supersedes)
+    checkpoints : the runner saves checkpoints through ``ctx.checkpoints`` (the job's
+        :class:`CheckpointStore`); the lifecycle removes them once the result is published
     anndata : ``anndata(spec)`` names the :class:`AnnDataSlots` of its factors in the
         ``adata.zarr`` written for AnnData inputs (``None``: not written there)
     sparse : ``run`` takes sparse row blocks as they are (``scipy.sparse``); otherwise a
@@ -191,7 +147,7 @@ class Method:
     headline: tuple[str, ...]
     example: dict[str, Any]
     plots: tuple[str, ...] = ()
-    on_published: Callable[[OutputSpec, str], None] | None = None
+    checkpoints: bool = False
     anndata: Callable[[Any], AnnDataSlots] | None = None
     sparse: bool = False
 
@@ -203,16 +159,16 @@ class Method:
 @dataclass
 class RunContext:
     """What a runner may touch: the staging output (only its declared arrays and plots),
-    the Dask client, and the job's output location (for checkpoints)."""
+    the Dask client, its part of the job's plan, and the runtime services the lifecycle
+    hands it (checkpoints) — so a method imports no cluster or storage code."""
 
     method: Method
     out: RunOutput
     client: Client | None
     job_name: str
-    output: OutputSpec
+    plan: MethodPlan
     backend: str = "numpy"  # where the blocks live: numpy (host) or cupy (device)
-    sparse_bytes: int | None = None  # a sparse input's size in memory (for keep_in_memory)
-    predicted_peak: int | None = None  # bytes per worker, set by row_blocks
+    checkpoints: CheckpointStore | None = None  # this job's, for methods that checkpoint
 
     def write(self, name: str, x: Any) -> Any:
         """Write a declared factor array; a dask array returns a lazy store to compute."""
@@ -227,31 +183,29 @@ class RunContext:
             raise KeyError(f"{self.method.name} does not declare a plot {filename!r}")
         self.out.write_bytes(filename, png)
 
-    def row_blocks(self, a: da.Array, spec: MethodSpec, cost: Cost) -> tuple[da.Array, bool]:
-        """``a`` (transposed if ``cost`` says so) in the row blocks ``cost`` needs, checked
-        against the workers' memory and kept in memory when the method keeps it and it
-        fits; records the predicted peak memory per worker. Returns ``(blocks, kept)``."""
-        from pipeline.cluster import check_block_memory
-        from pipeline.memory import predicted_peak, workers_of
+    def blocks(self, a: da.Array, spec: MethodSpec) -> da.Array:
+        """``a`` laid out as the plan says — densified, transposed and in its row blocks —
+        and kept in memory when the plan keeps it.
 
-        a = method_blocks(a, spec, cost)
-        check_block_memory(self.client, a, cost.buffers, self.method.name)
-        kept = False
-        if cost.keeps:
-            a, kept = self.keep_in_memory(a)
-        workers = workers_of(self.client)
-        if workers is not None:
-            size = block_bytes(a, self.sparse_bytes)
-            self.predicted_peak = predicted_peak(cost, a.chunks[0], size, kept, workers)
-            if workers.memory_limit and self.predicted_peak > workers.memory_limit:
-                log.warning(
-                    "%s: predicted peak %.0f MiB per worker exceeds memory_limit %.0f MiB; "
-                    "raise cluster.memory_limit or lower block_rows of the method",
-                    self.method.name,
-                    self.predicted_peak / 2**20,
-                    workers.memory_limit / 2**20,
-                )
-        return a, kept
+        Raises
+        ------
+        RuntimeError
+            When the input no longer gives the planned blocks (a plan made for another
+            input: a bug, never a user error).
+        """
+        plan = self.plan
+        x = method_blocks(a, spec.block_rows, plan.cost, plan.densify)
+        if tuple(x.chunks[0]) != plan.rows:
+            raise RuntimeError(f"{self.method.name}: the input's row blocks differ from the plan")
+        if plan.kept:
+            log.info(
+                "input (%.2f GiB) kept in memory: reading it once for %d passes",
+                plan.kept_bytes / 2**30,
+                plan.cost.passes,
+            )
+            return x.persist()
+        log.info("input streamed from storage on every pass")
+        return x
 
     def watch_pass(self, prefix: str, blocks: int, passes: int, done: int) -> Any:
         """A context in which the blocks of pass ``done + 1`` of ``passes`` are reported as
@@ -269,20 +223,34 @@ class RunContext:
 
         return watch_blocks(self.client, prefix, on_count)
 
-    def keep_in_memory(self, a: da.Array) -> tuple[da.Array, bool]:
-        """Persist ``a`` on the cluster when it fits (:func:`pipeline.cluster.keep_in_memory`)."""
-        from pipeline.backend import is_sparse
-        from pipeline.cluster import keep_in_memory
 
-        nbytes = self.sparse_bytes if is_sparse(a._meta) else None
-        return keep_in_memory(a, self.client, on_device=self.backend != "numpy", nbytes=nbytes)
+class CheckpointStore(Protocol):
+    """A job's checkpoint (see :class:`pipeline.checkpoints.Checkpoints`)."""
+
+    def exists(self) -> bool: ...
+
+    def save(
+        self,
+        identity: dict[str, Any],
+        state: dict[str, Any],
+        tall: dict[str, Any],
+        small: dict[str, Any],
+    ) -> None: ...
+
+    def load(
+        self, identity: dict[str, Any], row_chunks: tuple[int, ...]
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]: ...
 
 
-def method_blocks(a: da.Array, spec: MethodSpec, cost: Cost) -> da.Array:
-    """The row blocks a method with ``cost`` factorizes (``a`` transposed if it says so)."""
+def method_blocks(a: da.Array, block_rows: int | None, cost: Cost, densify: bool) -> da.Array:
+    """The row blocks a method with ``cost`` factorizes: ``a`` densified one row block at a
+    time (a sparse input of a dense method), transposed if ``cost`` says so, in row blocks
+    of ``block_rows`` or the default size."""
+    from pipeline.io.sparse import densified
     from pipeline.linalg import row_blocks
 
-    return row_blocks(a.T if cost.transpose else a, spec.block_rows, min_rows=cost.min_rows)
+    x = densified(a) if densify else a
+    return row_blocks(x.T if cost.transpose else x, block_rows, min_rows=cost.min_rows)
 
 
 def block_bytes(a: da.Array, sparse_bytes: int | None = None) -> int:

@@ -16,15 +16,20 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field
 
-from pipeline.memory import Cost
-from pipeline.methods.base import AnnDataSlots, FactorArray, Method, MethodSpec, RunContext
+from pipeline.cost import Cost
+from pipeline.methods.base import (
+    AnnDataSlots,
+    CheckpointStore,
+    FactorArray,
+    Method,
+    MethodSpec,
+    RunContext,
+)
 from pipeline.progress import Progress, report
 
 if TYPE_CHECKING:
     import dask.array as da
 
-    from pipeline.checkpoints import Checkpoints
-    from pipeline.config import OutputSpec
     from pipeline.linalg import NMFState
 
 log = logging.getLogger(__name__)
@@ -32,12 +37,6 @@ log = logging.getLogger(__name__)
 PLOT = "nmf_convergence.png"
 CHECKPOINT_SECONDS = 60  # default spacing of checkpoints without checkpoint_every
 LOG_SECONDS = 5
-# Block-sized arrays a task holds at once: the block (W_i and the products are narrow)
-# and the row chunks a rechunk merges into it.
-BLOCK_BUFFERS = 2
-# Tall state per row block: W and its update, or during NNDSVD the sketches of the
-# randomized SVD (three of rank + 10 columns, see pipeline.methods.rsvd).
-SKETCH_OVERSAMPLE = 10
 
 
 class NMFSpec(MethodSpec):
@@ -77,23 +76,10 @@ def check(spec: NMFSpec, shape: tuple[int, int], where: str) -> None:
 
 
 def cost(spec: NMFSpec, shape: tuple[int, int]) -> Cost:
-    """A pass for the input's statistics, the NNDSVD's passes, then one per iteration up
-    to ``max_iter`` (fewer when it converges); the input is kept in memory when it fits."""
-    from pipeline.linalg import rsvd_passes
-    from pipeline.linalg.nmf import INIT_POWER_ITERS
-    from pipeline.methods.rsvd import SKETCHES_KEPT
+    """NMF's cost (:func:`pipeline.linalg.nmf_cost`) for this spec."""
+    from pipeline.linalg import nmf_cost
 
-    width = min(spec.rank + SKETCH_OVERSAMPLE, *shape)
-    init = 0 if spec.init == "random" else rsvd_passes(INIT_POWER_ITERS)
-    return Cost(
-        passes=1 + init + spec.max_iter,
-        exact=False,
-        columns=shape[1],
-        min_rows=width,
-        buffers=BLOCK_BUFFERS,
-        keeps=True,
-        state_columns=max(2 * spec.rank, SKETCHES_KEPT * width * bool(init)),
-    )
+    return nmf_cost(shape, rank=spec.rank, init=spec.init, max_iter=spec.max_iter)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -111,13 +97,13 @@ def _identity(spec: NMFSpec, a: da.Array) -> dict[str, Any]:
     }
 
 
-def _save(store: Checkpoints, st: NMFState, w: da.Array, spec: NMFSpec, a: da.Array) -> None:
+def _save(store: CheckpointStore, st: NMFState, w: da.Array, spec: NMFSpec, a: da.Array) -> None:
     state = {"iteration": st.iteration, "history": st.history, "converged": st.converged}
     store.save(_identity(spec, a), state, tall={"W": w}, small={"H": st.h})
     log.info("nmf: checkpoint at iteration %d", st.iteration)
 
 
-def _load(store: Checkpoints, spec: NMFSpec, a: da.Array) -> NMFState:
+def _load(store: CheckpointStore, spec: NMFSpec, a: da.Array) -> NMFState:
     from pipeline.backend import blocks_like
     from pipeline.linalg import NMFState
 
@@ -132,13 +118,6 @@ def _load(store: Checkpoints, spec: NMFSpec, a: da.Array) -> NMFState:
     )
 
 
-def remove_checkpoint(output: OutputSpec, name: str) -> None:
-    """The published result supersedes the checkpoint."""
-    from pipeline.checkpoints import Checkpoints
-
-    Checkpoints(output, name).remove()
-
-
 # --------------------------------------------------------------------------- runner
 
 
@@ -147,14 +126,13 @@ def run(spec: NMFSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     import dask
 
     from pipeline import metrics as mx
-    from pipeline.checkpoints import Checkpoints
     from pipeline.linalg import nmf, rsvd_passes
     from pipeline.linalg.nmf import INIT_POWER_ITERS
     from pipeline.plots import convergence_png
 
     m, n = a.shape
-    a, persisted = ctx.row_blocks(a, spec, cost(spec, (m, n)))
-    store = Checkpoints(ctx.output, ctx.job_name)
+    a = ctx.blocks(a, spec)
+    store = ctx.checkpoints
     state = None
     if spec.resume and store.exists():
         state = _load(store, spec, a)
@@ -209,7 +187,7 @@ def run(spec: NMFSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         )
     ctx.write("H", res.h)
     w_store = ctx.write("W", res.w)
-    if persisted:  # the input is in memory: measure the residual directly, for free
+    if ctx.plan.kept:  # the input is in memory: measure the residual directly, for free
         _, rsq = dask.compute(w_store, mx.residual_sq(res.a, res.w, res.h))
         residual, method = mx.relative(float(rsq), res.sumsq), "direct"
     else:
@@ -230,7 +208,7 @@ def run(spec: NMFSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         "resumed_from": start_iteration or None,
         "fro_norm": float(np.sqrt(res.sumsq)),
         "passes": passes,
-        "reads_from_storage": 1 if persisted else passes,
+        "reads_from_storage": 1 if ctx.plan.kept else passes,
     }
 
 
@@ -246,5 +224,5 @@ METHOD = Method(
     headline=("residual_rel", "iterations", "converged", "passes", "seconds"),
     plots=(PLOT,),
     example={"method": "nmf", "rank": 3, "max_iter": 12, "tol": 0, "checkpoint_every": 4},
-    on_published=remove_checkpoint,
+    checkpoints=True,
 )

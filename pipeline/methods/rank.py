@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
-from pipeline.methods.base import StrictModel
+from pipeline.sections import StrictModel
 
 log = logging.getLogger(__name__)
 

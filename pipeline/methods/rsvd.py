@@ -20,8 +20,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import numpy as np
 from pydantic import BeforeValidator, Field
 
-from pipeline.memory import Cost
-from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext, spectral_slots
+from pipeline.cost import Cost
+from pipeline.methods.base import (
+    SPECTRAL_HEADLINE,
+    Method,
+    MethodSpec,
+    RunContext,
+    spectral_arrays,
+    spectral_slots,
+)
 from pipeline.methods.rank import Rank, RankRule, apply_rule, max_rank
 from pipeline.progress import Progress, report
 
@@ -29,12 +36,6 @@ if TYPE_CHECKING:
     import dask.array as da
 
 log = logging.getLogger(__name__)
-
-# Block-sized arrays a task holds at once: the block (its products with the sketch are
-# narrow) and the row chunks a rechunk merges into it.
-BLOCK_BUFFERS = 2
-# Tall state per row block between passes: the sketch Y, its orthonormal basis Q and U.
-SKETCHES_KEPT = 3
 
 PLOT = "rsvd_spectrum.png"
 POWER_ITERS_MAX = 100  # a fixed count above it is a typo, not a plan
@@ -115,23 +116,16 @@ def _computed_rank(spec: RSVDSpec, shape: tuple[int, int]) -> int:
 
 
 def cost(spec: RSVDSpec, shape: tuple[int, int]) -> Cost:
-    """``power_iters + 1`` passes (one for the single-pass sketch; up to the cap + 1 for
-    ``auto``), plus a direct residual pass when asked for (or, unasked, when the exact
-    formula has lost its digits)."""
-    from pipeline.linalg import rsvd_passes
+    """The randomized SVD's cost (:func:`pipeline.linalg.rsvd_cost`) for this spec."""
+    from pipeline.linalg import rsvd_cost
 
-    width = min(_computed_rank(spec, shape) + spec.oversample, *shape)
-    passes = rsvd_passes(spec.power_iters, spec.single_pass)
-    maybe_direct = spec.measure_residual is None and not spec.single_pass
-    auto = spec.power_iters == "auto" and not spec.single_pass
-    return Cost(
-        passes=passes + int(bool(spec.measure_residual) or maybe_direct),
-        exact=not (maybe_direct or auto),
-        columns=shape[1],
-        min_rows=width,
-        buffers=BLOCK_BUFFERS,
-        keeps=passes > 1 or bool(spec.measure_residual),
-        state_columns=SKETCHES_KEPT * width,
+    return rsvd_cost(
+        shape,
+        rank=_computed_rank(spec, shape),
+        oversample=spec.oversample,
+        power_iters=spec.power_iters,
+        single_pass=spec.single_pass,
+        measure_residual=spec.measure_residual,
     )
 
 
@@ -189,15 +183,14 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     import dask
 
     from pipeline import metrics as mx
-    from pipeline.linalg import rsvd, rsvd_passes
-    from pipeline.linalg.tsqr import UNOPTIMIZED
+    from pipeline.linalg import compute_again, rsvd, rsvd_passes
     from pipeline.plots import spectrum_png
 
     t0 = time.perf_counter()
     m, n = a.shape
     computed = _computed_rank(spec, (m, n))
     width = min(computed + spec.oversample, m, n)
-    a, persisted = ctx.row_blocks(a, spec, cost(spec, (m, n)))
+    a = ctx.blocks(a, spec)
     most = rsvd_passes(spec.power_iters, spec.single_pass)
     log.info(
         "rsvd: rank %s (sketch %d) of %d × %d %s, %s; %s%d passes over the input",
@@ -234,19 +227,14 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     store = ctx.write("U", res.u)
     _, g = dask.compute(store, mx.gram(res.u))
 
-    eps = float(np.finfo(a.dtype).eps)
-    formula = res.residual_sumsq
-    direct = spec.measure_residual or (
-        spec.measure_residual is None
-        and formula is not None
-        and formula < 1e3 * eps * res.total_sumsq  # the difference has lost its digits
-    )
-    if direct:
+    residual_method = res.residual_rule(spec.measure_residual)
+    if residual_method == "direct":
         approx = s64[:, None] * vt64
-        rsq = float(mx.residual_sq(res.a, res.u, approx, res.mean64).compute(**UNOPTIMIZED))
+        (rsq,) = compute_again(mx.residual_sq(res.a, res.u, approx, res.mean64))
+        rsq = float(rsq)
         passes += 1
     else:
-        rsq = formula
+        rsq = res.residual_sumsq
     total = res.total_sumsq  # ‖A − 1μᵀ‖² when centred, else ‖A‖²
     # ‖A − (1μᵀ + U S Vt)‖ is one numerator; the contract's residual_rel divides it by ‖A‖
     result: dict[str, Any] = {
@@ -254,12 +242,12 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         "sketch_width": width,
         "singular_values": s64.tolist(),
         "residual_rel": None if rsq is None else mx.relative(rsq, res.input_sumsq),
-        "residual_method": "direct" if direct else ("formula" if rsq is not None else None),
+        "residual_method": residual_method,
         "orthogonality_u": mx.orthogonality_from_gram(g),
         "orthogonality_v": mx.orthogonality_from_gram(vt64 @ vt64.T),
         "fro_norm": float(np.sqrt(res.input_sumsq)),
         "passes": passes,
-        "reads_from_storage": 1 if persisted else passes,
+        "reads_from_storage": 1 if ctx.plan.kept else passes,
         "single_pass": spec.single_pass,
         **convergence,
     }
@@ -278,20 +266,8 @@ METHOD = Method(
     check=check,
     run=run,
     cost=cost,
-    arrays=(
-        FactorArray("U", ("row", "component")),
-        FactorArray("S", ("component",)),
-        FactorArray("Vt", ("component", "col")),
-        FactorArray("mean", ("col",), when=lambda spec: spec.center),
-    ),
-    headline=(
-        "residual_rel",
-        "orthogonality_u",
-        "orthogonality_v",
-        "energy_retained",
-        "passes",
-        "seconds",
-    ),
+    arrays=spectral_arrays(),
+    headline=SPECTRAL_HEADLINE,
     plots=(PLOT,),
     example={"method": "rsvd", "rank": 3},
 )

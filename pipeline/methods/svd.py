@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from pipeline.memory import Cost
+from pipeline.cost import Cost
 from pipeline.methods.base import (
-    FactorArray,
+    SPECTRAL_HEADLINE,
     Method,
     MethodSpec,
     RunContext,
     check_tall_input,
+    spectral_arrays,
     spectral_slots,
 )
 from pipeline.methods.rank import Rank, RankRule, apply_rule, max_rank
@@ -33,10 +34,6 @@ if TYPE_CHECKING:
     import dask.array as da
 
 log = logging.getLogger(__name__)
-
-# Block-sized arrays a task holds at once: TSQR's three (see pipeline.methods.tsqr), and
-# with center: true the block widened by its constant column.
-BLOCK_BUFFERS = 3
 
 PLOT = "svd_spectrum.png"
 
@@ -78,23 +75,10 @@ def check(spec: SVDSpec, shape: tuple[int, int], where: str) -> None:
 
 
 def cost(spec: SVDSpec, shape: tuple[int, int]) -> Cost:
-    """TSQR's cost (see :mod:`pipeline.methods.tsqr`); centring widens each block by its
-    constant column, so blocks need ``n + 1`` rows and one more buffer."""
-    from pipeline.methods.tsqr import BLOCK_SQUARES, NODE_SQUARES
+    """The exact SVD's cost (:func:`pipeline.linalg.svd_cost`) for this spec."""
+    from pipeline.linalg import svd_cost
 
-    n = (shape[0] if spec.transpose else shape[1]) + int(spec.center)
-    return Cost(
-        passes=2 if spec.u else 1,
-        exact=True,
-        columns=n,
-        min_rows=n,
-        buffers=BLOCK_BUFFERS + int(spec.center),
-        keeps=spec.u,
-        block_squares=BLOCK_SQUARES,
-        node_squares=NODE_SQUARES,
-        output_blocks=int(spec.u),  # Q_i, multiplied into U_i
-        transpose=spec.transpose,
-    )
+    return svd_cost(shape, compute_u=spec.u, transpose=spec.transpose, center=spec.center)
 
 
 def _apply_rank_rule(spec: SVDSpec, res: Any) -> tuple[Any, dict[str, Any]]:
@@ -110,16 +94,13 @@ def _apply_rank_rule(spec: SVDSpec, res: Any) -> tuple[Any, dict[str, Any]]:
 
 def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     """Factorize, write the factors of A and the spectrum plot, measure."""
-    import dask
-
     from pipeline import metrics as mx
-    from pipeline.linalg import svd
-    from pipeline.linalg.tsqr import Q_TIMES_PASS_TASK, R_PASS_TASK, UNOPTIMIZED
+    from pipeline.linalg import compute_again, svd
+    from pipeline.linalg.tsqr import Q_TIMES_PASS_TASK, R_PASS_TASK
     from pipeline.plots import spectrum_png
 
-    plan = cost(spec, a.shape)
-    passes = plan.passes
-    tall, persisted = ctx.row_blocks(a, spec, plan)
+    passes = ctx.plan.cost.passes
+    tall = ctx.blocks(a, spec)
     (m, n), blocks = tall.shape, tall.numblocks[0]
     log.info(
         "svd: %d × %d %s%s in %d row blocks; %d pass(es)",
@@ -148,7 +129,7 @@ def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         store = ctx.write(tall_name, res.u.T if spec.transpose else res.u)
         residual = mx.residual_sq(res.a, res.u, s64[:, None] * vt64, res.mean)
         with ctx.watch_pass(Q_TIMES_PASS_TASK, blocks, passes, 1):
-            _, rsq, g = dask.compute(store, residual, mx.gram(res.u), **UNOPTIMIZED)
+            _, rsq, g = compute_again(store, residual, mx.gram(res.u))
         rsq, method = float(rsq), "direct"
         orthogonality[tall_name] = mx.orthogonality_from_gram(g)
     else:  # exact up to rounding: the squared singular values beyond the kept ones
@@ -166,7 +147,7 @@ def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         "block_methods": res.block_methods,
         "fro_norm": float(np.sqrt(res.sumsq)),
         "passes": res.passes,
-        "reads_from_storage": 1 if (persisted or not spec.u) else res.passes,
+        "reads_from_storage": ctx.plan.reads,
     }
     total = res.centred_sumsq  # Σ all σ²: ‖A − 1μᵀ‖² when centred, else ‖A‖²
     if spec.center:
@@ -191,20 +172,8 @@ METHOD = Method(
     check=check,
     run=run,
     cost=cost,
-    arrays=(
-        FactorArray("U", ("row", "component"), when=_writes_u),
-        FactorArray("S", ("component",)),
-        FactorArray("Vt", ("component", "col"), when=_writes_vt),
-        FactorArray("mean", ("col",), when=lambda spec: spec.center),
-    ),
-    headline=(
-        "residual_rel",
-        "orthogonality_u",
-        "orthogonality_v",
-        "energy_retained",
-        "passes",
-        "seconds",
-    ),
+    arrays=spectral_arrays(_writes_u, _writes_vt),
+    headline=SPECTRAL_HEADLINE,
     plots=(PLOT,),
     example={"method": "svd", "center": True},
 )

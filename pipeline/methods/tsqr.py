@@ -14,22 +14,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field
 
-from pipeline.memory import Cost
+from pipeline.cost import Cost
 from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext, check_tall_input
 
 if TYPE_CHECKING:
     import dask.array as da
 
 log = logging.getLogger(__name__)
-
-# Block-sized arrays a task holds at once: the block and two Cholesky-QR iterates (or
-# Householder's copy and Q; while a rechunk merges row chunks: the chunks and the block).
-BLOCK_BUFFERS = 3
-# n × n arrays kept per row block: its R, up to three more Cholesky factors and the
-# transform Q needs. A tree node stacks its children's R and holds the stack, its QR's
-# copy and Q: about four per child.
-BLOCK_SQUARES = 4
-NODE_SQUARES = 4
 
 
 class TSQRSpec(MethodSpec):
@@ -46,35 +37,22 @@ def check(spec: TSQRSpec, shape: tuple[int, int], where: str) -> None:
 
 
 def cost(spec: TSQRSpec, shape: tuple[int, int]) -> Cost:
-    """One pass for ``R``, a second for ``Q`` (the input kept in memory between them)."""
-    n = shape[0] if spec.transpose else shape[1]
-    return Cost(
-        passes=2 if spec.q else 1,
-        exact=True,
-        columns=n,
-        min_rows=n,
-        buffers=BLOCK_BUFFERS,
-        keeps=spec.q,
-        block_squares=BLOCK_SQUARES,
-        node_squares=NODE_SQUARES,
-        output_blocks=int(spec.q),
-        transpose=spec.transpose,
-    )
+    """TSQR's cost (:func:`pipeline.linalg.tsqr_cost`) for this spec."""
+    from pipeline.linalg import tsqr_cost
+
+    return tsqr_cost(shape, compute_q=spec.q, transpose=spec.transpose)
 
 
 def run(spec: TSQRSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
     """Factorize, write ``R`` (and ``Q`` with its residual and orthogonality)."""
-    import dask
-
     from pipeline import metrics as mx
     from pipeline.backend import to_host
-    from pipeline.linalg import tsqr
-    from pipeline.linalg.tsqr import Q_PASS_TASK, R_PASS_TASK, UNOPTIMIZED
+    from pipeline.linalg import compute_again, tsqr
+    from pipeline.linalg.tsqr import Q_PASS_TASK, R_PASS_TASK
 
     t0 = time.perf_counter()
-    plan = cost(spec, a.shape)
-    passes = plan.passes
-    a, persisted = ctx.row_blocks(a, spec, plan)
+    passes = ctx.plan.cost.passes
+    a = ctx.blocks(a, spec)
     blocks = a.numblocks[0]
     log.info(
         "tsqr: %d × %d %s in %d row blocks; pass 1/%d computes R",
@@ -98,15 +76,13 @@ def run(spec: TSQRSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         "blocks": blocks,
         "block_methods": res.block_methods,
         "passes": passes,
-        "reads_from_storage": 1 if (persisted or not spec.q) else 2,
+        "reads_from_storage": ctx.plan.reads,
     }
     if spec.q:
         log.info("tsqr: pass 2/2 writes Q and computes residual and orthogonality")
         store = ctx.write("Q", res.q)
         with ctx.watch_pass(Q_PASS_TASK, blocks, passes, 1):
-            _, rsq, g = dask.compute(
-                store, mx.residual_sq(res.a, res.q, res.r), mx.gram(res.q), **UNOPTIMIZED
-            )
+            _, rsq, g = compute_again(store, mx.residual_sq(res.a, res.q, res.r), mx.gram(res.q))
         result["residual_rel"] = mx.relative(float(rsq), res.sumsq)
         result["orthogonality"] = mx.orthogonality_from_gram(g)
     else:
