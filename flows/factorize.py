@@ -33,7 +33,7 @@ from pydantic import BeforeValidator
 from pipeline.cluster import cluster_from_spec
 from pipeline.config import JobConfig, check_unique_names, config_from_any
 from pipeline.errors import UserError
-from pipeline.io.stores import split_url
+from pipeline.io.stores import location_of
 from pipeline.jobs import (
     PreparedRun,
     Steps,
@@ -178,8 +178,8 @@ def _published_plots(report: dict[str, Any], output: OutputSpec) -> dict[str, by
     A plot that cannot be read is left out (with a warning): the report then names its
     path, and the job, already published, does not fail for a picture.
     """
-    fs, root = split_url(output.url, output.storage_options)
-    folder = f"{root.rstrip('/')}/{report['name']}"
+    where = location_of(output).join(report["name"])
+    fs, folder = where.fs, where.path
     plots = {}
     for method in report.get("methods", {}):
         for plot in METHODS[method].plots:

@@ -25,8 +25,7 @@ import zarr
 from pipeline.backend import host_blocks
 from pipeline.errors import InputError
 from pipeline.io.artifacts import remove_tree, replace_tree
-from pipeline.io.stores import is_local, split_url, zarr_store
-from pipeline.sections import OutputSpec
+from pipeline.io.stores import Location
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +35,14 @@ STATE = "state.json"
 class Checkpoints:
     """Save and load one job's checkpoint: tall dask arrays, small numpy arrays, a state."""
 
-    def __init__(self, output: OutputSpec, name: str) -> None:
-        self.output = output
-        self.fs, root = split_url(output.url, output.storage_options)
-        self.root = root.rstrip("/")
+    def __init__(self, out: Location, name: str) -> None:
+        self.out = out
+        self.fs = out.fs
+        self.root = out.path.rstrip("/")
         self.path = f"{self.root}/.{name}.checkpoint"
 
     def _url(self, path: str) -> str:
-        return path if is_local(self.fs) else self.fs.unstrip_protocol(path)
+        return self.out.at(path).full_url
 
     def exists(self) -> bool:
         """Whether a complete checkpoint is there."""
@@ -76,9 +75,7 @@ class Checkpoints:
         """Write a complete checkpoint into ``tmp``, ``state.json`` last."""
         self.fs.makedirs(tmp, exist_ok=True)
         for key, x in tall.items():
-            store = zarr_store(
-                self._url(f"{tmp}/{key}.zarr"), self.output.storage_options, read_only=False
-            )
+            store = self.out.at(f"{tmp}/{key}.zarr").zarr_store(read_only=False)
             rows = max(x.chunks[0])
             target = zarr.create_array(
                 store=store, shape=x.shape, dtype=x.dtype, chunks=(rows, *x.shape[1:])
@@ -113,7 +110,7 @@ class Checkpoints:
         for path in self.fs.ls(self.path, detail=False):
             key = path.rstrip("/").rsplit("/", 1)[-1]
             if key.endswith(".zarr"):
-                store = zarr_store(self._url(path), self.output.storage_options, read_only=True)
+                store = self.out.at(path).zarr_store(read_only=True)
                 arr = zarr.open_array(store=store, mode="r")
                 tall[key.removesuffix(".zarr")] = da.from_zarr(
                     arr, chunks=(row_chunks, *arr.shape[1:])

@@ -39,7 +39,8 @@ from pipeline.io.anndata_out import ADATA, write_anndata_output
 from pipeline.io.artifacts import RunOutput, check_output_free, read_published
 from pipeline.io.owners import remove_stale_staging
 from pipeline.io.preflight import check_input_creatable, check_output_apart, check_output_writable
-from pipeline.io.source import InputManifest, open_matrix
+from pipeline.io.source import InputManifest, locate_input, open_matrix
+from pipeline.io.stores import location_of
 from pipeline.memory import measure_peaks
 from pipeline.methods import METHODS, RunContext
 from pipeline.plan import JobPlan, plan_run
@@ -98,8 +99,9 @@ class PreparedRun:
         return [spec.method for spec in self.config.methods]
 
     def output(self) -> RunOutput:
-        """The run's staging output."""
-        return RunOutput(self.config.output, self.config.name, staging=self.staging)
+        """The run's staging output (its location made once, here)."""
+        spec = self.config.output
+        return RunOutput(location_of(spec), self.config.name, self.staging, spec.overwrite)
 
 
 # --------------------------------------------------------------------------- checks
@@ -133,9 +135,10 @@ def inspect_job(config: JobConfig, *, output: bool = True) -> InputManifest:
     check_backend_available(config.compute, config.cluster)
     _, manifest = open_matrix(config.input, check_chunks=True)
     check_methods(config, manifest.shape)
-    check_output_writable(config.output, config.name)  # also in prepare: flows skip the CLI
+    out = location_of(config.output)
+    check_output_writable(out, config.name)  # also in prepare: flows skip the CLI
     if output:
-        check_output_free(config.output, config.name)
+        check_output_free(out, config.name, config.output.overwrite)
     return manifest
 
 
@@ -155,8 +158,9 @@ def precheck(config: JobConfig) -> InputManifest | None:
         check_cluster_available(config.cluster)
         check_backend_available(config.compute, config.cluster)
         check_input_creatable(config.input)
-        check_output_writable(config.output, config.name)
-        check_output_free(config.output, config.name)
+        out = location_of(config.output)
+        check_output_writable(out, config.name)
+        check_output_free(out, config.name, config.output.overwrite)
         return None
     if completed_result(config) is not None:
         return open_matrix(config.input)[1]
@@ -175,7 +179,7 @@ def completed_result(config: JobConfig) -> dict[str, Any] | None:
     """
     if not config.skip_if_complete or input_will_be_created(config.input):
         return None
-    report = read_published(config.output, config.name)
+    report = read_published(location_of(config.output), config.name)
     if report is None:
         return None
     _, manifest = open_matrix(config.input)
@@ -200,8 +204,9 @@ def prepare(config: JobConfig) -> PreparedRun:
     manifest = inspect_job(config, output=False)  # out.begin() refuses an existing output
     if config.skip_if_complete:  # lists the input store: only when asked for
         manifest = replace(manifest, fingerprint=job_fingerprint(config, manifest))
-    remove_stale_staging(config.output, config.name)  # of runs killed outright
-    out = RunOutput(config.output, config.name)
+    where = location_of(config.output)
+    remove_stale_staging(where, config.name)  # of runs killed outright
+    out = RunOutput(where, config.name, overwrite=config.output.overwrite)
     out.begin()  # removes what it created when it fails
     try:
         log.info(
@@ -249,14 +254,15 @@ def compute(run: PreparedRun, index: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     client = _current_client()
     a, _ = open_matrix(config.input, on_device=job_plan.backend != "numpy")
+    out = run.output()
     ctx = RunContext(
         method,
-        run.output(),
+        out,
         client,
         config.name,
         job_plan.methods[index],
         job_plan.backend,
-        Checkpoints(config.output, config.name) if method.checkpoints else None,
+        Checkpoints(out.out, config.name) if method.checkpoints else None,
     )
     report_progress(Progress(config.name, spec.method, 0, 1, "step"))
     with guard_workers(client, spec.method), measure_peaks(client) as peaks:
@@ -311,14 +317,14 @@ def publish(run: PreparedRun, results: dict[str, dict[str, Any]]) -> dict[str, A
             for spec in config.methods
             if METHODS[spec.method].anndata is not None
         }
-        if write_anndata_output(out, config.input, slots, results):
+        if write_anndata_output(out, locate_input(config.input), slots, results):
             report["anndata"] = ADATA
         out.write_bytes(REPORT, report_markdown(report).encode())
     out.publish(report)  # idempotent; also removes staging a first try left behind
     if any(METHODS[spec.method].checkpoints for spec in config.methods):
         from pipeline.checkpoints import Checkpoints
 
-        Checkpoints(config.output, config.name).remove()  # the result supersedes them
+        Checkpoints(out.out, config.name).remove()  # the result supersedes them
     log.info("%s: result published at %s", config.name, report["output"])
     return report
 

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from pipeline.config import JobConfig
     from pipeline.io.source import InputManifest
+    from pipeline.io.stores import Location
     from pipeline.sections import ClusterSpec
 
 log = logging.getLogger(__name__)
@@ -120,15 +121,12 @@ def local_workers(spec: ClusterSpec) -> Workers | None:
     return Workers(count, threads, int(limit or 0))
 
 
-def stored_size(config: JobConfig) -> int | None:
-    """Bytes of the input array (or sparse group) on storage, from one listing."""
-    from pipeline.io.stores import split_url
-
-    spec = config.input
-    fs, root = split_url(spec.url, spec.storage_options)
-    path = f"{root.rstrip('/')}/{spec.array}" if spec.array else root
+def stored_size(at: Location, array: str | None) -> int | None:
+    """Bytes of the input ``array`` (or sparse group) of the store ``at`` on storage, from
+    one listing."""
+    path = at.join(array).path if array else at.path
     try:
-        return int(fs.du(path, total=True))
+        return int(at.fs.du(path, total=True))
     except (OSError, ValueError):
         return None
 
@@ -168,17 +166,17 @@ def make_plan(
     manifest: InputManifest | None,
     workers: Workers | None,
     backend: str = "numpy",
+    stored: int | None = None,
 ) -> JobPlan:
     """The plan of ``config`` on the opened input ``a`` (``manifest``: what was opened,
-    ``None`` for a dense input the run will create) and ``workers`` (``None``: not known
-    before the run)."""
+    ``None`` for a dense input the run will create; ``stored``: its bytes on storage) and
+    ``workers`` (``None``: not known before the run)."""
     sparse_bytes = manifest.stored_bytes if manifest is not None else None
     in_memory = sparse_bytes if sparse_bytes is not None else a.nbytes
     on_device = backend != "numpy"
     methods = tuple(
         _method_plan(spec, a, sparse_bytes, workers, on_device) for spec in config.methods
     )
-    stored = stored_size(config) if manifest is not None else None
     return JobPlan(
         config.name, a.shape, str(a.dtype), int(in_memory), stored, workers, backend, methods
     )
@@ -190,7 +188,7 @@ def plan_job(config: JobConfig) -> JobPlan | None:
     cluster); ``None`` for a sparse input the run will create (its non-zeros, which set
     the blocks, are not known before)."""
     from pipeline.datasets import input_will_be_created, synthetic_array
-    from pipeline.io.source import open_matrix
+    from pipeline.io.source import locate_input, open_matrix
     from pipeline.sections import SPARSE_KINDS
 
     if input_will_be_created(config.input):
@@ -198,8 +196,10 @@ def plan_job(config: JobConfig) -> JobPlan | None:
         if spec.kind in SPARSE_KINDS:
             return None
         return make_plan(config, synthetic_array(spec), None, local_workers(config.cluster))
-    a, manifest = open_matrix(config.input)
-    return make_plan(config, a, manifest, local_workers(config.cluster))
+    at = locate_input(config.input)
+    a, manifest = open_matrix(config.input, at=at)
+    stored = stored_size(at, manifest.array)
+    return make_plan(config, a, manifest, local_workers(config.cluster), stored=stored)
 
 
 def plan_run(config: JobConfig, client: Client | None) -> JobPlan:
@@ -213,12 +213,13 @@ def plan_run(config: JobConfig, client: Client | None) -> JobPlan:
     """
     from pipeline.backend import resolve_backend
     from pipeline.cluster import plan_workers
-    from pipeline.io.source import open_matrix
+    from pipeline.io.source import locate_input, open_matrix
 
     backend = resolve_backend(config.compute, config.cluster, client)
-    a, manifest = open_matrix(config.input, on_device=backend != "numpy")
+    at = locate_input(config.input)
+    a, manifest = open_matrix(config.input, on_device=backend != "numpy", at=at)
     workers = plan_workers(client, on_device=backend != "numpy")
-    plan = make_plan(config, a, manifest, workers, backend)
+    plan = make_plan(config, a, manifest, workers, backend, stored_size(at, manifest.array))
     for p in plan.methods:
         if not p.sparse:
             n = plan.shape[0] if p.cost.transpose else plan.shape[1]

@@ -25,8 +25,9 @@ import psutil
 import pytest
 from conftest import REPO, factorize_cmd, job_dict, write_array, write_job
 
-from pipeline.config import OutputSpec, load_config
+from pipeline.config import load_config
 from pipeline.io.owners import OWNER, owner_record, remove_stale_staging
+from pipeline.io.stores import locate
 from pipeline.lifetime import needs_api_server
 
 pytestmark = pytest.mark.slow
@@ -265,7 +266,7 @@ def test_only_staging_of_dead_local_owners_is_removed(tmp_path):
         "no-owner": _fake_staging(tmp_path, "no-owner", None),
         "other-job": _fake_staging(tmp_path, "x", {**me, "pid": ended.pid}, name="other"),
     }
-    removed = remove_stale_staging(OutputSpec(url=str(tmp_path)), "job")
+    removed = remove_stale_staging(locate(str(tmp_path)), "job")
     gone = {key for key, folder in folders.items() if not folder.exists()}
     assert gone == {"dead", "pid-reused", "rebooted"}
     assert sorted(removed) == sorted(str(folders[key]) for key in gone)
@@ -290,11 +291,11 @@ def test_api_server_only_when_prefect_would_start_one(tmp_path, monkeypatch):
 def test_owner_is_recorded_in_local_staging_and_not_published(tmp_path):
     from pipeline.io.artifacts import RunOutput
 
-    out = RunOutput(OutputSpec(url=str(tmp_path)), "job")
+    out = RunOutput(locate(str(tmp_path)), "job")
     out.begin()
     owner = json.loads((Path(out.staging) / OWNER).read_text())
     assert owner["pid"] == os.getpid() and owner["start_ticks"] == owner_record()["start_ticks"]
-    assert remove_stale_staging(OutputSpec(url=str(tmp_path)), "job") == []  # alive: kept
+    assert remove_stale_staging(locate(str(tmp_path)), "job") == []  # alive: kept
     out.publish({"status": "completed"})
     assert not (tmp_path / "job" / OWNER).exists()
     assert (tmp_path / "job" / "metrics.json").exists()

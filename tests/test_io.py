@@ -16,10 +16,11 @@ import pytest
 import xarray as xr
 import zarr
 
-from pipeline.config import InputSpec, OutputSpec, SyntheticSpec
+from pipeline.config import InputSpec, SyntheticSpec
 from pipeline.datasets import synthetic_array, write_synthetic
 from pipeline.errors import ArtifactExistsError, InputError
 from pipeline.io import RunOutput, open_matrix
+from pipeline.io.stores import locate
 from tests.conftest import REPO, write_array
 
 
@@ -132,7 +133,7 @@ def test_bad_inputs(tmp_path, setup, spec_kw, match):
 
 
 def test_run_output_is_atomic_and_respects_overwrite(tmp_path):
-    spec = OutputSpec(url=str(tmp_path))
+    spec = locate(str(tmp_path))
     out = RunOutput(spec, "r1")
     out.begin()
     out.factor_array("tsqr", "R", np.eye(3), ("component", "col"))
@@ -150,7 +151,7 @@ def test_run_output_is_atomic_and_respects_overwrite(tmp_path):
     with pytest.raises(ArtifactExistsError, match="overwrite"):
         RunOutput(spec, "r1").begin()
     # overwrite: the old result stays intact until the new one is published
-    over = RunOutput(OutputSpec(url=str(tmp_path), overwrite=True), "r1")
+    over = RunOutput(locate(str(tmp_path)), "r1", overwrite=True)
     over.begin()
     over.factor_array("tsqr", "R", 2 * np.eye(3), ("component", "col"))
     assert xr.open_zarr(tmp_path / "r1" / "factors.zarr", group="tsqr")["R"][0, 0] == 1.0
@@ -160,7 +161,7 @@ def test_run_output_is_atomic_and_respects_overwrite(tmp_path):
 
 
 def test_abort_removes_staging_only(tmp_path):
-    out = RunOutput(OutputSpec(url=str(tmp_path)), "r2")
+    out = RunOutput(locate(str(tmp_path)), "r2")
     out.begin()
     staging = out.staging
     out.abort()
@@ -174,7 +175,7 @@ def test_object_store_publish_leaves_complete_result_only():
     import fsspec
 
     fs = fsspec.filesystem("memory")
-    out = RunOutput(OutputSpec(url="memory://results"), "r3")
+    out = RunOutput(locate("memory://results"), "r3")
     out.begin()
     out.factor_array("tsqr", "R", np.eye(2), ("component", "col"))
     try:
@@ -234,7 +235,7 @@ def test_overwriting_a_symlinked_name_leaves_no_link_aside(tmp_path):
     out.mkdir()
     (out / "r").symlink_to(elsewhere)
     (out / ".r.old-0123456789ab").symlink_to(elsewhere)  # a publisher killed between renames
-    new = RunOutput(OutputSpec(url=str(out), overwrite=True), "r")
+    new = RunOutput(locate(str(out)), "r", overwrite=True)
     new.begin()
     new.factor_array("tsqr", "R", np.eye(2), ("component", "col"))
     new.publish({"status": "completed", "v": 2})

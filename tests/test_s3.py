@@ -26,11 +26,11 @@ import pytest
 import zarr
 from s3server import ACCESS_KEY, SECRET_KEY, StallingProxy, moto_server, stalled_server
 
-from pipeline.config import OutputSpec, config_from_any
+from pipeline.config import config_from_any
 from pipeline.errors import ArtifactExistsError, ConfigError
 from pipeline.io.artifacts import RunOutput, check_output_free, read_published
 from pipeline.io.owners import claim_record, remove_stale_staging
-from pipeline.io.stores import split_url, zarr_store
+from pipeline.io.stores import locate, location_of, split_url, zarr_store
 from pipeline.jobs import abort, compute, precheck, prepare, publish, run_job
 from tests.conftest import (
     REPO,
@@ -78,7 +78,7 @@ def _keys(fs, root: str) -> set[str]:
 
 def _output(url: str, opts: dict | None, name: str, *, overwrite: bool, method: str, value: float):
     """A staged run writing ``<method>/X`` = ``value`` (its publish is up to the caller)."""
-    out = RunOutput(OutputSpec(url=url, storage_options=opts or {}, overwrite=overwrite), name)
+    out = RunOutput(locate(url, opts or {}), name, overwrite=overwrite)
     out.begin()
     out.factor_array(method, "R", np.full((3, 3), value), ("component", "col"))
     out.factor_array(method, "X", da.full((40, 3), value, chunks=(10, 3)), ("row", "c")).compute()
@@ -104,7 +104,7 @@ def test_publish_overwrite_retry_and_race_on_object_stores(store):
     first = _output(url, opts, "r", overwrite=False, method="tsqr", value=1.0)
     first.publish({"status": "completed"})
     assert first.publish({"status": "completed"}) == first.final_url  # a retry: success
-    assert read_published(first.spec, "r")["run_id"] == first.run_id
+    assert read_published(first.out, "r")["run_id"] == first.run_id
     assert _keys(fs, root) == {f"r/{k}" for k in _keys(fs, f"{root}/r")}, "nothing hidden"
 
     # overwrite with another layout: keys only the old result had are gone
@@ -122,7 +122,7 @@ def test_publish_overwrite_retry_and_race_on_object_stores(store):
     with pytest.raises(ArtifactExistsError, match="discarded") as err:
         b.publish({"status": "completed"})
     assert "\n" not in str(err.value) and b.run_id not in str(err.value)
-    assert read_published(a.spec, "s")["run_id"] == a.run_id
+    assert read_published(a.out, "s")["run_id"] == a.run_id
     assert not [k for k in _keys(fs, root) if any(h in k for h in HIDDEN)]
 
 
@@ -169,14 +169,14 @@ def test_failed_copy_never_looks_complete_and_the_retry_finishes(s3):
         with pytest.raises(OSError, match="injected"):
             new.publish({"status": "completed"})
         del new.fs.copy
-        assert read_published(new.spec, "r") is None, "a half-copied result looks complete"
+        assert read_published(new.out, "r") is None, "a half-copied result looks complete"
         assert json.loads(fs.cat_file(url[5:] + "/r/metrics.json"))["status"] == "publishing"
         new.publish({"status": "completed"})  # Prefect's retry
         time.sleep(0.3)
     finally:
         stop.set()
         thread.join(timeout=30)
-    assert read_published(new.spec, "r")["run_id"] == new.run_id
+    assert read_published(new.out, "r")["run_id"] == new.run_id
     x = zarr.open_array(store=zarr_store(f"{url}/r/factors.zarr/nmf/X", opts, read_only=True))
     assert float(np.asarray(x).min()) == 2.0
     assert old.run_id in seen and new.run_id in seen, seen
@@ -430,7 +430,10 @@ def test_run_job_on_s3_in_process(s3, tmp_path, client):
     second = run_job({**job, "output": {**job["output"], "overwrite": True}}, client=client)
     print(f"two in-process runs on S3: {time.monotonic() - t0:.1f} s")
     assert first["status"] == second["status"] == "completed"
-    assert read_published(config_from_any(job).output, "job")["run_id"] == second["run_id"]
+    assert (
+        read_published(location_of(config_from_any(job).output), "job")["run_id"]
+        == second["run_id"]
+    )
     keys = _keys(s3.filesystem(), f"{bucket[5:]}/out")
     assert keys and all(k.startswith("job/") for k in keys), keys
 
@@ -485,7 +488,7 @@ def test_a_live_claim_is_refused_and_a_lapsed_one_is_taken_over(s3):
     live = claim_record("0123456789ab")
     _claim_on(fs, root, "r", live)
     with pytest.raises(ArtifactExistsError, match=r"being published by another run 0123456789ab"):
-        check_output_free(OutputSpec(url=url, storage_options=opts), "r")
+        check_output_free(locate(url, opts), "r")
     late = _output(url, opts, "r", overwrite=True, method="tsqr", value=1.0)
     with pytest.raises(ArtifactExistsError, match=r"claim expires .*result was discarded"):
         late.publish({"status": "completed"})
@@ -496,8 +499,8 @@ def test_a_live_claim_is_refused_and_a_lapsed_one_is_taken_over(s3):
     lapsed = {**live, "expires": "2020-01-01T00:02:00+00:00"}  # the live run, killed since
     for claim, overwrite in ((old, False), (lapsed, True)):
         _claim_on(fs, root, "r", claim)
-        spec = OutputSpec(url=url, storage_options=opts, overwrite=overwrite)
-        check_output_free(spec, "r")  # what validate asks: the name is free
+        spec = locate(url, opts)
+        check_output_free(spec, "r", overwrite)  # what validate asks: the name is free
         out = _output(url, opts, "r", overwrite=overwrite, method="nmf", value=2.0)
         out.publish({"status": "completed"})
         assert read_published(spec, "r")["run_id"] == out.run_id
@@ -512,12 +515,12 @@ import numpy as np
 
 import pipeline.io.artifacts as artifacts
 import pipeline.io.owners as owners
-from pipeline.config import OutputSpec
+from pipeline.io.stores import locate
 
 owners.LEASE_SECONDS, artifacts.RENEW_SECONDS = 4, 0.5  # the real ones: 120 s and 30 s
 url, endpoint, key, secret = sys.argv[1:]
 options = {"endpoint_url": endpoint, "key": key, "secret": secret}
-out = artifacts.RunOutput(OutputSpec(url=url, storage_options=options, overwrite=True), "r")
+out = artifacts.RunOutput(locate(url, options), "r", overwrite=True)
 out.begin()
 out.factor_array("nmf", "W", np.full((3, 3), 7.0), ("row", "component"))
 copy = out.fs.copy
@@ -561,7 +564,7 @@ def test_a_publisher_killed_after_its_claim_is_taken_over_once_its_lease_lapses(
     assert claim["run_id"] == killed_run and claim["owner"]["pid"] == proc.pid
     assert claim["renewed"] >= claim["since"]
     assert any(k.startswith("r/factors.zarr") for k in _keys(fs, root)), "half copied"
-    spec = OutputSpec(url=url, storage_options=opts)
+    spec = locate(url, opts)
     with pytest.raises(ArtifactExistsError, match=f"being published by another run {killed_run}"):
         check_output_free(spec, "r")
 

@@ -27,6 +27,7 @@ from pipeline.config import (
 )
 from pipeline.errors import ConfigError, InputError
 from pipeline.io.preflight import check_input_creatable, check_output_writable, format_size
+from pipeline.io.stores import location_of
 from pipeline.jobs import precheck
 from pipeline.methods import METHODS
 from pipeline.sections import _leaf_types
@@ -266,7 +267,7 @@ def test_preflight_agrees_with_what_the_os_allows(tmp_path: Path):
     spec = parse_config({**job_dict(tmp_path, "a"), "output": {"url": str(folder)}}).output
     try:
         try:
-            check_output_writable(spec, "job")
+            check_output_writable(location_of(spec), "job")
             verdict = True
         except ConfigError:
             verdict = False
@@ -285,18 +286,18 @@ def test_output_and_input_paths_blocked_by_files(tmp_path: Path):
     (tmp_path / "file").write_text("x")
     under_file = parse_config({**job_dict(tmp_path, "a"), "output": {"url": f"{tmp_path}/file/o"}})
     with pytest.raises(ConfigError, match=rf"output.url: {tmp_path}/file is a file, not a folder"):
-        check_output_writable(under_file.output, "job")
+        check_output_writable(location_of(under_file.output), "job")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "job").write_text("x")
     spec = parse_config({**job_dict(tmp_path, "a"), "output": {"url": f"{tmp_path}/out"}}).output
     with pytest.raises(ConfigError, match=r"out/job exists and is not a result folder"):
-        check_output_writable(spec, "job")
-    check_output_writable(spec, "other")  # a sibling name is fine
+        check_output_writable(location_of(spec), "job")
+    check_output_writable(location_of(spec), "other")  # a sibling name is fine
     recipe = {"url": f"{tmp_path}/file/in.zarr", "create_if_missing": {"shape": [10, 3]}}
     with pytest.raises(ConfigError, match=r"input.url: .*file is a file"):
         check_input_creatable(InputSpec.model_validate(recipe))
     memory = parse_config({**job_dict(tmp_path, "a"), "output": {"url": "memory://o/file/x"}})
-    check_output_writable(memory.output, "job")  # object stores: nothing to check here
+    check_output_writable(location_of(memory.output), "job")  # object stores: nothing to check here
 
 
 def test_created_input_must_fit_the_free_space(tmp_path: Path):

@@ -21,9 +21,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from pipeline.io.stores import zarr_store
-from pipeline.secrets import redact
-from pipeline.sections import InputSpec
+from pipeline.io.stores import Location
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +33,9 @@ DICT = {"encoding-type": "dict", "encoding-version": "0.1.0"}
 _ARRAY = {"encoding-type": "array", "encoding-version": "0.2.0"}
 
 
-def anndata_root(spec: InputSpec) -> Any | None:
-    """The input's AnnData root group when ``input.url`` is one, else ``None``."""
-    store = zarr_store(spec.url, spec.storage_options, read_only=True)
+def anndata_root(where: Location) -> Any | None:
+    """The input's AnnData root group when ``where`` (``input.url``) is one, else ``None``."""
+    store = where.zarr_store(read_only=True)
     try:
         root = zarr.open_group(store=store, mode="r")
     except Exception:  # an array, or not a group: not AnnData
@@ -127,19 +125,20 @@ def write_anndata(
 
 
 def write_anndata_output(
-    run_output: Any, spec: InputSpec, methods: dict[str, Any], results: dict[str, Any]
+    run_output: Any, source_at: Location, methods: dict[str, Any], results: dict[str, Any]
 ) -> bool:
     """``adata.zarr`` in the staging folder when the input is an AnnData store.
 
     ``methods`` maps method names to their :class:`~pipeline.methods.base.AnnDataSlots`
     (methods without slots are left out). Returns whether it was written.
     """
-    source = anndata_root(spec)
+    source = anndata_root(source_at)
     if source is None or not methods:
         return False
-    url = f"{run_output.staging_url.rstrip('/')}/{ADATA}"
-    store = zarr_store(url, run_output.spec.storage_options, read_only=False)
+    store = run_output.out.at(f"{run_output.staging.rstrip('/')}/{ADATA}").zarr_store(
+        read_only=False
+    )
     target = zarr.open_group(store=store, mode="w", zarr_format=3)
     write_anndata(source, run_output.group, target, methods, results)
-    log.info("AnnData result with obs/var of %s written to %s", redact(spec.url), ADATA)
+    log.info("AnnData result with obs/var of %s written to %s", source_at.display, ADATA)
     return True

@@ -88,9 +88,8 @@ from pipeline.io.owners import (
     staging_of,
     write_owner,
 )
-from pipeline.io.stores import is_local, split_url, zarr_store
+from pipeline.io.stores import Location, is_local
 from pipeline.secrets import redact
-from pipeline.sections import OutputSpec
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +107,8 @@ def _url(fs: Any, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
-def check_output_free(spec: OutputSpec, name: str) -> None:
-    """Refuse early when ``<url>/<name>`` exists and ``overwrite`` is false.
+def check_output_free(out: Location, name: str, overwrite: bool = False) -> None:
+    """Refuse early when ``<out>/<name>`` exists and ``overwrite`` is false.
 
     On object stores a name that holds only a lapsed claim (its publisher died, see
     :mod:`pipeline.io.owners`) is free: the run takes it over when it publishes. A live
@@ -122,14 +121,14 @@ def check_output_free(spec: OutputSpec, name: str) -> None:
     ConfigError
         The output location cannot be reached (network, credentials, timeouts).
     """
-    where = redact(_join(spec.url, name))
-    fs, root = split_url(spec.url, spec.storage_options)
+    where = out.join(name).display
+    fs, root = out.fs, out.path
     try:
         exists = fs.exists(_join(root, name))
-        claim = _claim_at(fs, root, name) if exists and not spec.overwrite else None
+        claim = _claim_at(fs, root, name) if exists and not overwrite else None
     except Exception as exc:  # network/credential errors from object stores
         raise ConfigError(f"output.url: cannot reach {where!r}: {_one_line(exc)}") from None
-    if spec.overwrite or not exists:
+    if overwrite or not exists:
         return
     if claim is not None and lease_lapsed(claim):
         log.info("output: %s holds a dead publisher's claim (%s)", where, describe_claim(claim))
@@ -166,10 +165,9 @@ def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def read_published(spec: OutputSpec, name: str) -> dict[str, Any] | None:
-    """The ``metrics.json`` of a complete result at ``<url>/<name>/``, else ``None``."""
-    fs, root = split_url(spec.url, spec.storage_options)
-    metrics = _read_json(fs, _join(root, name, METRICS))
+def read_published(out: Location, name: str) -> dict[str, Any] | None:
+    """The ``metrics.json`` of a complete result at ``<out>/<name>/``, else ``None``."""
+    metrics = _read_json(out.fs, _join(out.path, name, METRICS))
     return metrics if metrics is not None and metrics.get("status") == COMPLETED else None
 
 
@@ -272,15 +270,19 @@ class RunOutput:
 
     Parameters
     ----------
-    spec : where results go
+    out : where results go (``output.url``)
     name : the job name (the final folder's name)
     staging : an existing staging folder (a run resumed by path, e.g. in a Prefect task)
+    overwrite : replace an existing result of this name (``output.overwrite``)
     """
 
-    def __init__(self, spec: OutputSpec, name: str, staging: str | None = None) -> None:
-        self.spec = spec
+    def __init__(
+        self, out: Location, name: str, staging: str | None = None, overwrite: bool = False
+    ) -> None:
+        self.out = out
         self.name = name
-        self.fs, root = split_url(spec.url, spec.storage_options)
+        self.overwrite = overwrite
+        self.fs, root = out.fs, out.path
         self.root = root.rstrip("/") or root
         self.final = _join(self.root, name)
         self.staging = staging or _join(self.root, f".{name}{_PARTIAL}{uuid.uuid4().hex[:12]}")
@@ -307,14 +309,12 @@ class RunOutput:
 
         On failure whatever was created is removed again.
         """
-        check_output_free(self.spec, self.name)
+        check_output_free(self.out, self.name, self.overwrite)
         try:
             self.fs.makedirs(self.staging, exist_ok=False)
             if is_local(self.fs):  # a later run removes it if this process dies
                 write_owner(self.staging)
-            store = zarr_store(
-                _join(self.staging_url, FACTORS), self.spec.storage_options, read_only=False
-            )
+            store = self.out.at(_join(self.staging, FACTORS)).zarr_store(read_only=False)
             self._group = zarr.open_group(store=store, mode="w", zarr_format=3)
         except BaseException:
             self.abort()
@@ -329,9 +329,7 @@ class RunOutput:
                     f"the staging folder {redact(self.staging_url)} of run {self.run_id} "
                     "is gone (removed by another process?)"
                 )
-            store = zarr_store(
-                _join(self.staging_url, FACTORS), self.spec.storage_options, read_only=False
-            )
+            store = self.out.at(_join(self.staging, FACTORS)).zarr_store(read_only=False)
             self._group = zarr.open_group(store=store, mode="r+")
         return self._group
 
@@ -434,7 +432,7 @@ class RunOutput:
             if not os.path.lexists(self.final):
                 os.rename(self.staging, self.final)
                 return
-            if not self.spec.overwrite:
+            if not self.overwrite:
                 raise self._lost_race()
             old = _join(self.root, f".{self.name}.old-{self.run_id}")
             os.rename(self.final, old)
@@ -481,7 +479,7 @@ class RunOutput:
             self._take_over(marker, current)
             took_over = True
         claim = claim_record(self.run_id)
-        if self.spec.overwrite:
+        if self.overwrite:
             self.fs.pipe_file(marker, _json_bytes(claim))
             return
         if not took_over and self.fs.exists(self.final):
@@ -506,7 +504,7 @@ class RunOutput:
         staging = staging_of(self.root, self.name, lapsed.get("run_id"))
         if staging is not None and staging != self.staging:
             remove_tree(self.fs, staging)
-        if not self.spec.overwrite:  # the exclusive create needs the name free of it
+        if not self.overwrite:  # the exclusive create needs the name free of it
             try:
                 self.fs.rm_file(marker)
             except FileNotFoundError:

@@ -35,9 +35,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pipeline.io.stores import is_local, split_url
+from pipeline.io.stores import Location
 from pipeline.secrets import redact
-from pipeline.sections import OutputSpec
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +240,9 @@ def _remove_lapsed_claims_staging(fs: Any, root: str, name: str) -> list[str]:
     return [staging]
 
 
-def _remove_stale_object_staging(spec: OutputSpec, name: str, fs: Any, root: str) -> list[str]:
+def _remove_stale_object_staging(out: Location, name: str) -> list[str]:
     """:func:`remove_stale_staging` on an object store: only a lapsed claim's staging."""
+    fs, root = out.fs, out.path
     try:
         removed = _remove_lapsed_claims_staging(fs, root, name)
         found = fs.glob(f"{root.rstrip('/')}/.{name}.partial-*")
@@ -254,7 +254,7 @@ def _remove_stale_object_staging(spec: OutputSpec, name: str, fs: Any, root: str
             "store only a lapsed claim tells that a run died)",
             len(found),
             name,
-            redact(spec.url),
+            out.display,
         )
     return removed
 
@@ -296,17 +296,16 @@ def remove_dead_local(folder: str, name: str) -> list[str]:
     return removed
 
 
-def remove_stale_staging(spec: OutputSpec, name: str) -> list[str]:
+def remove_stale_staging(out: Location, name: str) -> list[str]:
     """Remove the staging folders of ``name`` whose owner is dead; return them.
 
     Locally: folders whose owner process is certainly gone (:func:`remove_dead_local`).
     On object stores: the staging prefix of a publisher whose claim on ``name`` lapsed.
     Never raises for what it finds: a folder it cannot judge or remove is logged and left.
     """
-    fs, root = split_url(spec.url, spec.storage_options)
-    if not is_local(fs):
-        return _remove_stale_object_staging(spec, name, fs, root)
-    return remove_dead_local(root, name)
+    if not out.local:
+        return _remove_stale_object_staging(out, name)
+    return remove_dead_local(out.path, name)
 
 
 __all__ = [

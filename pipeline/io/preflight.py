@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import ConfigError, InputError
-from pipeline.io.stores import effective_options, is_local, split_url
+from pipeline.io.stores import Location, effective_options, is_local, split_url
 
 if TYPE_CHECKING:
     from pipeline.sections import InputSpec, OutputSpec
@@ -70,7 +70,7 @@ def check_can_create(path: str | os.PathLike[str], field: str) -> Path:
     return base
 
 
-def check_output_writable(spec: OutputSpec, name: str) -> None:
+def check_output_writable(out: Location, name: str) -> None:
     """Refuse a local output the run cannot write: ``<url>/`` not creatable or not writable
     (staging folder and the final rename both live there), or ``<url>/<name>`` a file.
 
@@ -78,9 +78,9 @@ def check_output_writable(spec: OutputSpec, name: str) -> None:
     ------
     ConfigError
     """
-    fs, root = split_url(spec.url, spec.storage_options)
-    if not is_local(fs):
+    if not out.local:
         return
+    root = out.path
     final = Path(os.path.abspath(root)) / name
     if final.exists() and not final.is_dir():
         raise ConfigError(

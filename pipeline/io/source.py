@@ -16,7 +16,7 @@ from pipeline.backend import empty_meta, to_device
 from pipeline.errors import InputError
 from pipeline.io.fastread import plan, read_array
 from pipeline.io.sparse import inspect_sparse, sparse_array, sparse_encoding
-from pipeline.io.stores import split_url, zarr_store
+from pipeline.io.stores import Location, location_of
 from pipeline.linalg import working_dtype
 from pipeline.secrets import redact
 from pipeline.sections import InputSpec
@@ -47,21 +47,31 @@ class InputManifest:
         return d
 
 
-def _open_node(spec: InputSpec) -> tuple[Any, InputSpec]:
-    """The Zarr array or sparse group named by ``spec`` (store may be v2 or v3), and the
-    spec with ``array`` filled in (``X`` for an AnnData root given without one)."""
-    where = redact(spec.url)
+def locate_input(spec: InputSpec) -> Location:
+    """The input's :class:`~pipeline.io.stores.Location`.
+
+    Raises
+    ------
+    InputError
+        An unknown protocol or a filesystem driver not installed.
+    """
     try:
-        fs, path = split_url(spec.url, spec.storage_options)
+        return location_of(spec)
     except (ValueError, ImportError) as exc:
-        raise InputError(f"input.url: cannot open {where!r}: {exc}") from None
+        raise InputError(f"input.url: cannot open {redact(spec.url)!r}: {exc}") from None
+
+
+def _open_node(spec: InputSpec, at: Location) -> tuple[Any, InputSpec]:
+    """The Zarr array or sparse group named by ``spec`` at ``at`` (store may be v2 or v3),
+    and the spec with ``array`` filled in (``X`` for an AnnData root given without one)."""
+    where, fs, path = at.display, at.fs, at.path
     try:
         exists = fs.exists(path)
     except Exception as exc:  # network/credential errors from object stores
         raise InputError(f"input.url: cannot reach {where!r}: {exc}") from None
     if not exists:
         raise InputError(f"input.url: {where!r} does not exist")
-    store = zarr_store(spec.url, spec.storage_options, read_only=True)
+    store = at.zarr_store(read_only=True)
     try:
         node = zarr.open(store=store, mode="r")
     except Exception as exc:
@@ -186,9 +196,16 @@ def check_stored_chunks(arr: Any, spec: InputSpec, fs: Any, root: str) -> None:
 
 
 def open_matrix(
-    spec: InputSpec, *, check_chunks: bool = False, on_device: bool = False
+    spec: InputSpec,
+    *,
+    check_chunks: bool = False,
+    on_device: bool = False,
+    at: Location | None = None,
 ) -> tuple[da.Array, InputManifest]:
     """Open and validate the input, without reading its values.
+
+    ``at`` is the input's location when the caller has made it (see
+    :func:`locate_input`), else it is made here.
 
     Integers are cast to float64, float16 to float32; float32 and float64 stay as stored.
     The dask chunks are the storage chunks, read directly where the layout allows it
@@ -207,8 +224,9 @@ def open_matrix(
         Missing store or array, not 2-D, empty, a non-real-numeric dtype, or (with
         ``check_chunks``) missing chunks.
     """
-    arr, spec = _open_node(spec)
-    fs, root = split_url(spec.url, spec.storage_options)
+    at = at or locate_input(spec)
+    arr, spec = _open_node(spec, at)
+    fs, root = at.fs, at.path
     root = f"{root.rstrip('/')}/{spec.array}" if spec.array else root
     if isinstance(arr, zarr.Group):
         return _open_sparse(arr, spec, fs, root, check_chunks=check_chunks, on_device=on_device)

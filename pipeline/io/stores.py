@@ -30,6 +30,7 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
@@ -107,7 +108,12 @@ def split_url(
     storage_options : the job's options (see :func:`effective_options`)
     asynchronous : an asynchronous instance (for Zarr's ``FsspecStore``)
     """
-    opts = effective_options(url, storage_options)
+    return _filesystem(url, effective_options(url, storage_options), asynchronous)
+
+
+def _filesystem(url: str, opts: dict[str, Any], asynchronous: bool = False) -> tuple[Any, str]:
+    """``(filesystem, path)`` for ``url`` built with the effective options ``opts``."""
+    opts = dict(opts)
     if url.startswith(S3_PREFIXES):
         cls = _s3_class()
         fs = cls(asynchronous=asynchronous, **opts)
@@ -120,6 +126,68 @@ def split_url(
     return fs, path
 
 
+@dataclass(frozen=True)
+class Location:
+    """A store location resolved once: its filesystem, its path there, and how to show it.
+
+    Made by :func:`locate` (or :func:`location_of` a job section) once per lifecycle step;
+    the I/O functions take it, so credentials are resolved and the URL redacted once, not
+    at every call. The effective options (credentials resolved) and the filesystem never
+    appear in its ``repr``.
+    """
+
+    url: str  # as the job names it (fsspec URL or local path)
+    path: str  # in the filesystem
+    display: str  # the URL with credentials masked, for logs and errors
+    fs: Any = field(repr=False, compare=False)
+    options: dict[str, Any] = field(repr=False, compare=False)  # effective options
+
+    @property
+    def local(self) -> bool:
+        """Whether it is on the local filesystem (where rename is atomic)."""
+        return is_local(self.fs)
+
+    @property
+    def full_url(self) -> str:
+        """The local path, or the fsspec URL with its protocol."""
+        return self.path if self.local else self.fs.unstrip_protocol(self.path)
+
+    def join(self, *parts: str) -> Location:
+        """The location ``parts`` below this one, on the same filesystem."""
+        tail = "/".join(parts)
+        return replace(
+            self,
+            url=f"{self.url.rstrip('/')}/{tail}",
+            path=f"{self.path.rstrip('/')}/{tail}",
+            display=f"{self.display.rstrip('/')}/{tail}",
+        )
+
+    def at(self, path: str) -> Location:
+        """The location of ``path`` on the same filesystem (a path it listed or made)."""
+        url = path if self.local else self.fs.unstrip_protocol(path)
+        return replace(self, url=url, path=path, display=url)
+
+    def zarr_store(self, *, read_only: bool) -> Any:
+        """A Zarr v3 store here (see :func:`zarr_store`), from the resolved options."""
+        return _zarr_store(self.url, self.options, read_only=read_only)
+
+
+def locate(url: str, storage_options: dict[str, Any] | None = None) -> Location:
+    """The :class:`Location` of ``url``: credentials resolved (and remembered for
+    masking) once, the filesystem made once."""
+    from pipeline.secrets import redact
+
+    opts = effective_options(url, storage_options)
+    fs, path = _filesystem(url, opts)
+    return Location(url, path, redact(url), fs, opts)
+
+
+def location_of(section: Any) -> Location:
+    """The :class:`Location` of a job section with ``url`` and ``storage_options``
+    (``input``, ``output``)."""
+    return locate(section.url, section.storage_options)
+
+
 def is_local(fs: Any) -> bool:
     """True for the local filesystem (where rename is atomic)."""
     return isinstance(fs, LocalFileSystem)
@@ -128,12 +196,16 @@ def is_local(fs: Any) -> bool:
 def zarr_store(url: str, storage_options: dict[str, Any] | None = None, *, read_only: bool) -> Any:
     """A Zarr v3 store object for ``url``: ``LocalStore`` for paths, ``FsspecStore`` else.
 
-    The ``FsspecStore`` wraps a filesystem made by :func:`split_url`, so Zarr's reads and
-    writes get the same bounded timeouts and retries as everything else.
+    The ``FsspecStore`` wraps a filesystem made here, so Zarr's reads and writes get the
+    same bounded timeouts and retries as everything else.
     """
+    return _zarr_store(url, effective_options(url, storage_options), read_only=read_only)
+
+
+def _zarr_store(url: str, opts: dict[str, Any], *, read_only: bool) -> Any:
     from zarr.storage import FsspecStore, LocalStore
 
-    fs, path = split_url(url, storage_options, asynchronous=True)
+    fs, path = _filesystem(url, opts, asynchronous=True)
     if is_local(fs):
         return LocalStore(os.path.abspath(path), read_only=read_only)
     if not fs.async_impl:  # e.g. memory://: Zarr needs an asynchronous filesystem
