@@ -360,7 +360,12 @@ def _logs_to_stdout() -> None:
 
 
 def _schema(args: argparse.Namespace) -> int:
-    print(json_schema())
+    if args.metrics:
+        from pipeline.config import metrics_schema
+
+        print(metrics_schema())
+    else:
+        print(json_schema())
     return 0
 
 
@@ -453,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_server)
 
     p = sub.add_parser("schema", help="print the job file's JSON Schema")
+    p.add_argument(
+        "--metrics",
+        action="store_true",
+        help="print the JSON Schema of metrics.json's per-method entries instead",
+    )
     p.set_defaults(func=_schema)
 
     p = sub.add_parser("generate", help="write a synthetic matrix to a Zarr store")

@@ -362,6 +362,21 @@ def json_schema() -> str:
     return json.dumps(schema, indent=2, ensure_ascii=False)
 
 
+def metrics_schema() -> str:
+    """The JSON Schema of ``metrics.json``'s ``methods`` entry: each registered method's
+    typed metrics (:attr:`pipeline.methods.base.Method.metrics`), pretty-printed."""
+    from pydantic import TypeAdapter
+    from typing_extensions import TypedDict
+
+    methods = TypedDict(  # type: ignore[misc]
+        "MethodsMetrics", {name: m.metrics for name, m in METHODS.items()}, total=False
+    )
+    schema = TypeAdapter(methods).json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "zarr-factorize metrics.json: methods"
+    return json.dumps(schema, indent=2, ensure_ascii=False)
+
+
 def redacted_dump(config: JobConfig) -> dict[str, Any]:
     """The config as a JSON-able dict with secrets masked (for logs and provenance)."""
     return redact(config.model_dump(mode="json"))
@@ -380,6 +395,7 @@ __all__ = [  # the job model: JobConfig and, re-exported, its sections
     "format_validation_error",
     "json_schema",
     "load_config",
+    "metrics_schema",
     "parse_config",
     "redacted_dump",
 ]

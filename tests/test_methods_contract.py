@@ -15,6 +15,7 @@ import logging
 import numpy as np
 import pytest
 import zarr
+from pydantic import TypeAdapter
 
 from pipeline import run_job
 from pipeline.config import json_schema, parse_config
@@ -76,6 +77,7 @@ def test_method_writes_exactly_what_it_declares(name, matrix, tmp_path, client):
     metrics = json.loads((out / "metrics.json").read_text())
     result = metrics["methods"][name]
     assert COMMON_METRICS <= set(result), COMMON_METRICS - set(result)
+    TypeAdapter(method.metrics).validate_python(result)  # declared keys, declared types
     assert result["fro_norm"] == pytest.approx(np.linalg.norm(a), rel=1e-10)
     shown = [key for method_name, key, _ in headline(report) if method_name == name]
     assert shown and set(shown) <= set(method.headline)
@@ -104,3 +106,18 @@ def test_method_config_schema_and_error_paths(name):
     assert len(set(method.headline)) == len(method.headline)
     assert "seconds" in method.headline
     parse_config({**job, "methods": [method.example]})
+
+
+def test_metrics_schema_names_every_method_and_refuses_undeclared_keys():
+    """``factorize schema --metrics`` covers every registered method, and a metric a
+    method does not declare is refused (a new key must be declared with its type)."""
+    from pydantic import ValidationError
+
+    from pipeline.config import metrics_schema
+
+    schema = json.loads(metrics_schema())
+    assert set(schema["properties"]) == set(METHODS)
+    for method in METHODS.values():
+        with pytest.raises(ValidationError, match="undeclared"):
+            TypeAdapter(method.metrics).validate_python({"undeclared": 1.0})
+        TypeAdapter(method.metrics).validate_python({"residual_rel": None, "passes": 2})

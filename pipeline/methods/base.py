@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
+from typing_extensions import TypedDict
 
 from pipeline.cost import Cost
 from pipeline.sections import StrictModel
@@ -30,6 +31,41 @@ if TYPE_CHECKING:
     from pipeline.plan import MethodPlan
 
 log = logging.getLogger(__name__)
+
+
+class MethodMetrics(TypedDict, total=False):
+    """What every method records in ``metrics.json`` (the lifecycle adds ``backend``,
+    ``memory``, ``seconds`` and ``dask``). Each method declares its own keys in a
+    subclass (:attr:`Method.metrics`); undeclared keys are refused by the contract test
+    and ``factorize schema --metrics`` prints them all."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+
+    residual_rel: float | None  # ‖A − approx‖_F / ‖A‖_F
+    fro_norm: float  # ‖A‖_F
+    passes: int  # over the input
+    reads_from_storage: int
+    backend: Literal["numpy", "cupy"]
+    memory: dict[str, Any]  # predicted_peak, measured_peak, measured_peak_per_worker
+    seconds: float
+    dask: dict[str, Any]  # the cluster that computed it (scheduler, workers, threads)
+
+
+class SpectralMetrics(MethodMetrics, total=False):
+    """The SVD family's metrics (``svd``, ``rsvd``): the spectrum and its shares."""
+
+    rank: int
+    rank_rule: dict[str, Any]  # the rule's target, with a rank rule
+    rank_rule_met: bool
+    singular_values: list[float]
+    residual_method: Literal["direct", "formula", "spectrum_tail"] | None
+    residual_rel_centered: float | None  # with center: true
+    orthogonality_u: float | None
+    orthogonality_v: float | None
+    energy_retained: float
+    explained_variance: list[float]  # with center: true
+    explained_variance_ratio: list[float]
+    total_variance: float
 
 
 class MethodSpec(StrictModel):
@@ -130,6 +166,7 @@ class Method:
     headline : metric keys shown in the CLI summary and the Prefect table artifact
     plots : file names of the plots it writes next to ``metrics.json``
     example : a small valid entry of ``methods:`` (docs and the contract test)
+    metrics : the :class:`MethodMetrics` subclass naming what ``run`` returns
     checkpoints : the runner saves checkpoints through ``ctx.checkpoints`` (the job's
         :class:`CheckpointStore`); the lifecycle removes them once the result is published
     anndata : ``anndata(spec)`` names the :class:`AnnDataSlots` of its factors in the
@@ -146,6 +183,7 @@ class Method:
     arrays: tuple[FactorArray, ...]
     headline: tuple[str, ...]
     example: dict[str, Any]
+    metrics: type[MethodMetrics]
     plots: tuple[str, ...] = ()
     checkpoints: bool = False
     anndata: Callable[[Any], AnnDataSlots] | None = None

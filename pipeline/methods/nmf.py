@@ -22,6 +22,7 @@ from pipeline.methods.base import (
     CheckpointStore,
     FactorArray,
     Method,
+    MethodMetrics,
     MethodSpec,
     RunContext,
 )
@@ -66,6 +67,19 @@ class NMFSpec(MethodSpec):
         None, ge=1, description="iterations between checkpoints; default: about every 60 s"
     )
     resume: bool = Field(False, description="continue from the last checkpoint of this job")
+
+
+class NMFMetrics(MethodMetrics, total=False):
+    """``nmf`` in ``metrics.json``."""
+
+    rank: int
+    solver: Literal["hals", "mu"]
+    init: Literal["nndsvd", "nndsvda", "random"]
+    residual_method: Literal["direct", "objective"]
+    iterations: int
+    converged: bool
+    history: list[float]  # residual_rel after each iteration (from the objective)
+    resumed_from: int | None  # the checkpoint's iteration, with resume
 
 
 def check(spec: NMFSpec, shape: tuple[int, int], where: str) -> None:
@@ -121,7 +135,7 @@ def _load(store: CheckpointStore, spec: NMFSpec, a: da.Array) -> NMFState:
 # --------------------------------------------------------------------------- runner
 
 
-def run(spec: NMFSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
+def run(spec: NMFSpec, a: da.Array, ctx: RunContext) -> NMFMetrics:
     """Factorize with checkpoints, write ``W``, ``H`` and the convergence plot, measure."""
     import dask
 
@@ -223,6 +237,7 @@ METHOD = Method(
     arrays=(FactorArray("W", ("row", "component")), FactorArray("H", ("component", "col"))),
     headline=("residual_rel", "iterations", "converged", "passes", "seconds"),
     plots=(PLOT,),
+    metrics=NMFMetrics,
     example={"method": "nmf", "rank": 3, "max_iter": 12, "tol": 0, "checkpoint_every": 4},
     checkpoints=True,
 )

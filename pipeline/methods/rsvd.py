@@ -26,6 +26,7 @@ from pipeline.methods.base import (
     Method,
     MethodSpec,
     RunContext,
+    SpectralMetrics,
     spectral_arrays,
     spectral_slots,
 )
@@ -93,6 +94,18 @@ class RSVDSpec(MethodSpec):
         description="null: exact formula, plus a direct pass only when the formula "
         "loses precision (multi-pass) or never (single-pass); true: always a direct pass",
     )
+
+
+class RSVDMetrics(SpectralMetrics, total=False):
+    """``rsvd`` in ``metrics.json``."""
+
+    sketch_width: int  # rank + oversample, at most the smaller dimension
+    single_pass: bool
+    iteration: Literal["krylov", "power"]
+    power_iters_used: int
+    converged: bool | None  # power_iters auto: the estimate met its tolerance
+    error_estimate: float | None
+    change_history: list[float]
 
 
 def check(spec: RSVDSpec, shape: tuple[int, int], where: str) -> None:
@@ -178,7 +191,7 @@ def _apply_rank_rule(spec: RSVDSpec, res: Any) -> tuple[Any, dict[str, Any]]:
     return cut, metrics
 
 
-def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
+def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> RSVDMetrics:
     """Factorize, write the factors and the spectrum plot, measure."""
     import dask
 
@@ -237,7 +250,7 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         rsq = res.residual_sumsq
     total = res.total_sumsq  # ‖A − 1μᵀ‖² when centred, else ‖A‖²
     # ‖A − (1μᵀ + U S Vt)‖ is one numerator; the contract's residual_rel divides it by ‖A‖
-    result: dict[str, Any] = {
+    result: RSVDMetrics = {
         **rank_metrics,
         "sketch_width": width,
         "singular_values": s64.tolist(),
@@ -269,5 +282,6 @@ METHOD = Method(
     arrays=spectral_arrays(),
     headline=SPECTRAL_HEADLINE,
     plots=(PLOT,),
+    metrics=RSVDMetrics,
     example={"method": "rsvd", "rank": 3},
 )

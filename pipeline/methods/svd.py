@@ -24,6 +24,7 @@ from pipeline.methods.base import (
     Method,
     MethodSpec,
     RunContext,
+    SpectralMetrics,
     check_tall_input,
     spectral_arrays,
     spectral_slots,
@@ -64,6 +65,14 @@ class SVDSpec(MethodSpec):
         return self
 
 
+class SVDMetrics(SpectralMetrics, total=False):
+    """``svd`` in ``metrics.json``."""
+
+    transposed: bool
+    blocks: int
+    block_methods: dict[str, int]  # blocks per local path of its TSQR
+
+
 def check(spec: SVDSpec, shape: tuple[int, int], where: str) -> None:
     """Refuse a wide matrix (naming ``transpose``) and a rank above the columns."""
     from pipeline.linalg import check_rank
@@ -92,7 +101,7 @@ def _apply_rank_rule(spec: SVDSpec, res: Any) -> tuple[Any, dict[str, Any]]:
     return replace(res, u=u, s=res.s[:k], vt=res.vt[:k]), metrics
 
 
-def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
+def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> SVDMetrics:
     """Factorize, write the factors of A and the spectrum plot, measure."""
     from pipeline import metrics as mx
     from pipeline.linalg import compute_again, svd
@@ -134,7 +143,7 @@ def run(spec: SVDSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         orthogonality[tall_name] = mx.orthogonality_from_gram(g)
     else:  # exact up to rounding: the squared singular values beyond the kept ones
         rsq, method = float(np.sum(every[k:] ** 2)), "spectrum_tail"
-    result: dict[str, Any] = {
+    result: SVDMetrics = {
         "rank": k,
         **rank_metrics,
         "singular_values": s64.tolist(),
@@ -175,5 +184,6 @@ METHOD = Method(
     arrays=spectral_arrays(_writes_u, _writes_vt),
     headline=SPECTRAL_HEADLINE,
     plots=(PLOT,),
+    metrics=SVDMetrics,
     example={"method": "svd", "center": True},
 )

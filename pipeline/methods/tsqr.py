@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import Field
 
 from pipeline.cost import Cost
-from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext, check_tall_input
+from pipeline.methods.base import (
+    FactorArray,
+    Method,
+    MethodMetrics,
+    MethodSpec,
+    RunContext,
+    check_tall_input,
+)
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -31,6 +38,18 @@ class TSQRSpec(MethodSpec):
     transpose: bool = Field(False, description="factorize the transpose (for wide matrices)")
 
 
+class TSQRMetrics(MethodMetrics, total=False):
+    """``tsqr`` in ``metrics.json``."""
+
+    shape: list[int]  # of the matrix factorized (transposed when asked)
+    transposed: bool
+    blocks: int
+    block_methods: dict[str, int]  # blocks per local path (cholqr2, scholqr3, householder)
+    orthogonality: float | None  # ‖QᵀQ − I‖_F (None without Q)
+    norm_consistency: float  # without Q: |‖R‖_F − ‖A‖_F| / ‖A‖_F
+    r_diag_ratio: float  # min |R_ii| / max |R_ii|
+
+
 def check(spec: TSQRSpec, shape: tuple[int, int], where: str) -> None:
     """Refuse a wide matrix, naming the ``transpose`` option."""
     check_tall_input(shape, spec.transpose, where)
@@ -43,7 +62,7 @@ def cost(spec: TSQRSpec, shape: tuple[int, int]) -> Cost:
     return tsqr_cost(shape, compute_q=spec.q, transpose=spec.transpose)
 
 
-def run(spec: TSQRSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
+def run(spec: TSQRSpec, a: da.Array, ctx: RunContext) -> TSQRMetrics:
     """Factorize, write ``R`` (and ``Q`` with its residual and orthogonality)."""
     from pipeline import metrics as mx
     from pipeline.backend import to_host
@@ -69,7 +88,7 @@ def run(spec: TSQRSpec, a: da.Array, ctx: RunContext) -> dict[str, Any]:
         ", ".join(f"{k} {v}" for k, v in sorted(res.block_methods.items())),
     )
     ctx.write("R", res.r)
-    result: dict[str, Any] = {
+    result: TSQRMetrics = {
         "fro_norm": res.fro_norm,
         "shape": list(a.shape),
         "transposed": spec.transpose,
@@ -107,5 +126,6 @@ METHOD = Method(
         FactorArray("R", ("component", "col")),
     ),
     headline=("residual_rel", "orthogonality", "norm_consistency", "passes", "seconds"),
+    metrics=TSQRMetrics,
     example={"method": "tsqr"},
 )
