@@ -31,7 +31,7 @@ from pipeline.errors import ArtifactExistsError, ConfigError
 from pipeline.io.artifacts import RunOutput, check_output_free, read_published
 from pipeline.io.owners import claim_record, remove_stale_staging
 from pipeline.io.stores import locate, location_of, split_url, zarr_store
-from pipeline.jobs import abort, compute, precheck, prepare, publish, run_job
+from pipeline.jobs import abort, compute, plan, precheck, prepare, publish, run_job
 from tests.conftest import (
     REPO,
     factorize_cmd,
@@ -190,6 +190,7 @@ def test_publish_step_twice_and_prepare_cleanup_on_s3(s3, tmp_path, client, monk
     config = config_from_any(job)
     run = prepare(config)
     with client.as_current():
+        run = plan(run)
         results = {"tsqr": compute(run, 0)}
     first = publish(run, results)
     again = publish(run, results)
@@ -229,7 +230,7 @@ def test_server_stopped_mid_run_fails_fast_with_one_line(tmp_path, client, caplo
     # the server is stopped now
     t0 = time.monotonic()
     with client.as_current(), pytest.raises(Exception) as err:
-        compute(run, 0)
+        compute(plan(run), 0)  # the steps after prepare, on a stopped endpoint
     failed_after = time.monotonic() - t0
     assert "\n" not in str(err.value).strip() and str(err.value)
     assert SECRET_KEY not in str(err.value)

@@ -131,16 +131,21 @@ class Location:
     """A store location resolved once: its filesystem, its path there, and how to show it.
 
     Made by :func:`locate` (or :func:`location_of` a job section) once per lifecycle step;
-    the I/O functions take it, so credentials are resolved and the URL redacted once, not
-    at every call. The effective options (credentials resolved) and the filesystem never
+    the I/O functions take it, so credentials are resolved once, not at every call. The effective options (credentials resolved) and the filesystem never
     appear in its ``repr``.
     """
 
     url: str  # as the job names it (fsspec URL or local path)
     path: str  # in the filesystem
-    display: str  # the URL with credentials masked, for logs and errors
     fs: Any = field(repr=False, compare=False)
     options: dict[str, Any] = field(repr=False, compare=False)  # effective options
+
+    @property
+    def display(self) -> str:
+        """The URL with credentials masked, for logs and errors."""
+        from pipeline.secrets import redact
+
+        return redact(self.url)
 
     @property
     def local(self) -> bool:
@@ -159,13 +164,12 @@ class Location:
             self,
             url=f"{self.url.rstrip('/')}/{tail}",
             path=f"{self.path.rstrip('/')}/{tail}",
-            display=f"{self.display.rstrip('/')}/{tail}",
         )
 
     def at(self, path: str) -> Location:
         """The location of ``path`` on the same filesystem (a path it listed or made)."""
         url = path if self.local else self.fs.unstrip_protocol(path)
-        return replace(self, url=url, path=path, display=url)
+        return replace(self, url=url, path=path)
 
     def zarr_store(self, *, read_only: bool) -> Any:
         """A Zarr v3 store here (see :func:`zarr_store`), from the resolved options."""
@@ -175,11 +179,9 @@ class Location:
 def locate(url: str, storage_options: dict[str, Any] | None = None) -> Location:
     """The :class:`Location` of ``url``: credentials resolved (and remembered for
     masking) once, the filesystem made once."""
-    from pipeline.secrets import redact
-
     opts = effective_options(url, storage_options)
     fs, path = _filesystem(url, opts)
-    return Location(url, path, redact(url), fs, opts)
+    return Location(url, path, fs, opts)
 
 
 def location_of(section: Any) -> Location:
