@@ -131,8 +131,9 @@ class Location:
     """A store location resolved once: its filesystem, its path there, and how to show it.
 
     Made by :func:`locate` (or :func:`location_of` a job section) once per lifecycle step;
-    the I/O functions take it, so credentials are resolved once, not at every call. The effective options (credentials resolved) and the filesystem never
-    appear in its ``repr``.
+    the I/O functions take it, so credentials are resolved once, not at every call. The
+    effective options (credentials resolved) and the filesystem never appear in its
+    ``repr``.
     """
 
     url: str  # as the job names it (fsspec URL or local path)
