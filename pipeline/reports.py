@@ -11,11 +11,11 @@ the flow passes the plots in as ``data:`` URIs (:func:`png_data_uri`, each at mo
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 from pipeline.methods import METHODS
+from pipeline.methods.base import PassStep
 from pipeline.plots import fit_png
 
 # The Markdown report adds these to each method's headline metrics.
@@ -97,93 +97,6 @@ def png_data_uri(png: bytes, max_chars: int = EMBED_MAX_CHARS) -> str:
 # --------------------------------------------------------------------------- passes
 
 
-@dataclass(frozen=True)
-class PassStep:
-    """Passes ``first`` to ``last`` (1-based) of a method over its input, and what they
-    compute."""
-
-    first: int
-    last: int
-    what: str
-
-    @property
-    def label(self) -> str:
-        """``pass 2: …`` or ``passes 2–5: …``."""
-        if self.first == self.last:
-            return f"pass {self.first}: {self.what}"
-        return f"passes {self.first}–{self.last}: {self.what}"
-
-
-def _tsqr_steps(spec: dict[str, Any], res: dict[str, Any]) -> list[PassStep]:
-    steps = [PassStep(1, 1, "R by TSQR (QR of each row block, combined in a tree), ‖A‖_F")]
-    if res.get("passes") == 2:
-        steps.append(PassStep(2, 2, "Q written; residual ‖A − QR‖, QᵀQ"))
-    return steps
-
-
-def _svd_steps(spec: dict[str, Any], res: dict[str, Any]) -> list[PassStep]:
-    means = ", column means" if spec.get("center") else ""
-    steps = [PassStep(1, 1, f"R by TSQR{means}; SVD of R: S, Vt")]
-    if res.get("passes") == 2:
-        steps.append(PassStep(2, 2, "U written; residual ‖A − USVt‖, UᵀU"))
-    return steps
-
-
-def _rsvd_steps(spec: dict[str, Any], res: dict[str, Any]) -> list[PassStep]:
-    # the iteration passes made (power_iters: auto records them in power_iters_used)
-    power_iters = res.get("power_iters_used", spec.get("power_iters", 0))
-    if spec.get("single_pass"):
-        steps = [PassStep(1, 1, "sketches AΩ and ΨA, column sums, ‖A‖²: U, S, Vt")]
-    elif not isinstance(power_iters, int):  # "auto" without a record: the generic step
-        return []
-    elif power_iters == 0:
-        steps = [PassStep(1, 1, "sketch Y = AΩ, column sums, ‖A‖²"), PassStep(2, 2, "B = QᵀA")]
-    else:
-        steps = [PassStep(1, 1, "column sums, ‖A‖², W = AᵀAΩ")]
-        if power_iters > 1:
-            kind = "block Krylov" if res.get("iteration") == "krylov" else "power"
-            what = f"{kind} iteration" + "s" * (power_iters > 2)
-            steps.append(PassStep(2, power_iters, f"{what}: W = AᵀAZ"))
-        last = power_iters + 1
-        steps.append(PassStep(last, last, "sketch Y = AZ kept; AᵀY, YᵀY: U, S, Vt"))
-    direct = res.get("residual_method") == "direct"
-    if not spec.get("single_pass") and power_iters > 0:
-        # A sketch not graded enough for its Gram is orthonormalized by TSQR instead, and
-        # B = QᵀA then takes one more pass (pipeline.linalg.rsvd).
-        if (res.get("passes") or 0) == steps[-1].last + 1 + direct:
-            extra = steps[-1].last + 1
-            steps.append(PassStep(extra, extra, "B = QᵀA (Q of the sketch by TSQR)"))
-    if direct:
-        extra = steps[-1].last + 1
-        steps.append(PassStep(extra, extra, "residual ‖A − USVt‖"))
-    return steps
-
-
-def _nmf_steps(spec: dict[str, Any], res: dict[str, Any]) -> list[PassStep]:
-    passes = res.get("passes") or 0
-    resumed = res.get("resumed_from") or 0
-    iterations = (res.get("iterations") or 0) - resumed
-    init = passes - 1 - iterations  # the NNDSVD start's passes (none when resumed or random)
-    steps = [PassStep(1, 1, "‖A‖², smallest and mean entry")]
-    if init > 0:
-        steps.append(PassStep(2, 1 + init, "NNDSVD start: randomized SVD"))
-    if iterations > 0:
-        done = f"{resumed + 1}" if iterations == 1 else f"s {resumed + 1}–{resumed + iterations}"
-        steps.append(PassStep(2 + init, passes, f"iteration{done}: W from AHᵀ, H from WᵀA"))
-    return steps
-
-
-# What each method's passes compute, from its spec and metrics (a method missing here, or
-# metrics these do not add up to, get one generic step: the diagram never contradicts the
-# recorded pass count).
-PASS_STEPS: dict[str, Callable[[dict[str, Any], dict[str, Any]], list[PassStep]]] = {
-    "tsqr": _tsqr_steps,
-    "svd": _svd_steps,
-    "rsvd": _rsvd_steps,
-    "nmf": _nmf_steps,
-}
-
-
 def _covers(steps: list[PassStep], passes: int) -> bool:
     """True when ``steps`` number the passes 1 to ``passes`` in order, without gaps."""
     expected = 1
@@ -200,8 +113,8 @@ def pass_steps(method: str, spec: dict[str, Any], res: dict[str, Any]) -> list[P
     passes = res.get("passes")
     if not isinstance(passes, int) or isinstance(passes, bool) or passes < 1:
         return []
-    builder = PASS_STEPS.get(method)
-    steps = builder(spec, res) if builder else []
+    builder = METHODS[method].pass_steps if method in METHODS else None
+    steps = builder(spec, res) if builder else []  # a mismatch gets one generic step
     return steps if _covers(steps, passes) else [PassStep(1, passes, "over the input")]
 
 

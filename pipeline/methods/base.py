@@ -150,6 +150,23 @@ def spectral_slots(spec: Any) -> AnnDataSlots:
 
 
 @dataclass(frozen=True)
+class PassStep:
+    """Passes ``first`` to ``last`` (1-based) of a method over its input, and what they
+    compute."""
+
+    first: int
+    last: int
+    what: str
+
+    @property
+    def label(self) -> str:
+        """``pass 2: …`` or ``passes 2–5: …``."""
+        if self.first == self.last:
+            return f"pass {self.first}: {self.what}"
+        return f"passes {self.first}–{self.last}: {self.what}"
+
+
+@dataclass(frozen=True)
 class Method:
     """Everything that makes a method, registered once in :mod:`pipeline.methods`.
 
@@ -167,6 +184,9 @@ class Method:
     plots : file names of the plots it writes next to ``metrics.json``
     example : a small valid entry of ``methods:`` (docs and the contract test)
     metrics : the :class:`MethodMetrics` subclass naming what ``run`` returns
+    pass_steps : ``pass_steps(spec, metrics)``: what each of the passes it made computed
+        (the report's diagram; they must number the recorded passes, else the report
+        draws one generic step)
     checkpoints : the runner saves checkpoints through ``ctx.checkpoints`` (the job's
         :class:`CheckpointStore`); the lifecycle removes them once the result is published
     anndata : ``anndata(spec)`` names the :class:`AnnDataSlots` of its factors in the
@@ -186,6 +206,7 @@ class Method:
     metrics: type[MethodMetrics]
     plots: tuple[str, ...] = ()
     checkpoints: bool = False
+    pass_steps: Callable[[dict[str, Any], dict[str, Any]], list[PassStep]] | None = None
     anndata: Callable[[Any], AnnDataSlots] | None = None
     sparse: bool = False
 

@@ -24,6 +24,7 @@ from pipeline.methods.base import (
     Method,
     MethodMetrics,
     MethodSpec,
+    PassStep,
     RunContext,
 )
 from pipeline.progress import Progress, report
@@ -226,7 +227,23 @@ def run(spec: NMFSpec, a: da.Array, ctx: RunContext) -> NMFMetrics:
     }
 
 
+def pass_steps(spec: dict[str, Any], res: dict[str, Any]) -> list[PassStep]:
+    """What each pass computed, from the spec and the metrics (the report's diagram)."""
+    passes = res.get("passes") or 0
+    resumed = res.get("resumed_from") or 0
+    iterations = (res.get("iterations") or 0) - resumed
+    init = passes - 1 - iterations  # the NNDSVD start's passes (none when resumed or random)
+    steps = [PassStep(1, 1, "‖A‖², smallest and mean entry")]
+    if init > 0:
+        steps.append(PassStep(2, 1 + init, "NNDSVD start: randomized SVD"))
+    if iterations > 0:
+        done = f"{resumed + 1}" if iterations == 1 else f"s {resumed + 1}–{resumed + iterations}"
+        steps.append(PassStep(2 + init, passes, f"iteration{done}: W from AHᵀ, H from WᵀA"))
+    return steps
+
+
 METHOD = Method(
+    pass_steps=pass_steps,
     anndata=lambda spec: AnnDataSlots("X_nmf", "NMF_H"),
     sparse=True,
     name="nmf",

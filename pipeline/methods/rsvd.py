@@ -25,6 +25,7 @@ from pipeline.methods.base import (
     SPECTRAL_HEADLINE,
     Method,
     MethodSpec,
+    PassStep,
     RunContext,
     SpectralMetrics,
     spectral_arrays,
@@ -271,7 +272,39 @@ def run(spec: RSVDSpec, a: da.Array, ctx: RunContext) -> RSVDMetrics:
     return result
 
 
+def pass_steps(spec: dict[str, Any], res: dict[str, Any]) -> list[PassStep]:
+    """What each pass computed, from the spec and the metrics (the report's diagram)."""
+    # the iteration passes made (power_iters: auto records them in power_iters_used)
+    power_iters = res.get("power_iters_used", spec.get("power_iters", 0))
+    if spec.get("single_pass"):
+        steps = [PassStep(1, 1, "sketches AΩ and ΨA, column sums, ‖A‖²: U, S, Vt")]
+    elif not isinstance(power_iters, int):  # "auto" without a record: the generic step
+        return []
+    elif power_iters == 0:
+        steps = [PassStep(1, 1, "sketch Y = AΩ, column sums, ‖A‖²"), PassStep(2, 2, "B = QᵀA")]
+    else:
+        steps = [PassStep(1, 1, "column sums, ‖A‖², W = AᵀAΩ")]
+        if power_iters > 1:
+            kind = "block Krylov" if res.get("iteration") == "krylov" else "power"
+            what = f"{kind} iteration" + "s" * (power_iters > 2)
+            steps.append(PassStep(2, power_iters, f"{what}: W = AᵀAZ"))
+        last = power_iters + 1
+        steps.append(PassStep(last, last, "sketch Y = AZ kept; AᵀY, YᵀY: U, S, Vt"))
+    direct = res.get("residual_method") == "direct"
+    if not spec.get("single_pass") and power_iters > 0:
+        # A sketch not graded enough for its Gram is orthonormalized by TSQR instead, and
+        # B = QᵀA then takes one more pass (pipeline.linalg.rsvd).
+        if (res.get("passes") or 0) == steps[-1].last + 1 + direct:
+            extra = steps[-1].last + 1
+            steps.append(PassStep(extra, extra, "B = QᵀA (Q of the sketch by TSQR)"))
+    if direct:
+        extra = steps[-1].last + 1
+        steps.append(PassStep(extra, extra, "residual ‖A − USVt‖"))
+    return steps
+
+
 METHOD = Method(
+    pass_steps=pass_steps,
     anndata=spectral_slots,
     sparse=True,
     name="rsvd",

@@ -23,6 +23,7 @@ from pipeline.methods.base import (
     SPECTRAL_HEADLINE,
     Method,
     MethodSpec,
+    PassStep,
     RunContext,
     SpectralMetrics,
     check_tall_input,
@@ -174,7 +175,17 @@ def _writes_vt(spec: SVDSpec) -> bool:
     return spec.u or not spec.transpose
 
 
+def pass_steps(spec: dict[str, Any], res: dict[str, Any]) -> list[PassStep]:
+    """What each pass computed, from the spec and the metrics (the report's diagram)."""
+    means = ", column means" if spec.get("center") else ""
+    steps = [PassStep(1, 1, f"R by TSQR{means}; SVD of R: S, Vt")]
+    if res.get("passes") == 2:
+        steps.append(PassStep(2, 2, "U written; residual ‖A − USVt‖, UᵀU"))
+    return steps
+
+
 METHOD = Method(
+    pass_steps=pass_steps,
     anndata=spectral_slots,
     name="svd",
     spec=SVDSpec,

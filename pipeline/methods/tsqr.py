@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -20,6 +20,7 @@ from pipeline.methods.base import (
     Method,
     MethodMetrics,
     MethodSpec,
+    PassStep,
     RunContext,
     check_tall_input,
 )
@@ -115,7 +116,16 @@ def run(spec: TSQRSpec, a: da.Array, ctx: RunContext) -> TSQRMetrics:
     return result
 
 
+def pass_steps(spec: dict[str, Any], res: dict[str, Any]) -> list[PassStep]:
+    """What each pass computed, from the spec and the metrics (the report's diagram)."""
+    steps = [PassStep(1, 1, "R by TSQR (QR of each row block, combined in a tree), ‖A‖_F")]
+    if res.get("passes") == 2:
+        steps.append(PassStep(2, 2, "Q written; residual ‖A − QR‖, QᵀQ"))
+    return steps
+
+
 METHOD = Method(
+    pass_steps=pass_steps,
     name="tsqr",
     spec=TSQRSpec,
     check=check,
