@@ -49,7 +49,7 @@ E2E_FIXTURES = frozenset(
     {
         "dist_client",  # the session's LocalCluster of worker processes
         "prefect_server",  # the session's lasting Prefect server
-        "prefect_harness",  # Prefect's test server (a uvicorn subprocess)
+        "prefect_harness",  # in-process flow runs on the lasting server
         "s3",  # moto's S3 server
         "cli",  # `factorize …` subprocesses (run_cli)
         "cluster_client",  # test_worker_faults: a fresh process cluster per test
@@ -60,8 +60,30 @@ E2E_FIXTURES = frozenset(
 )
 
 
+# Modules whose end-to-end tests take longest (minutes on 2 cores): under pytest-xdist they
+# start first, and the fast modules fill in around them. Only an order: a module missing
+# here runs all the same.
+LONGEST_FIRST = (
+    "test_operations",
+    "test_plan",
+    "test_worker_faults",
+    "test_sparse",
+    "test_benchmarks",
+    "test_s3",
+    "test_cli",
+    "test_credentials",
+    "test_interrupt",
+    "test_server",
+)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def order(item: pytest.Item) -> int:
+        name = item.module.__name__.rpartition(".")[2]
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=order)  # stable: the order within a module is kept
     for item in items:
         if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
@@ -152,14 +174,18 @@ def prefect_server():
 
 
 @pytest.fixture(scope="session")
-def prefect_harness():
-    """One Prefect test database for the session; heartbeats off (each costs ~1 s a run)."""
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_harness(prefect_server):
+    """Flow runs in this process against the session's lasting Prefect server (no second
+    server: every test that needs one shares it); heartbeats off (each costs ~1 s a run)."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
 
-    with prefect_test_harness(server_startup_timeout=None):
-        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            yield
+    updates = {PREFECT_API_URL: prefect_server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    with temporary_settings(updates=updates):
+        yield
 
 
 @pytest.fixture(scope="session")
