@@ -1,4 +1,15 @@
-"""Shared fixtures: offline Prefect settings, one LocalCluster and one Prefect harness."""
+"""Shared fixtures and the suite's two tiers.
+
+Tiers (see README, Development): a test is ``e2e`` when it uses a fixture that starts real
+processes or servers (:data:`E2E_FIXTURES`: the process cluster, Prefect servers, moto's
+S3, the ``factorize`` CLI) or is marked ``e2e`` by hand (the few that start processes
+themselves). The marks are set here at collection; ``pytest -m "not e2e"`` is the fast
+tier, in which starting a process fails the test (:func:`_fast_tier_starts_no_process`),
+so a test cannot slip into the wrong tier unnoticed.
+
+Modules import no Prefect, Dask, distributed or Zarr at import time (collection stays
+fast): those imports live in the tests and fixtures that use them.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +21,99 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-# Before anything imports prefect: stay offline, keep PREFECT_HOME out of the repo.
-_PREFECT_HOME = tempfile.mkdtemp(prefix="zf-prefect-home-")
-os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+# Before anything imports prefect: stay offline, keep PREFECT_HOME out of the repo. Under
+# pytest-xdist each worker has a home of its own (its own lasting server, database, record).
+_PREFECT_HOME = os.environ.get("PREFECT_HOME") or tempfile.mkdtemp(prefix="zf-prefect-home-")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _PREFECT_HOME = str(Path(_PREFECT_HOME) / os.environ["PYTEST_XDIST_WORKER"])
+    Path(_PREFECT_HOME).mkdir(parents=True, exist_ok=True)
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+# One BLAS thread per thread of work: the in-process cluster's 2 worker threads, the
+# worker processes and a second pytest-xdist worker share 2 cores.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
-import zarr  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Fixtures that start real processes or servers: a test using any of them (directly or
+# through another fixture) is in the end-to-end tier.
+E2E_FIXTURES = frozenset(
+    {
+        "dist_client",  # the session's LocalCluster of worker processes
+        "prefect_server",  # the session's lasting Prefect server
+        "prefect_harness",  # in-process flow runs on the lasting server
+        "s3",  # moto's S3 server
+        "cli",  # `factorize …` subprocesses (run_cli)
+        "cluster_client",  # test_worker_faults: a fresh process cluster per test
+        "small_client",  # test_worker_faults: a process cluster of small workers
+        "scheduler_file",  # test_cluster_kinds: a dask scheduler process
+        "prefect_home",  # test_interrupt: runs with their own temporary servers
+    }
+)
+
+
+# Modules whose end-to-end tests take longest (minutes on 2 cores): under pytest-xdist they
+# start first, and the fast modules fill in around them. Only an order: a module missing
+# here runs all the same.
+LONGEST_FIRST = (
+    "test_operations",
+    "test_plan",
+    "test_worker_faults",
+    "test_sparse",
+    "test_benchmarks",
+    "test_s3",
+    "test_cli",
+    "test_credentials",
+    "test_interrupt",
+    "test_server",
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def order(item: pytest.Item) -> int:
+        name = item.module.__name__.rpartition(".")[2]
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=order)  # stable: the order within a module is kept
+    for item in items:
+        if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+        # Under pytest-xdist --dist loadgroup a module's tests stay on one worker: its
+        # module-scoped servers, runs and data are made once.
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request, monkeypatch):
+    """In a test that is not ``e2e``, starting a process fails the test: the fast tier
+    stays fast, and a test that needs a process says so (a fixture of E2E_FIXTURES, or
+    ``@pytest.mark.e2e``)."""
+    if request.node.get_closest_marker("e2e") is not None:
+        return
+
+    import multiprocessing.util
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(
+            f"{request.node.nodeid} starts a process but is not marked e2e: use a fixture "
+            "of conftest.E2E_FIXTURES (cli, dist_client, …) or mark it @pytest.mark.e2e"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(multiprocessing.util, "spawnv_passfds", refuse)  # LocalCluster's
+
+
+# --------------------------------------------------------------------------- clusters
 
 
 @contextmanager
@@ -46,9 +136,28 @@ def two_workers(memory_limit: str, *, set_as_default: bool = False):
 
 @pytest.fixture(scope="session")
 def client():
-    """A real 2-worker LocalCluster (processes) shared by the session, set as default."""
-    with two_workers("4GiB", set_as_default=True) as c:
+    """The fast tier's cluster, the session's default client: a real distributed scheduler
+    with 2 workers × 1 thread in this process (no process to start, nothing pickled
+    between processes)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+    ) as cluster:
+        with Client(cluster, set_as_default=True) as c:
+            yield c
+
+
+@pytest.fixture(scope="session")
+def dist_client():
+    """A real 2-worker LocalCluster of processes shared by the session (end-to-end tier),
+    passed explicitly (``run_job(client=…)``) or by its address (``kind: address`` jobs of
+    CLI subprocesses and flow runs); not the default client."""
+    with two_workers("4GiB") as c:
         yield c
+
+
+# --------------------------------------------------------------------------- servers
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +173,30 @@ def prefect_server():
     stop_owned_server(timeout=5)
 
 
+@pytest.fixture(scope="session")
+def prefect_harness(prefect_server):
+    """Flow runs in this process against the session's lasting Prefect server (no second
+    server: every test that needs one shares it); heartbeats off (each costs ~1 s a run)."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
+
+    updates = {PREFECT_API_URL: prefect_server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    with temporary_settings(updates=updates):
+        yield
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on 127.0.0.1 for the session (see tests/s3server.py)."""
+    from s3server import moto_server
+
+    with moto_server() as server:
+        yield server
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1."""
     import socket
@@ -73,31 +206,76 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_cli(*args, cwd=None, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
-    """``factorize ARGS…`` as a user runs it, output captured as text."""
+# --------------------------------------------------------------------------- the CLI
+
+
+def factorize_cmd() -> list[str]:
+    """The installed console script (same interpreter as the tests)."""
+    exe = Path(sys.executable).with_name("factorize")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
+
+
+def run_cli(
+    *args,
+    cwd=None,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    home: Path | None = None,
+    stdout=None,
+) -> subprocess.CompletedProcess:
+    """``factorize ARGS…`` as a user runs it, output captured as text.
+
+    ``env``: variables added to (a value of ``None``: removed from) this process's
+    environment. ``home``: a ``PREFECT_HOME`` of its own (created), without this
+    session's ``PREFECT_API_URL``: the run starts a temporary server there. ``stdout``: a
+    file to write the output to instead of capturing it.
+    """
+    full_env = None
+    if env is not None or home is not None:
+        full_env = dict(os.environ)
+        if home is not None:
+            home.mkdir(parents=True, exist_ok=True)
+            full_env["PREFECT_HOME"] = str(home)
+            full_env.pop("PREFECT_API_URL", None)
+        for key, value in (env or {}).items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
     return subprocess.run(
         [*factorize_cmd(), *map(str, args)],
-        capture_output=True,
+        stdout=stdout if stdout is not None else subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         cwd=cwd or REPO,
         timeout=timeout,
-        env=env,
+        env=full_env,
     )
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    """One Prefect test database for the session; heartbeats off (each costs ~1 s a run)."""
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
+@pytest.fixture
+def cli():
+    """:func:`run_cli`, for a test that runs ``factorize`` (which makes it ``e2e``)."""
+    return run_cli
 
-    with prefect_test_harness(server_startup_timeout=None):
-        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            yield
+
+def one_line_exit(proc: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The one stderr line of a finished ``factorize`` process that exited with ``code``,
+    after checking that neither stdout nor stderr holds a traceback."""
+    assert proc.returncode == code, (proc.stdout or "")[-4000:] + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in (proc.stdout or "") + proc.stderr, (proc.stdout or "")[-4000:]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- data and jobs
 
 
 def write_array(path: Path, data: np.ndarray, chunks=None, zarr_format: int = 3, name=None):
     """Write ``data`` as a Zarr array at ``path`` (or as ``name`` inside a group)."""
+    import zarr
+
     chunks = chunks or data.shape
     if name is None:
         arr = zarr.create_array(
@@ -135,22 +313,6 @@ def write_job(tmp_path: Path, job: dict, filename: str = "job.yaml") -> Path:
     return path
 
 
-def one_line_exit(proc: subprocess.CompletedProcess, code: int = 2) -> str:
-    """The one stderr line of a finished ``factorize`` process that exited with ``code``,
-    after checking that neither stdout nor stderr holds a traceback."""
-    assert proc.returncode == code, proc.stdout[-4000:] + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-4000:]
-    return lines[0]
-
-
-def factorize_cmd() -> list[str]:
-    """The installed console script (same interpreter as the tests)."""
-    exe = Path(sys.executable).with_name("factorize")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
-
-
 def cond_matrix(m: int, n: int, kappa: float, seed: int = 0, dtype=np.float64) -> np.ndarray:
     """A random m × n matrix with singular values log-spaced from 1 to 1/kappa."""
     rng = np.random.default_rng(seed)
@@ -159,13 +321,7 @@ def cond_matrix(m: int, n: int, kappa: float, seed: int = 0, dtype=np.float64) -
     return ((u * np.logspace(0, -np.log10(kappa), n)) @ v.T).astype(dtype)
 
 
-@pytest.fixture(scope="session")
-def s3():
-    """moto's S3 server on 127.0.0.1 for the session (see tests/s3server.py)."""
-    from s3server import moto_server
-
-    with moto_server() as server:
-        yield server
+# --------------------------------------------------------------------------- scheduler checks
 
 
 class _RunSpecWarnings(logging.Handler):
@@ -183,9 +339,10 @@ class _RunSpecWarnings(logging.Handler):
 
 @pytest.fixture(autouse=True)
 def no_run_spec_redefinitions():
-    """Fail any test whose jobs made an in-process scheduler (the session ``client``'s, or
-    a test's own LocalCluster) see a key redefined with a different task — distributed's
-    "Detected different `run_spec`" warning, which can end in failures and deadlocks."""
+    """Fail any test whose jobs made an in-process scheduler (the ``client``'s and
+    ``dist_client``'s, or a test's own LocalCluster) see a key redefined with a different
+    task — distributed's "Detected different `run_spec`" warning, which can end in
+    failures and deadlocks."""
     handler = _RunSpecWarnings()
     scheduler_log = logging.getLogger("distributed.scheduler")
     scheduler_log.addHandler(handler)

@@ -10,7 +10,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.e2e
 def test_import_pipeline_cli_loads_no_compute_stack():
     """``factorize --help`` and ``schema`` must not pay for dask, distributed or zarr."""
     code = (
@@ -23,6 +26,7 @@ def test_import_pipeline_cli_loads_no_compute_stack():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.e2e
 def test_import_pipeline_loads_neither_prefect_nor_cupy():
     code = (
         "import sys, pipeline, pipeline.jobs, pipeline.cli;"

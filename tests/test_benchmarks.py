@@ -41,7 +41,7 @@ def test_scripts_found():
     assert SCRIPTS, "no benchmarks/bench_*.py found"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
 def test_tiny_run(script: Path, tmp_path: Path):
     data_dir = tmp_path / "bench"

@@ -5,14 +5,10 @@ from __future__ import annotations
 import json
 import re
 
-import httpx
 import numpy as np
 import pytest
-import xarray as xr
-import zarr
 
-from tests.conftest import job_dict, one_line_exit, run_cli, write_array, write_job
-from tests.test_validate_hardening import alias_bomb_yaml
+from tests.conftest import job_dict, one_line_exit, write_array, write_job
 
 
 def assert_one_line_error(proc, *needles):
@@ -23,6 +19,10 @@ def assert_one_line_error(proc, *needles):
 
 def _bad_cases(tmp_path):
     """(name, job file or path, expected substrings) for every kind of bad input."""
+    import zarr
+
+    from tests.test_validate_hardening import alias_bomb_yaml
+
     good = tmp_path / "good.zarr"
     write_array(good, np.ones((50, 4)))
     write_array(tmp_path / "grp.zarr", np.ones((50, 4)), name="A")
@@ -134,12 +134,12 @@ def _bad_cases(tmp_path):
     ]
 
 
-def test_every_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
+def test_every_bad_input_exits_2_with_one_line_and_writes_nothing(cli, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     cases = _bad_cases(tmp_path)
     with ThreadPoolExecutor(3) as pool:  # the CLI's start-up dominates: overlap it
-        procs = list(pool.map(lambda c: run_cli("run", c[1], cwd=tmp_path, timeout=180), cases))
+        procs = list(pool.map(lambda c: cli("run", c[1], cwd=tmp_path, timeout=180), cases))
     for (name, path, needles), proc in zip(cases, procs, strict=True):
         try:  # every error names the job file (and the field or the input it is about)
             assert_one_line_error(proc, path.name, *needles)
@@ -148,19 +148,19 @@ def test_every_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists(), "a bad case wrote output"
 
 
-def test_existing_output_is_refused_and_untouched(tmp_path):
+def test_existing_output_is_refused_and_untouched(cli, tmp_path):
     write_array(tmp_path / "in.zarr", np.ones((50, 4)))
     done = tmp_path / "out" / "job"
     done.mkdir(parents=True)
     (done / "metrics.json").write_text('{"status": "completed"}')
     path = write_job(tmp_path, job_dict(tmp_path, str(tmp_path / "in.zarr")))
-    proc = run_cli("run", path)
+    proc = cli("run", path)
     assert_one_line_error(proc, "already exists", "overwrite: true")
     assert (done / "metrics.json").read_text() == '{"status": "completed"}'
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["job"]
 
 
-def test_validate_reports_without_computing(tmp_path):
+def test_validate_reports_without_computing(cli, tmp_path):
     write_array(
         tmp_path / "in.zarr",
         np.ones((300, 7), dtype=np.int32),
@@ -171,11 +171,11 @@ def test_validate_reports_without_computing(tmp_path):
     path = write_job(
         tmp_path, job_dict(tmp_path, "", input={"url": str(tmp_path / "in.zarr"), "array": "M"})
     )
-    proc = run_cli("validate", path)
+    proc = cli("validate", path)
     assert proc.returncode == 0, proc.stderr
     assert "shape 300×7" in proc.stdout and "chunks 100×7" in proc.stdout
     assert "dtype int32" in proc.stdout and "Zarr v2" in proc.stdout
-    planned = run_cli("validate", "--plan", path)
+    planned = cli("validate", "--plan", path)
     assert planned.returncode == 0, planned.stderr
     input_line = proc.stdout.splitlines()[0]
     assert planned.stdout.splitlines()[0] == input_line  # --plan keeps the input line
@@ -183,10 +183,12 @@ def test_validate_reports_without_computing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_schema_and_generate(tmp_path):
-    proc = run_cli("schema")
+def test_schema_and_generate(cli, tmp_path):
+    import zarr
+
+    proc = cli("schema")
     assert proc.returncode == 0 and json.loads(proc.stdout)["title"] == "zarr-factorize job"
-    proc = run_cli(
+    proc = cli(
         "generate",
         tmp_path / "g.zarr",
         "--shape",
@@ -203,15 +205,18 @@ def test_schema_and_generate(tmp_path):
     assert proc.returncode == 0, proc.stderr
     arr = zarr.open_array(str(tmp_path / "g.zarr"))
     assert arr.shape == (1000, 12) and arr.chunks == (300, 12) and arr.dtype == np.float32
-    proc = run_cli("generate", tmp_path / "h.zarr", "--shape", 0, 12)
+    proc = cli("generate", tmp_path / "h.zarr", "--shape", 0, 12)
     assert_one_line_error(proc, "generate: shape")
 
 
-@pytest.mark.slow
-def test_run_end_to_end_with_embedded_cluster_and_prefect(tmp_path, prefect_server):
+def test_run_end_to_end_with_embedded_cluster_and_prefect(cli, tmp_path, prefect_server):
     """The README path: job files, an embedded LocalCluster, Prefect's ephemeral API; all
     three methods on one non-negative input, and a second job in the same command (a batch:
     concurrent flow runs on one shared cluster)."""
+    import httpx
+    import xarray as xr
+    import zarr
+
     job = job_dict(
         tmp_path,
         "data/in.zarr",
@@ -241,7 +246,7 @@ def test_run_end_to_end_with_embedded_cluster_and_prefect(tmp_path, prefect_serv
         output={"url": "results"},
     )
     path_b = write_job(tmp_path, second, "b.yaml")
-    proc = run_cli("run", path, path_b, cwd=tmp_path)
+    proc = cli("run", path, path_b, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert "e2e: completed" in proc.stdout and "orthogonality_u" in proc.stdout
     assert "e2e-b: completed" in proc.stdout
@@ -292,8 +297,9 @@ def assert_quiet(stdout: str) -> None:
     assert not chatter, chatter[:5]
 
 
-@pytest.mark.slow
-def test_task_side_user_error_on_an_embedded_cluster_prints_no_traceback(tmp_path, prefect_server):
+def test_task_side_user_error_on_an_embedded_cluster_prints_no_traceback(
+    cli, tmp_path, prefect_server
+):
     """NaN found by a worker of the run's own LocalCluster: exit 2, one line naming the job
     file, and neither stdout nor stderr holds distributed's "Compute Failed" block or any
     traceback (the workers' log lines are the run's stdout)."""
@@ -303,7 +309,7 @@ def test_task_side_user_error_on_an_embedded_cluster_prints_no_traceback(tmp_pat
     job = job_dict(tmp_path, str(tmp_path / "nan.zarr"), name="nanjob")
     job["cluster"] = {"kind": "local", "n_workers": 2, "memory_limit": "1GiB"}
     path = write_job(tmp_path, job, "nanjob.yaml")
-    proc = run_cli("run", path)
+    proc = cli("run", path)
     line = one_line_exit(proc)
     assert line.startswith(f"factorize: error: {path}: ") and "row 3500" in line, line
     assert "Compute Failed" not in proc.stdout and "Traceback" not in proc.stdout
@@ -312,23 +318,21 @@ def test_task_side_user_error_on_an_embedded_cluster_prints_no_traceback(tmp_pat
     assert list((tmp_path / "out").iterdir()) == []
 
 
-@pytest.mark.slow
-def test_nan_in_input_exits_2_after_first_pass_and_leaves_nothing(tmp_path, client):
+def test_nan_in_input_exits_2_after_first_pass_and_leaves_nothing(cli, tmp_path, dist_client):
     a = np.ones((2000, 5))
     a[1500, 3] = np.inf
     write_array(tmp_path / "nan.zarr", a, chunks=(250, 5))
     job = job_dict(
         tmp_path,
         str(tmp_path / "nan.zarr"),
-        cluster={"kind": "address", "address": client.scheduler.address},
+        cluster={"kind": "address", "address": dist_client.scheduler.address},
     )
-    proc = run_cli("run", write_job(tmp_path, job))
+    proc = cli("run", write_job(tmp_path, job))
     assert_one_line_error(proc, "NaN or Inf", "row 1500")
     assert list((tmp_path / "out").iterdir()) == []
 
 
-@pytest.mark.slow
-def test_negative_input_to_nmf_exits_2_and_leaves_nothing(tmp_path, client):
+def test_negative_input_to_nmf_exits_2_and_leaves_nothing(cli, tmp_path, dist_client):
     a = np.ones((2000, 5))
     a[10, 1] = -3.0
     write_array(tmp_path / "neg.zarr", a, chunks=(250, 5))
@@ -336,17 +340,17 @@ def test_negative_input_to_nmf_exits_2_and_leaves_nothing(tmp_path, client):
         tmp_path,
         str(tmp_path / "neg.zarr"),
         methods=[{"method": "nmf", "rank": 2}],
-        cluster={"kind": "address", "address": client.scheduler.address},
+        cluster={"kind": "address", "address": dist_client.scheduler.address},
     )
-    proc = run_cli("run", write_job(tmp_path, job))
+    proc = cli("run", write_job(tmp_path, job))
     assert_one_line_error(proc, "non-negative", "-3")
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_submit_without_a_reachable_server_exits_2(tmp_path, monkeypatch):
+def test_submit_without_a_reachable_server_exits_2(cli, tmp_path, monkeypatch):
     write_array(tmp_path / "in.zarr", np.ones((20, 3)))
     path = write_job(tmp_path, job_dict(tmp_path, str(tmp_path / "in.zarr")))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    assert_one_line_error(run_cli("submit", path), "set PREFECT_API_URL")
+    assert_one_line_error(cli("submit", path), "set PREFECT_API_URL")
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens there
-    assert_one_line_error(run_cli("submit", path), "cannot reach the Prefect API")
+    assert_one_line_error(cli("submit", path), "cannot reach the Prefect API")

@@ -7,17 +7,13 @@ import time
 
 import pytest
 
-from pipeline.cluster import (
-    check_cluster_available,
-    cluster_from_spec,
-    keep_in_memory,
-    local_defaults,
-)
 from pipeline.config import ClusterSpec
 from pipeline.errors import ClusterError
 
 
 def test_local_defaults_follow_the_machine():
+    from pipeline.cluster import local_defaults
+
     kw = local_defaults(ClusterSpec(threads_per_worker=2, memory_limit="1GiB"))
     assert kw["threads_per_worker"] == 2 and kw["memory_limit"] == "1GiB"
     assert kw["env"]["OPENBLAS_NUM_THREADS"] == "2" and kw["env"]["OMP_NUM_THREADS"] == "2"
@@ -26,6 +22,8 @@ def test_local_defaults_follow_the_machine():
 
 
 def test_local_cuda_without_dask_cuda_is_a_clear_error():
+    from pipeline.cluster import check_cluster_available, cluster_from_spec
+
     with pytest.raises(ClusterError, match=r"pip install 'zarr-factorize\[gpu-cu12\]' \(CUDA 12\)"):
         check_cluster_available(ClusterSpec(kind="local-cuda"))
     with pytest.raises(ClusterError, match="dask-cuda"):
@@ -34,6 +32,8 @@ def test_local_cuda_without_dask_cuda_is_a_clear_error():
 
 
 def test_unreachable_scheduler_is_a_clear_error():
+    from pipeline.cluster import cluster_from_spec
+
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -45,10 +45,12 @@ def test_unreachable_scheduler_is_a_clear_error():
     assert time.monotonic() - t0 < 30
 
 
-def test_address_cluster_and_keep_in_memory(client):
+def test_address_cluster_and_keep_in_memory(dist_client):
     import dask.array as da
 
-    spec = ClusterSpec(kind="address", address=client.scheduler.address)
+    from pipeline.cluster import cluster_from_spec, keep_in_memory
+
+    spec = ClusterSpec(kind="address", address=dist_client.scheduler.address)
     with cluster_from_spec(spec) as c:
         assert len(c.scheduler_info()["workers"]) == 2
         small = da.ones((100, 10), chunks=(50, 10))

@@ -15,7 +15,6 @@ from conftest import factorize_cmd, job_dict, one_line_exit, write_array, write_
 
 from pipeline.config import parse_config, redacted_dump
 from pipeline.errors import UserError, WorkersTimeoutError
-from pipeline.jobs import precheck, run_job
 
 A = np.random.default_rng(4).standard_normal((400, 8))
 RSVD = {"method": "rsvd", "rank": 3}
@@ -35,7 +34,10 @@ def _r_matches(tmp_path: Path) -> None:
     np.testing.assert_allclose(np.abs(r), np.abs(np.linalg.qr(A, mode="r")), atol=1e-12)
 
 
+@pytest.mark.e2e  # the job starts its own cluster of worker processes
 def test_class_with_scale_and_wait(tmp_path):
+    from pipeline.jobs import run_job
+
     cluster = {
         "kind": "class",
         "cluster_class": "distributed.LocalCluster",
@@ -49,8 +51,11 @@ def test_class_with_scale_and_wait(tmp_path):
     _r_matches(tmp_path)
 
 
+@pytest.mark.e2e  # the job starts its own cluster of worker processes
 def test_jobqueue_cluster_with_adapt_streams_the_input(tmp_path):
     """dask-jobqueue's LocalCluster: a real JobQueueCluster whose jobs are local processes."""
+    from pipeline.jobs import run_job
+
     cluster = {
         "kind": "class",
         "cluster_class": "dask_jobqueue.local.LocalCluster",
@@ -85,6 +90,8 @@ def scheduler_file(tmp_path):
 
 
 def test_scheduler_file_with_a_worker(tmp_path, scheduler_file):
+    from pipeline.jobs import run_job
+
     worker = subprocess.Popen(
         [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
          str(scheduler_file), "--nthreads", "1", "--memory-limit", "1GiB", "--host", "127.0.0.1"],
@@ -108,6 +115,8 @@ def test_scheduler_file_with_a_worker(tmp_path, scheduler_file):
 def test_no_worker_times_out_with_one_line_and_nothing_published(
     tmp_path, scheduler_file, prefect_server
 ):
+    from pipeline.jobs import run_job
+
     cluster = {
         "kind": "scheduler-file",
         "scheduler_file": str(scheduler_file),
@@ -164,6 +173,8 @@ def test_no_worker_times_out_with_one_line_and_nothing_published(
     ],
 )  # fmt: skip
 def test_validate_refuses_bad_clusters(tmp_path, cluster, message):
+    from pipeline.jobs import precheck
+
     job = _job(tmp_path, cluster)
     with pytest.raises(UserError) as info:  # exit 2
         precheck(parse_config(job))
@@ -183,6 +194,8 @@ def test_credentials_in_cluster_and_client_kwargs_are_redacted(tmp_path):
 
 
 def test_slurm_config_validates_and_renders_its_job_script_without_slurm(tmp_path):
+    from pipeline.jobs import precheck
+
     kwargs = {
         "cores": 8,
         "memory": "32GB",

@@ -9,7 +9,6 @@ import pytest
 
 from pipeline.config import JobConfig, json_schema, load_config, parse_config, redact
 from pipeline.errors import ConfigError
-from pipeline.methods import METHODS
 from tests.conftest import REPO
 
 BASE = {"name": "x", "input": {"url": "a.zarr"}, "methods": [{"method": "tsqr"}]}
@@ -158,6 +157,7 @@ def test_unknown_key_names_the_closest_allowed_one(job, expected):
 
 def test_known_keys_follow_the_models():
     from pipeline.config import known_keys
+    from pipeline.methods import METHODS
 
     assert {"input", "methods", "cluster", "output", "name"} <= set(known_keys(()))
     assert set(known_keys(("methods", 0, "nmf"))) == set(METHODS["nmf"].spec.model_fields)
@@ -206,6 +206,8 @@ def test_file_errors(tmp_path: Path):
 
 
 def test_schema_lists_exactly_the_implemented_methods():
+    from pipeline.methods import METHODS
+
     schema = json.loads(json_schema())
     assert schema["title"] == "zarr-factorize job"
     mapping = schema["properties"]["methods"]["items"]["discriminator"]["mapping"]

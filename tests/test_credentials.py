@@ -23,7 +23,7 @@ import yaml
 from pipeline import secrets
 from pipeline.config import parse_config, redact
 from pipeline.errors import ConfigError, InputError, NonFiniteInputError
-from tests.conftest import REPO, factorize_cmd, job_dict, write_array
+from tests.conftest import REPO, factorize_cmd, job_dict, run_cli, write_array
 
 # Literal credentials of the "literal" jobs: every value distinct and searchable. The S3
 # input takes key/secret/token (moto accepts any); the local output's options hold the
@@ -296,7 +296,7 @@ def test_scrubbed_errors_keep_the_type_and_mask_the_message():
 
 
 def test_third_party_error_text_in_a_flow_run_is_scrubbed(
-    tmp_path, s3, client, prefect_harness, monkeypatch
+    tmp_path, s3, dist_client, prefect_harness, monkeypatch
 ):
     """botocore echoes an option's value in its error; the run's state messages and logs
     (Prefect's database) must not hold it."""
@@ -318,7 +318,7 @@ def test_third_party_error_text_in_a_flow_run_is_scrubbed(
         "s3://no-such-bucket/x.zarr",
         name="region",
         input={"url": "s3://no-such-bucket/x.zarr", "storage_options": opts},
-        cluster={"kind": "address", "address": client.scheduler.address},
+        cluster={"kind": "address", "address": dist_client.scheduler.address},
     )
     state = factorize(config=job, return_state=True)
     assert state.is_failed()
@@ -362,7 +362,7 @@ def _write(tmp_path: Path, filename: str, job: dict) -> Path:
     return path
 
 
-def _s3_job(tmp_path, s3, bucket, name, array, options, client) -> dict:
+def _s3_job(tmp_path, s3, bucket, name, array, options, dist_client) -> dict:
     """A job reading ``bucket/array`` with ``options``; literal jobs get OUTPUT_LITERAL."""
     literal = options is LITERAL
     return job_dict(
@@ -380,24 +380,13 @@ def _s3_job(tmp_path, s3, bucket, name, array, options, client) -> dict:
             "url": str(tmp_path / "out"),
             "storage_options": OUTPUT_LITERAL if literal else {},
         },
-        cluster={"kind": "address", "address": client.scheduler.address},
+        cluster={"kind": "address", "address": dist_client.scheduler.address},
     )
 
 
 def _cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """``factorize`` in a subprocess with its own PREFECT_HOME (``tmp_path/home``)."""
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    full_env = {**os.environ, "PREFECT_HOME": str(home), **(env or {})}
-    full_env.pop("PREFECT_API_URL", None)
-    return subprocess.run(
-        [*factorize_cmd(), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=full_env,
-        timeout=400,
-    )
+    return run_cli(*args, env=env or {}, home=tmp_path / "home", timeout=400)
 
 
 def _leaks(proc: subprocess.CompletedProcess, *folders: Path) -> list[str]:
@@ -416,17 +405,18 @@ def _leaks(proc: subprocess.CompletedProcess, *folders: Path) -> list[str]:
     return found
 
 
-@pytest.mark.slow
 def test_debug_batch_with_literal_and_referenced_credentials_leaves_no_secret(
-    tmp_path, s3, bucket, client
+    tmp_path, s3, bucket, dist_client
 ):
     """One ``factorize --log-level DEBUG run a.yaml b.yaml``: a literal job and a job by
     reference, both reading S3; nothing a run leaves holds a secret."""
     lit = _write(
-        tmp_path, "lit.yaml", _s3_job(tmp_path, s3, bucket, "lit", "ok.zarr", LITERAL, client)
+        tmp_path, "lit.yaml", _s3_job(tmp_path, s3, bucket, "lit", "ok.zarr", LITERAL, dist_client)
     )
     ref = _write(
-        tmp_path, "ref.yaml", _s3_job(tmp_path, s3, bucket, "ref", "ok.zarr", BY_REFERENCE, client)
+        tmp_path,
+        "ref.yaml",
+        _s3_job(tmp_path, s3, bucket, "ref", "ok.zarr", BY_REFERENCE, dist_client),
     )
     proc = _cli(tmp_path, "--log-level", "DEBUG", "run", str(lit), str(ref), env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
@@ -445,18 +435,19 @@ def test_debug_batch_with_literal_and_referenced_credentials_leaves_no_secret(
     assert ref_opts["storage_options"]["secret"] == "${env:ZF_TEST_SECRET}"
 
 
-@pytest.mark.slow
 def test_a_warm_run_on_the_lasting_server_leaves_no_secret(
-    tmp_path, s3, bucket, client, prefect_server
+    tmp_path, s3, bucket, dist_client, prefect_server
 ):
     """Literal and referenced credentials through the lasting server's warm runner (the
     command hands it its environment over a socket only its owner can open): no secret in
     the output, the result, or anything the server keeps (database, log, records)."""
     lit = _write(
-        tmp_path, "lit.yaml", _s3_job(tmp_path, s3, bucket, "wlit", "ok.zarr", LITERAL, client)
+        tmp_path, "lit.yaml", _s3_job(tmp_path, s3, bucket, "wlit", "ok.zarr", LITERAL, dist_client)
     )
     ref = _write(
-        tmp_path, "ref.yaml", _s3_job(tmp_path, s3, bucket, "wref", "ok.zarr", BY_REFERENCE, client)
+        tmp_path,
+        "ref.yaml",
+        _s3_job(tmp_path, s3, bucket, "wref", "ok.zarr", BY_REFERENCE, dist_client),
     )
     proc = subprocess.run(
         [*factorize_cmd(), "--log-level", "DEBUG", "run", str(lit), str(ref)],
@@ -472,12 +463,11 @@ def test_a_warm_run_on_the_lasting_server_leaves_no_secret(
     assert _leaks(proc, home, tmp_path / "out") == []
 
 
-@pytest.mark.slow
-def test_user_error_in_a_task_prints_no_traceback_and_no_secret(tmp_path, s3, bucket, client):
+def test_user_error_in_a_task_prints_no_traceback_and_no_secret(tmp_path, s3, bucket, dist_client):
     """An Inf found by the first pass (inside a Prefect task): exit 2, one line, no
     traceback anywhere, no secret anywhere (the job had literal credentials)."""
     job = _write(
-        tmp_path, "nan.yaml", _s3_job(tmp_path, s3, bucket, "nan", "nan.zarr", LITERAL, client)
+        tmp_path, "nan.yaml", _s3_job(tmp_path, s3, bucket, "nan", "nan.zarr", LITERAL, dist_client)
     )
     proc = _cli(tmp_path, "run", str(job))
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr
@@ -490,16 +480,20 @@ def test_user_error_in_a_task_prints_no_traceback_and_no_secret(tmp_path, s3, bu
     assert _leaks(proc, tmp_path / "home", tmp_path / "out") == []
 
 
-def test_validate_masks_secrets_and_names_what_is_missing(tmp_path, s3, bucket, client):
+def test_validate_masks_secrets_and_names_what_is_missing(tmp_path, s3, bucket, dist_client):
     lit = _write(
-        tmp_path, "lit.yaml", _s3_job(tmp_path, s3, bucket, "lit", "ok.zarr", LITERAL, client)
+        tmp_path, "lit.yaml", _s3_job(tmp_path, s3, bucket, "lit", "ok.zarr", LITERAL, dist_client)
     )
     ref = _write(
-        tmp_path, "ref.yaml", _s3_job(tmp_path, s3, bucket, "ref", "ok.zarr", BY_REFERENCE, client)
+        tmp_path,
+        "ref.yaml",
+        _s3_job(tmp_path, s3, bucket, "ref", "ok.zarr", BY_REFERENCE, dist_client),
     )
     unset = {**BY_REFERENCE, "secret": "${env:ZF_TEST_UNSET}"}
     missing = _write(
-        tmp_path, "unset.yaml", _s3_job(tmp_path, s3, bucket, "unset", "ok.zarr", unset, client)
+        tmp_path,
+        "unset.yaml",
+        _s3_job(tmp_path, s3, bucket, "unset", "ok.zarr", unset, dist_client),
     )
     proc = _cli(
         tmp_path, "--log-level", "DEBUG", "validate", str(lit), str(ref), str(missing), env=ENV
@@ -513,7 +507,7 @@ def test_validate_masks_secrets_and_names_what_is_missing(tmp_path, s3, bucket, 
     )
     assert _leaks(proc, tmp_path / "home") == []
 
-    hostile = _s3_job(tmp_path, s3, bucket, "url", "ok.zarr", {}, client)
+    hostile = _s3_job(tmp_path, s3, bucket, "url", "ok.zarr", {}, dist_client)
     hostile["input"]["url"] = "s3://alice:zf-literal-secret-Qx81vB2@zf-credentials/ok.zarr"
     proc = _cli(tmp_path, "validate", str(_write(tmp_path, "url.yaml", hostile)))
     assert proc.returncode == 2

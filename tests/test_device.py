@@ -23,13 +23,20 @@ from typing import Any
 
 import numpy as np
 import pytest
-import zarr
 
-from pipeline import backend, run_job
+from pipeline import backend
 from pipeline.errors import ConfigError
-from tests import fake_device
+from pipeline.methods import METHODS
 from tests.conftest import factorize_cmd, job_dict, one_line_exit, write_array
 from tests.fake_device import DEVICE, KERNEL_BLOCKS, STATS, FakeDeviceArray, xp
+
+
+def run_job(*args: Any, **kwargs: Any) -> dict:
+    """:func:`pipeline.run_job`, imported on first use (collection imports no Dask)."""
+    from pipeline import run_job
+
+    return run_job(*args, **kwargs)
+
 
 # --------------------------------------------------------------------------- the emulation
 
@@ -58,6 +65,8 @@ def test_emulated_device_refuses_what_cupy_refuses():
 
 
 def test_emulated_device_computes_like_numpy_and_counts_syncs():
+    from tests import fake_device
+
     host = np.random.default_rng(0).standard_normal((5, 3))
     d = xp.asarray(host)
     STATS.reset()
@@ -160,6 +169,8 @@ def device_spies(monkeypatch) -> Iterator[Seen]:
 
     from distributed import Client
 
+    from tests import fake_device
+
     seen = Seen()
     for module_name, name in BLOCK_KERNELS:
         module = importlib.import_module(module_name)
@@ -189,35 +200,25 @@ def device_spies(monkeypatch) -> Iterator[Seen]:
     backend.set_device(previous)
 
 
-@pytest.fixture(scope="module")
-def threaded_client():
-    """A real LocalCluster of threads: the emulated device lives in this process."""
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(
-        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
-    ) as cluster:
-        with Client(cluster, set_as_default=False) as c:
-            yield c
+@pytest.fixture
+def threaded_client(client):
+    """The session's LocalCluster of threads (``client``): the emulated device lives in
+    this process."""
+    return client
 
 
 ROWS, COLS, CHUNK = 3000, 12, 500  # 6 row blocks
 
-CASES = {
-    "tsqr-q": {"method": "tsqr", "block_rows": CHUNK},
-    "tsqr-r-only": {"method": "tsqr", "q": False, "block_rows": CHUNK},
-    "svd-pca": {"method": "svd", "center": True, "rank": 5, "block_rows": CHUNK},
-    "rsvd": {"method": "rsvd", "rank": 4, "block_rows": CHUNK, "measure_residual": True},
-    "rsvd-pca": {"method": "rsvd", "rank": 4, "center": True, "block_rows": CHUNK},
-    "rsvd-single-pass": {
-        "method": "rsvd",
-        "rank": 4,
-        "single_pass": True,
-        "center": True,
-        "block_rows": CHUNK,
-    },
-    "rsvd-no-power": {"method": "rsvd", "rank": 4, "power_iters": 0, "block_rows": CHUNK},
-    "nmf-hals": {"method": "nmf", "rank": 3, "max_iter": 6, "tol": 0, "block_rows": CHUNK},
+# Every registered method runs its registry ``example`` (a method added to the registry is
+# run on the device without editing this file), and these variants beside it.
+VARIANTS = {
+    "tsqr-r-only": {"method": "tsqr", "q": False},
+    "svd-pca": {"method": "svd", "center": True, "rank": 5},
+    "rsvd-residual": {"method": "rsvd", "rank": 4, "measure_residual": True},
+    "rsvd-pca": {"method": "rsvd", "rank": 4, "center": True},
+    "rsvd-single-pass": {"method": "rsvd", "rank": 4, "single_pass": True, "center": True},
+    "rsvd-no-power": {"method": "rsvd", "rank": 4, "power_iters": 0},
+    "nmf-hals": {"method": "nmf", "rank": 3, "max_iter": 6, "tol": 0},
     "nmf-mu-random": {
         "method": "nmf",
         "rank": 3,
@@ -225,8 +226,11 @@ CASES = {
         "init": "random",
         "max_iter": 6,
         "tol": 0,
-        "block_rows": CHUNK,
     },
+}
+CASES = {
+    name: {**spec, "block_rows": CHUNK}
+    for name, spec in [*((n, m.example) for n, m in METHODS.items()), *VARIANTS.items()]
 }
 
 
@@ -253,6 +257,8 @@ def _run(tmp_path, matrix, name: str, method: dict, backend_name: str, client) -
 
 
 def _factors(tmp_path, name: str, method: str) -> dict[str, np.ndarray]:
+    import zarr
+
     group = zarr.open_group(tmp_path / "out" / name / "factors.zarr", mode="r")[method]
     return {key: group[key][...] for key in group.array_keys()}
 
@@ -358,6 +364,7 @@ def test_nmf_checkpoint_and_resume_on_the_device(
         np.testing.assert_allclose(got[key], want[key], rtol=1e-9, atol=1e-12, err_msg=key)
 
 
+@pytest.mark.e2e
 def test_cupy_backend_refused_in_one_line_without_a_device(tmp_path, monkeypatch):
     """Explicit ``compute.backend: cupy`` on a machine without cupy or a GPU is exit 2."""
     from pipeline.config import load_config

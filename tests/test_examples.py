@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import run_job
 from tests.conftest import REPO
 
 
@@ -19,6 +18,8 @@ def _localised(name: str, tmp_path, client) -> dict:
 
 
 def test_image_compression_example(tmp_path, client):
+    from pipeline import run_job
+
     report = run_job(_localised("image-compression.yaml", tmp_path, client), client=client)
     r = report["methods"]["rsvd"]
     assert report["input"]["shape"] == [427, 640]
@@ -35,6 +36,8 @@ def test_image_compression_example(tmp_path, client):
 
 
 def test_digits_nmf_example(tmp_path, client):
+    from pipeline import run_job
+
     report = run_job(_localised("digits-nmf.yaml", tmp_path, client), client=client)
     r = report["methods"]["nmf"]
     assert report["input"]["shape"] == [1797, 64]
@@ -53,6 +56,8 @@ def test_exact_pca_example_equals_sklearn(tmp_path, client):
     from sklearn.datasets import load_digits
     from sklearn.decomposition import PCA
 
+    from pipeline import run_job
+
     report = run_job(_localised("exact-pca-digits.yaml", tmp_path, client), client=client)
     r = report["methods"]["svd"]
     pca = PCA(n_components=10, svd_solver="full").fit(load_digits().data)
@@ -70,6 +75,8 @@ def test_sparse_examples_generate_and_factorize_their_input(tmp_path, client, na
     """The sparse examples at a reduced shape: the input is generated (an AnnData store for
     cells-pca, a bare CSR group for counts-nmf) and factorized without densifying."""
     import anndata as ad
+
+    from pipeline import run_job
 
     job = _localised(name, tmp_path, client)
     job["input"]["create_if_missing"]["shape"] = [2000, 300]

@@ -18,7 +18,7 @@ def _artifacts(key: str):
         return c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
 
-def test_flow_run_writes_result_and_table_artifact(tmp_path, client, prefect_harness):
+def test_flow_run_writes_result_and_table_artifact(tmp_path, dist_client, prefect_harness):
     from flows import factorize
 
     a = np.random.default_rng(0).standard_normal((3000, 10))
@@ -27,7 +27,7 @@ def test_flow_run_writes_result_and_table_artifact(tmp_path, client, prefect_har
         tmp_path,
         str(tmp_path / "in.zarr"),
         name="flow_job",
-        cluster={"kind": "address", "address": client.scheduler.address},
+        cluster={"kind": "address", "address": dist_client.scheduler.address},
     )
     state = factorize(config=job, return_state=True)
     assert state.is_completed(), state.message
@@ -41,14 +41,14 @@ def test_flow_run_writes_result_and_table_artifact(tmp_path, client, prefect_har
     assert str(state.state_details.flow_run_id) == str(art.flow_run_id)
 
 
-def test_flow_accepts_a_path_and_fails_readably(tmp_path, client, prefect_harness):
+def test_flow_accepts_a_path_and_fails_readably(tmp_path, dist_client, prefect_harness):
     from flows import factorize
 
     write_array(tmp_path / "w.zarr", np.ones((3, 30)))
     job = job_dict(
         tmp_path,
         str(tmp_path / "w.zarr"),
-        cluster={"kind": "address", "address": client.scheduler.address},
+        cluster={"kind": "address", "address": dist_client.scheduler.address},
     )
     state = factorize(config=str(write_job(tmp_path, job)), return_state=True)
     assert state.is_failed()
@@ -67,7 +67,7 @@ def test_bad_config_parameter_fails_the_run(prefect_harness):
         state.result()
 
 
-def test_flow_runs_rsvd_and_nmf_with_metrics_table(tmp_path, client, prefect_harness):
+def test_flow_runs_rsvd_and_nmf_with_metrics_table(tmp_path, dist_client, prefect_harness):
     from flows import factorize
 
     rng = np.random.default_rng(1)
@@ -77,7 +77,7 @@ def test_flow_runs_rsvd_and_nmf_with_metrics_table(tmp_path, client, prefect_har
         tmp_path,
         str(tmp_path / "in.zarr"),
         name="two-methods",
-        cluster={"kind": "address", "address": client.scheduler.address},
+        cluster={"kind": "address", "address": dist_client.scheduler.address},
         methods=[{"method": "rsvd", "rank": 6}, {"method": "nmf", "rank": 6, "max_iter": 50}],
     )
     state = factorize(config=job, return_state=True)
@@ -109,7 +109,7 @@ def _runs_named(names):
 
 
 def test_batch_runs_jobs_as_concurrent_flow_runs_on_one_cluster(
-    tmp_path, client, prefect_harness, monkeypatch
+    tmp_path, dist_client, prefect_harness, monkeypatch
 ):
     import sys
     import threading
@@ -130,22 +130,22 @@ def test_batch_runs_jobs_as_concurrent_flow_runs_on_one_cluster(
         return compute(run, index)
 
     monkeypatch.setattr(module, "compute", meet_then_run)
-    shared = {"kind": "address", "address": client.scheduler.address}
+    shared = {"kind": "address", "address": dist_client.scheduler.address}
     state = factorize_batch(configs=_batch_jobs(tmp_path, names), cluster=shared, return_state=True)
     assert state.is_completed(), state.message
     reports = state.result()
     assert sorted(reports) == names
     assert {r["methods"]["tsqr"]["dask"]["scheduler"] for r in reports.values()} == {
-        client.scheduler.address
+        dist_client.scheduler.address
     }
     runs = _runs_named(names)  # separate flow runs, all completed
     assert sorted(r.name for r in runs) == names and all(r.state.is_completed() for r in runs)
 
 
-def test_batch_reports_failed_jobs_and_finishes_the_others(tmp_path, client, prefect_harness):
+def test_batch_reports_failed_jobs_and_finishes_the_others(tmp_path, dist_client, prefect_harness):
     from flows import factorize_batch
 
-    shared = {"kind": "address", "address": client.scheduler.address}
+    shared = {"kind": "address", "address": dist_client.scheduler.address}
     jobs = _batch_jobs(tmp_path, ["fine", "wide"], bad=("wide",))
     state = factorize_batch(configs=jobs, cluster=shared, return_state=True)
     assert state.is_failed()
@@ -153,7 +153,7 @@ def test_batch_reports_failed_jobs_and_finishes_the_others(tmp_path, client, pre
     assert (tmp_path / "out" / "fine" / "metrics.json").exists()
 
 
-def test_progress_artifacts_reach_100(tmp_path, client, prefect_harness):
+def test_progress_artifacts_reach_100(tmp_path, dist_client, prefect_harness):
     from flows import factorize
 
     a = np.abs(np.random.default_rng(1).standard_normal((800, 10)))
@@ -163,7 +163,7 @@ def test_progress_artifacts_reach_100(tmp_path, client, prefect_harness):
         str(tmp_path / "in.zarr"),
         name="progress_flow",
         methods=[{"method": "rsvd", "rank": 2}, {"method": "nmf", "rank": 2, "max_iter": 3}],
-        cluster={"kind": "address", "address": client.scheduler.address},
+        cluster={"kind": "address", "address": dist_client.scheduler.address},
     )
     state = factorize(config=job, return_state=True)
     assert state.is_completed(), state.message

@@ -14,16 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numcodecs
 import numpy as np
 import pytest
-import zarr
 from conftest import factorize_cmd, job_dict, one_line_exit, write_array, write_job
 
 from pipeline.config import SyntheticSpec, parse_config
-from pipeline.datasets import input_will_be_created, synthetic_array, write_synthetic
 from pipeline.errors import ConfigError, InputError
-from pipeline.jobs import Steps, execute, precheck, prepare, run_job
 
 A = np.random.default_rng(7).standard_normal((40, 6))
 CHUNK_BYTES = 10 * 6 * 8  # chunks of 10 × 6 float64: chunk (2, 0) holds rows 20–29
@@ -40,10 +36,14 @@ def _chunk(url: Path, i: int = 2, j: int = 0) -> Path:
 
 
 def _short_frame(p: Path) -> None:  # a valid zstd frame of 2 rows where 10 belong
+    import numcodecs
+
     p.write_bytes(numcodecs.Zstd().encode(A[:2].tobytes()))
 
 
 def _long_frame(p: Path) -> None:
+    import numcodecs
+
     p.write_bytes(numcodecs.Zstd().encode(A[:11].tobytes()))
 
 
@@ -80,6 +80,8 @@ def _assert_refused(exc: BaseException, url: Path, what: str) -> None:
 @pytest.mark.timeout(120)  # the FIFO used to hang the run for ever
 @pytest.mark.parametrize("fault", FAULTS)
 def test_corrupt_chunk_is_named_and_nothing_is_published(tmp_path, client, fault):
+    from pipeline.jobs import run_job
+
     url = _store(tmp_path)
     damage, what = FAULTS[fault]
     damage(_chunk(url))
@@ -89,6 +91,7 @@ def test_corrupt_chunk_is_named_and_nothing_is_published(tmp_path, client, fault
     assert not (tmp_path / "out" / "job").exists()
 
 
+@pytest.mark.e2e
 def test_unreadable_chunk_is_named(tmp_path):
     """chmod 000. root reads such a file anyway (CAP_DAC_OVERRIDE): as root the read runs
     in a child whose capability bounding set lacks the two DAC capabilities."""
@@ -115,6 +118,8 @@ def test_unreadable_chunk_is_named(tmp_path):
 
 
 def test_missing_chunk_is_refused_at_validate_and_run(tmp_path, client):
+    from pipeline.jobs import precheck, run_job
+
     url = _store(tmp_path)
     _chunk(url).unlink()
     config = parse_config(job_dict(tmp_path, str(url)))
@@ -129,6 +134,8 @@ def test_missing_chunk_is_refused_at_validate_and_run(tmp_path, client):
 
 def test_missing_chunk_with_fill_warns_and_reads_the_fill_value(tmp_path, client, caplog):
     """zarr 3 omits an all-zero block it writes (write_empty_chunks=False): a sparse store."""
+    from pipeline.jobs import run_job
+
     sparse = A.copy()
     sparse[20:30] = 0.0
     url = _store(tmp_path, sparse)
@@ -145,6 +152,8 @@ def test_missing_chunk_with_fill_warns_and_reads_the_fill_value(tmp_path, client
 
 
 def test_chunk_deleted_after_validation_is_refused_by_the_reader(tmp_path, client):
+    from pipeline.jobs import Steps, execute, prepare
+
     url = _store(tmp_path)
 
     def prepare_then_delete(config):
@@ -160,6 +169,10 @@ def test_chunk_deleted_after_validation_is_refused_by_the_reader(tmp_path, clien
 
 def test_missing_shard_is_counted_through_zarr(tmp_path, client):
     """A sharded v3 array is read through zarr (no direct reader): the count still refuses."""
+    import zarr
+
+    from pipeline.jobs import run_job
+
     sparse = A.copy()
     sparse[20:40] = 0.0
     url = tmp_path / "in.zarr"
@@ -173,6 +186,11 @@ def test_missing_shard_is_counted_through_zarr(tmp_path, client):
 def test_failed_create_if_missing_leaves_nothing_and_a_rerun_creates(tmp_path, client):
     """A write that fails (here a negative seed, which validation now refuses) used to leave
     the store's metadata without its chunks, which the next run factorized as zeros."""
+    import zarr
+
+    from pipeline.datasets import synthetic_array, write_synthetic
+    from pipeline.jobs import run_job
+
     url = tmp_path / "made.zarr"
     recipe = {"kind": "gaussian", "shape": [40, 6], "chunks": [10, 6]}
     negative = {"url": str(url), "create_if_missing": {**recipe, "seed": -1}}
@@ -210,6 +228,9 @@ def test_short_frame_through_the_cli_exits_2_with_one_line(tmp_path, prefect_ser
 def test_failed_create_on_s3_leaves_no_store_and_a_rerun_overwrites_leftovers(tmp_path, client, s3):
     """Object stores have no rename: the metadata is written after every chunk, so the
     leftover of a failed write is not a Zarr store, and the next run writes over it."""
+    from pipeline.datasets import input_will_be_created, synthetic_array, write_synthetic
+    from pipeline.jobs import run_job
+
     bucket = s3.make_bucket("zf-input-faults")
     url, opts = f"{bucket}/made.zarr", s3.storage_options()
     recipe = {"kind": "gaussian", "shape": [40, 6], "chunks": [10, 6]}

@@ -26,11 +26,9 @@ import pytest
 from conftest import REPO, factorize_cmd, job_dict, write_array, write_job
 
 from pipeline.config import load_config
-from pipeline.io.owners import OWNER, owner_record, remove_stale_staging
 from pipeline.io.stores import locate
-from pipeline.lifetime import needs_api_server
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 COMPUTING = "up to 1000000 iterations"  # nmf's first log line, once the cluster is up
 
@@ -174,6 +172,8 @@ def test_sigterm_ends_the_run_cleanly(tmp_path, prefect_home):
 
 
 def test_sigkill_leaves_no_process_and_the_next_run_removes_its_staging(tmp_path, prefect_home):
+    from pipeline.io.owners import OWNER
+
     run, procs, out = _start(tmp_path, prefect_home, "sigkill")
     run.signal(signal.SIGKILL)
     survivors = _survivors(procs)
@@ -246,6 +246,8 @@ def test_a_warm_run_whose_client_is_killed_ends_and_cleans_up(tmp_path, prefect_
 
 
 def _fake_staging(out: Path, tag: str, owner: dict | None, name: str = "job") -> Path:
+    from pipeline.io.owners import OWNER
+
     folder = out / f".{name}.partial-{tag}"
     folder.mkdir(parents=True)
     if owner is not None:
@@ -254,6 +256,8 @@ def _fake_staging(out: Path, tag: str, owner: dict | None, name: str = "job") ->
 
 
 def test_only_staging_of_dead_local_owners_is_removed(tmp_path):
+    from pipeline.io.owners import owner_record, remove_stale_staging
+
     ended = subprocess.Popen(["true"])
     ended.wait()
     me = owner_record()
@@ -275,6 +279,8 @@ def test_only_staging_of_dead_local_owners_is_removed(tmp_path):
 def test_api_server_only_when_prefect_would_start_one(tmp_path, monkeypatch):
     import sys
 
+    from pipeline.lifetime import needs_api_server
+
     monkeypatch.setitem(sys.modules, "prefect", sys.modules.get("prefect", object()))
     assert not needs_api_server({"PREFECT_HOME": str(tmp_path)})  # its settings are fixed
     monkeypatch.delitem(sys.modules, "prefect")
@@ -290,6 +296,7 @@ def test_api_server_only_when_prefect_would_start_one(tmp_path, monkeypatch):
 
 def test_owner_is_recorded_in_local_staging_and_not_published(tmp_path):
     from pipeline.io.artifacts import RunOutput
+    from pipeline.io.owners import OWNER, owner_record, remove_stale_staging
 
     out = RunOutput(locate(str(tmp_path)), "job")
     out.begin()

@@ -9,23 +9,21 @@ import subprocess
 import sys
 import time
 
-import dask.array as da
 import numcodecs
 import numpy as np
 import pytest
-import xarray as xr
 import zarr
 
 from pipeline.config import InputSpec, SyntheticSpec
-from pipeline.datasets import synthetic_array, write_synthetic
 from pipeline.errors import ArtifactExistsError, InputError
-from pipeline.io import RunOutput, open_matrix
 from pipeline.io.stores import locate
 from tests.conftest import REPO, write_array
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])
 def test_open_array_and_group_member(tmp_path, zarr_format):
+    from pipeline.io import open_matrix
+
     data = np.arange(60, dtype=np.float32).reshape(12, 5)
     write_array(tmp_path / "a.zarr", data, chunks=(4, 5), zarr_format=zarr_format)
     write_array(tmp_path / "g.zarr", data, chunks=(6, 5), zarr_format=zarr_format, name="x/A")
@@ -62,6 +60,8 @@ LAYOUTS = {
 def test_direct_chunk_reads_equal_zarr(tmp_path, layout):
     """Fast path and zarr agree on every layout: edge chunks, unwritten chunks (fill
     value), filters, order; unsupported layouts fall back to zarr."""
+    from pipeline.io import open_matrix
+
     a = np.random.default_rng(0).standard_normal((10, 7))
     z = zarr.create_array(
         store=str(tmp_path / "t.zarr"),
@@ -81,6 +81,8 @@ def test_direct_chunk_reads_equal_zarr(tmp_path, layout):
 
 
 def test_integers_are_cast_to_float64(tmp_path):
+    from pipeline.io import open_matrix
+
     write_array(tmp_path / "i.zarr", np.arange(20, dtype=np.int16).reshape(10, 2))
     x, m = open_matrix(InputSpec(url=str(tmp_path / "i.zarr")))
     assert x.dtype == np.float64 and m.dtype == "int16"
@@ -88,6 +90,8 @@ def test_integers_are_cast_to_float64(tmp_path):
 
 def test_memory_url():
     import fsspec
+
+    from pipeline.io import open_matrix
 
     fs = fsspec.filesystem("memory")
     store = zarr.storage.FsspecStore.from_url("memory://mem.zarr")
@@ -113,6 +117,8 @@ def test_memory_url():
     ],
 )
 def test_bad_inputs(tmp_path, setup, spec_kw, match):
+    from pipeline.io import open_matrix
+
     url = tmp_path / "in.zarr"
     if setup == "group":
         write_array(url, np.ones((4, 2)), name="A")
@@ -133,6 +139,11 @@ def test_bad_inputs(tmp_path, setup, spec_kw, match):
 
 
 def test_run_output_is_atomic_and_respects_overwrite(tmp_path):
+    import dask.array as da
+    import xarray as xr
+
+    from pipeline.io import RunOutput
+
     spec = locate(str(tmp_path))
     out = RunOutput(spec, "r1")
     out.begin()
@@ -161,6 +172,8 @@ def test_run_output_is_atomic_and_respects_overwrite(tmp_path):
 
 
 def test_abort_removes_staging_only(tmp_path):
+    from pipeline.io import RunOutput
+
     out = RunOutput(locate(str(tmp_path)), "r2")
     out.begin()
     staging = out.staging
@@ -173,6 +186,8 @@ def test_object_store_publish_leaves_complete_result_only():
     """On fsspec stores without rename (memory here, S3 in test_s3) publish copies the
     staged tree and writes the completed metrics.json; no staging is left behind."""
     import fsspec
+
+    from pipeline.io import RunOutput
 
     fs = fsspec.filesystem("memory")
     out = RunOutput(locate("memory://results"), "r3")
@@ -211,6 +226,8 @@ def _offset_past_end(raw: bytes) -> bytes:  # first inner chunk's offset → 10�
     ],
 )
 def test_damaged_shards_are_refused_naming_the_shard(tmp_path, damage, missing, message):
+    from pipeline.io import open_matrix
+
     url = tmp_path / "s.zarr"
     z = zarr.create_array(store=str(url), shape=(16, 3), chunks=(4, 3), shards=(8, 3), dtype="f8")
     z[:12] = 1.0  # rows 12–15 (inner chunk (1, 0) of shard (1, 0)) stay unwritten
@@ -228,6 +245,8 @@ def test_overwriting_a_symlinked_name_leaves_no_link_aside(tmp_path):
     """``<name>`` a symbolic link to a result elsewhere: the overwrite moved the link aside
     and ``rmtree`` refused to remove a link, so ``.r.old-*`` stayed for ever. Now the
     link goes (what it pointed to stays), and so does such a leftover of a killed run."""
+    from pipeline.io import RunOutput
+
     elsewhere = tmp_path / "elsewhere" / "r"
     elsewhere.mkdir(parents=True)
     (elsewhere / "metrics.json").write_text('{"status": "completed"}')
@@ -303,9 +322,12 @@ datasets.write_synthetic(sys.argv[1], SyntheticSpec(shape=(400, 6), chunks=(10, 
 """
 
 
+@pytest.mark.e2e
 def test_a_killed_generate_is_cleaned_up_by_the_next(tmp_path):
     """A real ``create_if_missing`` writer killed with SIGKILL leaves its hidden folder
     with an owner record; the next writer of that store removes it and writes whole."""
+    from pipeline.datasets import synthetic_array, write_synthetic
+
     script = tmp_path / "generate.py"
     script.write_text(KILLED_GENERATOR)
     data = tmp_path / "data"

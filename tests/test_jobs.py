@@ -12,15 +12,16 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import xarray as xr
 
-from pipeline import run_job
 from pipeline.errors import ArtifactExistsError, InputError, NonFiniteInputError
-from pipeline.methods import METHODS
 from tests.conftest import REPO, job_dict, write_array, write_job
 
 
 def test_tsqr_job_end_to_end(tmp_path, client):
+    import xarray as xr
+
+    from pipeline import run_job
+
     a = np.random.default_rng(0).standard_normal((6000, 24))
     write_array(tmp_path / "in.zarr", a, chunks=(1000, 8), name="A")
     job = job_dict(
@@ -47,6 +48,10 @@ def test_tsqr_job_end_to_end(tmp_path, client):
 
 
 def test_r_only_and_transpose(tmp_path, client):
+    import xarray as xr
+
+    from pipeline import run_job
+
     a = np.random.default_rng(1).standard_normal((40, 900))  # wide
     write_array(tmp_path / "w.zarr", a, chunks=(40, 100))
     job = job_dict(
@@ -65,6 +70,8 @@ def test_r_only_and_transpose(tmp_path, client):
 
 
 def test_wide_without_transpose_is_refused_before_writing(tmp_path, client):
+    from pipeline import run_job
+
     write_array(tmp_path / "w.zarr", np.ones((5, 50)))
     with pytest.raises(InputError, match="transpose: true"):
         run_job(job_dict(tmp_path, str(tmp_path / "w.zarr")), client=client)
@@ -72,6 +79,8 @@ def test_wide_without_transpose_is_refused_before_writing(tmp_path, client):
 
 
 def test_nan_found_in_first_pass_leaves_nothing(tmp_path, client):
+    from pipeline import run_job
+
     a = np.ones((4000, 6))
     a[3999, 0] = np.nan
     write_array(tmp_path / "n.zarr", a, chunks=(500, 6))
@@ -81,6 +90,9 @@ def test_nan_found_in_first_pass_leaves_nothing(tmp_path, client):
 
 
 def test_failure_mid_run_keeps_previous_result(tmp_path, client, monkeypatch):
+    from pipeline import run_job
+    from pipeline.methods import METHODS
+
     write_array(tmp_path / "in.zarr", np.random.default_rng(2).standard_normal((500, 5)))
     job = job_dict(
         tmp_path,
@@ -101,6 +113,8 @@ def test_failure_mid_run_keeps_previous_result(tmp_path, client, monkeypatch):
 
 
 def test_existing_output_is_refused_untouched(tmp_path, client):
+    from pipeline import run_job
+
     write_array(tmp_path / "in.zarr", np.ones((50, 3)))
     (tmp_path / "out" / "job").mkdir(parents=True)
     (tmp_path / "out" / "job" / "keep.txt").write_text("mine")
@@ -117,7 +131,7 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_killed_run_leaves_no_complete_looking_result(tmp_path):
     job = job_dict(
         tmp_path,
@@ -146,6 +160,8 @@ def test_killed_run_leaves_no_complete_looking_result(tmp_path):
 
 
 def test_skip_if_complete_follows_config_and_input(tmp_path, client):
+    from pipeline import run_job
+
     a = np.random.default_rng(5).standard_normal((2000, 6))
     write_array(tmp_path / "in.zarr", a, chunks=(500, 6))
     job = job_dict(tmp_path, str(tmp_path / "in.zarr"), skip_if_complete=True)
@@ -170,9 +186,12 @@ def test_skip_if_complete_follows_config_and_input(tmp_path, client):
     assert run_job(job, client=client)["skipped"]
 
 
+@pytest.mark.e2e
 def test_job_on_an_external_dask_scheduler_and_worker(tmp_path):
     """`dask scheduler` + `dask worker` started here; the job connects by address."""
     import socket
+
+    from pipeline import run_job
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,7 +11,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import zarr
 
 from tests.conftest import (
     REPO,
@@ -59,13 +58,14 @@ with open(sys.argv[2], "w") as f:
 """
 
 
-@pytest.mark.slow
-def test_run_parses_once_opens_once_per_task_and_lists_nothing(tmp_path, client, prefect_server):
+def test_run_parses_once_opens_once_per_task_and_lists_nothing(
+    tmp_path, dist_client, prefect_server
+):
     write_array(tmp_path / "in.zarr", np.random.default_rng(0).random((2000, 8)), chunks=(500, 8))
     job = job_dict(
         tmp_path,
         str(tmp_path / "in.zarr"),
-        cluster={"kind": "address", "address": client.scheduler.address},
+        cluster={"kind": "address", "address": dist_client.scheduler.address},
         methods=[{"method": "rsvd", "rank": 3}],
     )
     script = tmp_path / "counting_run.py"
@@ -123,6 +123,8 @@ def _overlap_cases(tmp_path):
 def test_an_output_overlapping_the_input_is_refused_before_anything_is_written(tmp_path):
     """Each case used to replace the input and exit 0. precheck (validate, run) and
     prepare (the flow's first task) refuse it; the input is untouched, nothing written."""
+    import zarr
+
     from pipeline.config import parse_config
     from pipeline.errors import ConfigError, InputError
     from pipeline.jobs import precheck, prepare
@@ -153,6 +155,7 @@ def test_an_output_overlapping_the_input_is_refused_before_anything_is_written(t
         precheck(parse_config(unknown))
 
 
+@pytest.mark.e2e
 def test_validate_and_run_refuse_an_output_inside_the_input_with_one_line(tmp_path):
     store = tmp_path / "in.zarr"
     write_array(store, np.ones((40, 3)), chunks=(10, 3))

@@ -20,8 +20,6 @@ import warnings
 import dask.array as da
 import numpy as np
 import pytest
-import scipy.linalg
-from sklearn.decomposition import NMF
 
 from pipeline.errors import InputError
 from pipeline.linalg import (
@@ -270,6 +268,8 @@ def test_tsqr_accepts_numpy_input(client):
 )
 def test_rsvd_low_rank_all_dtypes(client, dtype, expected, rtol):
     """sklearn test_randomized_svd_low_rank_all_dtypes: 100 × 500, rank 5 → exact."""
+    import scipy.linalg
+
     a = low_rank_ints(100, 500, 5, seed=2).astype(dtype)
     res = rsvd(da.from_array(a, chunks=(30, 200)), 5)
     u = res.u.compute()
@@ -380,6 +380,8 @@ def test_nmf_float32_float64_consistency(client):
 def test_nmf_matches_sklearn_and_decreases(client):
     """sklearn test_nmf_decreasing / test_nmf_close: the objective never increases and
     the error reaches scikit-learn's at the same init and budget."""
+    from sklearn.decomposition import NMF
+
     a = np.abs(np.random.default_rng(12).standard_normal((200, 30)))
     res = nmf(da.from_array(a, chunks=(50, 30)), 5, max_iter=100, tol=1e-6)
     assert np.all(np.diff(res.history) <= 1e-12)

@@ -14,14 +14,11 @@ import logging
 
 import numpy as np
 import pytest
-import zarr
 from pydantic import TypeAdapter
 
-from pipeline import run_job
 from pipeline.config import json_schema, parse_config
 from pipeline.errors import ConfigError
 from pipeline.methods import METHODS
-from pipeline.reports import headline
 from tests.conftest import job_dict, write_array
 
 COMMON_METRICS = {"residual_rel", "passes", "seconds", "fro_norm", "dask", "memory"}
@@ -46,14 +43,16 @@ class _Messages(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _run_watching_scheduler(job, client):
+def _run_watching_scheduler(job, dist_client):
     """Run the job; fail if the scheduler (in this process) saw a key redefined — the
     "Detected different `run_spec`" warning that can end in failures and deadlocks."""
+    from pipeline import run_job
+
     handler = _Messages()
     scheduler_log = logging.getLogger("distributed.scheduler")
     scheduler_log.addHandler(handler)
     try:
-        report = run_job(job, client=client)
+        report = run_job(job, client=dist_client)
     finally:
         scheduler_log.removeHandler(handler)
     collisions = [m for m in handler.messages if "run_spec" in m]
@@ -62,11 +61,15 @@ def _run_watching_scheduler(job, client):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_writes_exactly_what_it_declares(name, matrix, tmp_path, client):
+def test_method_writes_exactly_what_it_declares(name, matrix, tmp_path, dist_client):
+    import zarr
+
+    from pipeline.reports import headline
+
     method = METHODS[name]
     path, a = matrix
     job = job_dict(tmp_path, str(path), name=f"contract-{name}", methods=[method.example])
-    report = _run_watching_scheduler(job, client)
+    report = _run_watching_scheduler(job, dist_client)
     out = tmp_path / "out" / f"contract-{name}"
     spec = parse_config(job).methods[0]
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import dask.array as da
 import numpy as np
 import pytest
 
-from pipeline import metrics as mx
-
 
 def test_metrics_match_numpy(client):
+    import dask.array as da
+
+    from pipeline import metrics as mx
+
     rng = np.random.default_rng(0)
     a = rng.standard_normal((3000, 9)).astype(np.float32)
     q, r = np.linalg.qr(a.astype(np.float64))
@@ -28,5 +29,9 @@ def test_metrics_match_numpy(client):
 
 
 def test_residual_needs_matching_row_chunks():
+    import dask.array as da
+
+    from pipeline import metrics as mx
+
     with pytest.raises(ValueError, match="row chunks"):
         mx.residual_sq(da.ones((10, 2), chunks=5), da.ones((10, 2), chunks=2), np.eye(2))

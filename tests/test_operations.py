@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,6 @@ import httpx
 import numpy as np
 import pytest
 
-from flows import OFFLINE_ENV
 from tests.conftest import REPO, factorize_cmd, job_dict, write_array, write_job
 
 BIN = Path(sys.executable).parent
@@ -33,12 +31,6 @@ WORKER_SECRETS = {
     "ZF_SUBMIT_KEY": "AKIAZFSUBMIT00000003",
     "ZF_SUBMIT_SECRET": "zf-submit-secret-S12",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_until(check, timeout: float, what: str, every: float = 1.0):
@@ -93,43 +85,22 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Server]:
-    home = tmp_path_factory.mktemp("prefect-server-home")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
+def server(prefect_server) -> Server:
+    """The session's lasting Prefect server (with its services: the scheduler serves the
+    interval schedule) and the environment of this module's processes: the API configured,
+    and quick worker and runner polls."""
+    from pipeline.lifetime import OFFLINE_ENV
+
     env = {
         **os.environ,
         **OFFLINE_ENV,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": url,
-        "PREFECT_UI_URL": f"http://127.0.0.1:{port}",
-        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_API_URL": prefect_server.api_url,
+        "PREFECT_UI_URL": prefect_server.url,
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_WORKER_PREFETCH_SECONDS": "5",
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
     }
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-    def healthy() -> bool:
-        assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        _wait_until(healthy, 180, "the Prefect server")
-        yield Server(env, url)
-    finally:
-        _stop(proc)
-        log.close()
+    return Server(env, prefect_server.api_url)
 
 
 @pytest.fixture(scope="module")

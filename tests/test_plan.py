@@ -16,18 +16,18 @@ import pytest
 from conftest import factorize_cmd, job_dict, write_job
 
 from pipeline.config import load_config
-from pipeline.jobs import run_job
 from pipeline.memory import WORKER_BASELINE, Cost, Workers, predicted_peak
-from pipeline.plan import format_plan, plan_job
+from pipeline.methods import METHODS as REGISTRY
 
 MiB = 2**20
 SHAPE, CHUNKS = (200_000, 200), (10_000, 200)  # 305 MiB float64 in 20 blocks of 15.3 MiB
-METHODS = [
-    {"method": "tsqr"},
-    {"method": "svd", "center": True},
-    {"method": "rsvd", "rank": 20},
-    {"method": "nmf", "rank": 10, "max_iter": 4, "tol": 0},
-]
+# Each registered method runs: its registry ``example``, or the entry below that sizes it
+# for this matrix (a method added to the registry is checked without editing this file).
+SIZED = {
+    "rsvd": {"method": "rsvd", "rank": 20},
+    "nmf": {"method": "nmf", "rank": 10, "max_iter": 4, "tol": 0},
+}
+METHODS = [SIZED.get(name, method.example) for name, method in REGISTRY.items()]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,11 @@ def _job(tmp_path, store, memory_limit):
 
 
 @pytest.mark.parametrize(("memory_limit", "kept"), [("2GiB", True), ("380MiB", False)])
+@pytest.mark.e2e  # the job starts its own cluster of worker processes
 def test_predicted_peak_within_1_5x_of_measured(tmp_path, store, memory_limit, kept):
+    from pipeline.jobs import run_job
+    from pipeline.plan import plan_job
+
     job = _job(tmp_path, store, memory_limit)
     plan = plan_job(load_config(write_job(tmp_path, job)))
     report = run_job(job)
@@ -90,8 +94,11 @@ def sparse_store(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("memory_limit", "kept"), [("1GiB", True), ("256MiB", False)])
+@pytest.mark.e2e  # the job starts its own cluster of worker processes
 def test_sparse_predicted_within_1_5x(tmp_path, sparse_store, memory_limit, kept, monkeypatch):
     from pipeline.io import sparse as sparse_io
+    from pipeline.jobs import run_job
+    from pipeline.plan import plan_job
 
     monkeypatch.setattr(sparse_io, "BLOCK_BYTES", 8 * MiB)  # 12 blocks, none pauses a worker
     job = _job(tmp_path, sparse_store, memory_limit)
@@ -110,6 +117,7 @@ def test_sparse_predicted_within_1_5x(tmp_path, sparse_store, memory_limit, kept
         assert 1 / 1.5 <= ratio <= 1.5, (p.method, memory["measured_peak"] / MiB, p.peak / MiB)
 
 
+@pytest.mark.e2e
 def test_plan_text_through_the_cli(tmp_path, store):
     path = write_job(tmp_path, _job(tmp_path, store, "380MiB"))
     out = subprocess.run(
@@ -131,6 +139,8 @@ def test_plan_text_through_the_cli(tmp_path, store):
 
 
 def test_plan_of_other_clusters_and_created_inputs(tmp_path, store):
+    from pipeline.plan import format_plan, plan_job
+
     job = _job(tmp_path, store, "2GiB")
     job["cluster"] = {"kind": "address", "address": "tcp://127.0.0.1:1"}
     plan = plan_job(load_config(write_job(tmp_path, job)))
@@ -152,6 +162,8 @@ def test_plan_of_other_clusters_and_created_inputs(tmp_path, store):
 
 
 def test_plan_warns_when_the_prediction_exceeds_memory_limit(tmp_path, store):
+    from pipeline.plan import format_plan, plan_job
+
     job = _job(tmp_path, store, "256MiB")
     job["methods"] = [{"method": "tsqr", "block_rows": 40_000}]  # 61 MiB blocks
     plan = plan_job(load_config(write_job(tmp_path, job)))
@@ -187,14 +199,16 @@ def test_tree_node_and_outputs():
 
 
 @pytest.mark.parametrize("kind", ["nonnegative", "counts"])
+@pytest.mark.e2e  # the job starts its own cluster of worker processes
 def test_the_run_executes_and_records_the_printed_plan(tmp_path, kind):
     """``validate --plan``'s object is the one the run executes and records: for every
     registered method (its contract example), dense and sparse (a CSR AnnData input), the
     plan rebuilt from ``metrics.json`` equals the plan made before the run, field for
     field, and renders the same lines; each method read its blocks as planned."""
     from pipeline.datasets import write_synthetic
+    from pipeline.jobs import run_job
     from pipeline.methods import METHODS as REGISTRY
-    from pipeline.plan import JobPlan
+    from pipeline.plan import JobPlan, format_plan, plan_job
     from pipeline.sections import SyntheticSpec
 
     url = str(tmp_path / f"{kind}.zarr")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import factorize_cmd, job_dict, write_array, write_job
 
-from pipeline.jobs import run_job
+from pipeline.methods import METHODS as REGISTRY
 from pipeline.progress import Progress, TerminalBar, plural, progress_sink, watch_blocks
 
 A = np.abs(np.random.default_rng(2).standard_normal((600, 12)))
@@ -29,6 +29,8 @@ def _job(tmp_path, name="progress_job"):
 
 
 def test_methods_report_passes_iterations_and_completion(tmp_path, client):
+    from pipeline.jobs import run_job
+
     events: list[Progress] = []
     with progress_sink(events.append):
         run_job(_job(tmp_path), client=client)
@@ -38,6 +40,23 @@ def test_methods_report_passes_iterations_and_completion(tmp_path, client):
     assert [e.done for e in nmf] == [1, 2, 3, 4] and all(e.total == 4 for e in nmf)
     assert nmf[-1].detail.startswith("error 0.")
     assert events[-1].percent == 100.0
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_registered_method_reports_progress_to_completion(tmp_path, client, name):
+    """Every method of the registry (its ``example``) reports progress of its own, in
+    order, ending at 100 % (a method added to the registry is checked here unlisted)."""
+    from pipeline.jobs import run_job
+
+    job = job_dict(tmp_path, str(tmp_path / "a.zarr"), methods=[REGISTRY[name].example])
+    write_array(tmp_path / "a.zarr", A, chunks=(150, 12))
+    events: list[Progress] = []
+    with progress_sink(events.append):
+        run_job(job, client=client)
+    mine = [e for e in events if e.method == name]
+    assert mine, f"{name} reported no progress"
+    assert all(0 <= e.done <= e.total for e in mine), mine
+    assert mine[-1].percent == 100.0, mine[-1]
 
 
 def slow_block(i: int) -> int:
@@ -60,6 +79,8 @@ def test_watch_blocks_counts_the_tasks_of_a_prefix_as_they_finish(client):
 
 
 def test_tsqr_and_svd_report_blocks_of_each_pass(tmp_path, client):
+    from pipeline.jobs import run_job
+
     methods = [{"method": "tsqr"}, {"method": "svd", "center": True}]
     job = job_dict(tmp_path, str(tmp_path / "a.zarr"), methods=methods)
     write_array(tmp_path / "a.zarr", A, chunks=(150, 12))  # 4 row blocks

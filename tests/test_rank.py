@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import zarr
 from conftest import job_dict, write_array
 
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError
-from pipeline.jobs import run_job
-from pipeline.methods.rank import RankRule, choose_rank
 
 M, N = 600, 40
 SIGMA = 0.8 ** np.arange(N)  # σᵢ = 0.8^i: every rule's answer is well separated
@@ -46,6 +43,8 @@ CASES = [  # rule, the smallest k meeting it on the exact spectrum
 
 @pytest.mark.parametrize(("rule", "k"), CASES, ids=["energy", "rel_error", "sv_ratio"])
 def test_choose_rank_is_the_smallest_meeting_the_target(rule, k):
+    from pipeline.methods.rank import RankRule, choose_rank
+
     assert 3 < k < 30
     assert choose_rank(RankRule(**rule), SIGMA, TOTAL, TOTAL) == (k, True)
     short = RankRule(**{**rule, "max": k - 1})
@@ -57,6 +56,10 @@ def test_choose_rank_is_the_smallest_meeting_the_target(rule, k):
 @pytest.mark.parametrize("method", ["rsvd", "svd"])
 @pytest.mark.parametrize(("rule", "k"), CASES, ids=["energy", "rel_error", "sv_ratio"])
 def test_jobs_keep_exactly_the_chosen_rank(tmp_path, client, method, rule, k):
+    import zarr
+
+    from pipeline.jobs import run_job
+
     url = tmp_path / "a.zarr"
     write_array(url, A, chunks=(150, N))
     spec = {"method": method, "rank": rule} | ({"power_iters": 3} if method == "rsvd" else {})
@@ -74,6 +77,8 @@ def test_jobs_keep_exactly_the_chosen_rank(tmp_path, client, method, rule, k):
 def test_pca_energy_rule_matches_scikit_learn_float_n_components(tmp_path, client):
     from sklearn.decomposition import PCA
 
+    from pipeline.jobs import run_job
+
     data = A + 5.0  # a mean to remove
     url = tmp_path / "a.zarr"
     write_array(url, data, chunks=(150, N))
@@ -88,6 +93,8 @@ def test_pca_energy_rule_matches_scikit_learn_float_n_components(tmp_path, clien
 
 
 def test_max_too_small_keeps_max_and_says_so(tmp_path, client, caplog):
+    from pipeline.jobs import run_job
+
     url = tmp_path / "a.zarr"
     write_array(url, A, chunks=(150, N))
     spec = {"method": "rsvd", "rank": {"max": 5, "energy": 0.99}}

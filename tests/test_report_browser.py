@@ -23,11 +23,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-from pipeline.reports import EMBED_MAX_CHARS
 from tests.conftest import factorize_cmd, job_dict, write_array, write_job
 from tests.test_operations import Server
-
-pytestmark = pytest.mark.slow
 
 LOOPBACK = "127.0.0.1"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -147,12 +144,14 @@ def _check_report_page(page, url: str) -> None:
 
 
 def test_report_artifact_renders_plots_tables_and_passes_in_chromium(
-    chromium, ui_server: Server, client, tmp_path
+    chromium, ui_server: Server, dist_client, tmp_path
 ):
     from playwright.sync_api import sync_playwright
 
+    from pipeline.reports import EMBED_MAX_CHARS
+
     started = time.monotonic()
-    run = _run_flow(ui_server, tmp_path, client.scheduler.address)
+    run = _run_flow(ui_server, tmp_path, dist_client.scheduler.address)
     flow_seconds = time.monotonic() - started
     (artifact,) = [a for a in ui_server.artifacts(run["id"]) if a["key"] == f"report-{JOB}"]
     markdown = artifact["data"]

@@ -12,17 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.jobs import run_job
-from pipeline.methods import METHODS
-from pipeline.plots import convergence_png, fit_png, spectrum_png
-from pipeline.reports import (
-    EMBED_MAX_CHARS,
-    input_residence,
-    pass_steps,
-    passes_mermaid,
-    png_data_uri,
-    report_markdown,
-)
 from tests.conftest import job_dict, write_array
 
 DATA_URI = re.compile(r"!\[([^\]]*)\]\((data:image/png;base64,[A-Za-z0-9+/=]+)\)")
@@ -50,6 +39,8 @@ def _largest_plots() -> dict[str, bytes]:
     """The busiest plots the methods make: svd's spectrum of every singular value of a
     2,000-column input (a noisy spectrum over 12 decades) and NMF's error over 5,000
     iterations (a noisy history)."""
+    from pipeline.plots import convergence_png, spectrum_png
+
     rng = np.random.default_rng(1)
     sv = np.sort(np.abs(rng.standard_normal(2000)) * np.logspace(0, -12, 2000))[::-1]
     history = list(np.abs(rng.standard_normal(5000)) * 0.1 + np.linspace(1, 0.01, 5000))
@@ -61,6 +52,8 @@ def _largest_plots() -> dict[str, bytes]:
 
 @pytest.mark.parametrize("kind", ["spectrum", "convergence"])
 def test_the_largest_plots_embed_unchanged_within_the_bound(kind):
+    from pipeline.reports import EMBED_MAX_CHARS, png_data_uri
+
     png = _largest_plots()[kind]
     uri = png_data_uri(png)
     assert len(uri) <= EMBED_MAX_CHARS, len(uri)
@@ -69,6 +62,8 @@ def test_the_largest_plots_embed_unchanged_within_the_bound(kind):
 
 
 def test_an_oversized_png_is_shrunk_under_the_bound_and_stays_a_whole_png():
+    from pipeline.reports import EMBED_MAX_CHARS, png_data_uri
+
     png = _noise_png()
     assert len(png) > 5 * EMBED_MAX_CHARS
     uri = png_data_uri(png)
@@ -78,6 +73,8 @@ def test_an_oversized_png_is_shrunk_under_the_bound_and_stays_a_whole_png():
 
 
 def test_quantizing_alone_fits_a_plot_into_a_tighter_budget_at_full_size():
+    from pipeline.plots import fit_png
+
     png = _largest_plots()["spectrum"]
     original = Image.open(io.BytesIO(png)).size
     budget = len(png) // 2
@@ -87,6 +84,8 @@ def test_quantizing_alone_fits_a_plot_into_a_tighter_budget_at_full_size():
 
 
 def test_fit_png_refuses_a_budget_no_plot_fits():
+    from pipeline.plots import fit_png
+
     with pytest.raises(ValueError, match="at least 1024"):
         fit_png(_noise_png(50, 50), 1000)
 
@@ -113,6 +112,8 @@ JOBS = {
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory, client):
     """``{job: (its metrics.json content, its result folder)}`` of the JOBS, run for real."""
+    from pipeline.jobs import run_job
+
     base = tmp_path_factory.mktemp("reports")
     rng = np.random.default_rng(3)
     a = np.abs(rng.standard_normal((1600, 20)))  # full rank: every rsvd sketch is graded
@@ -126,6 +127,8 @@ def reports(tmp_path_factory, client):
 
 @pytest.mark.parametrize("job", sorted(JOBS))
 def test_each_method_s_passes_are_described_pass_by_pass(reports, job):
+    from pipeline.reports import pass_steps
+
     report, _ = reports[job]
     for spec in JOBS[job]:
         method = spec["method"]
@@ -137,6 +140,8 @@ def test_each_method_s_passes_are_described_pass_by_pass(reports, job):
 
 
 def test_report_md_links_its_plots_next_to_it(reports):
+    from pipeline.methods import METHODS
+
     report, folder = reports["full"]
     text = (folder / "report.md").read_text()
     assert "data:" not in text
@@ -149,6 +154,8 @@ def test_report_md_links_its_plots_next_to_it(reports):
 
 
 def test_inline_report_carries_each_plot_whole_and_names_a_missing_one(reports):
+    from pipeline.reports import png_data_uri, report_markdown
+
     report, folder = reports["full"]
     images = {"rsvd_spectrum.png": png_data_uri((folder / "rsvd_spectrum.png").read_bytes())}
     text = report_markdown(report, images=images)
@@ -159,6 +166,8 @@ def test_inline_report_carries_each_plot_whole_and_names_a_missing_one(reports):
 
 
 def test_the_diagram_has_a_node_per_pass_group_and_says_where_the_input_lives(reports):
+    from pipeline.reports import input_residence, pass_steps, passes_mermaid
+
     report, _ = reports["full"]
     diagram = "\n".join(passes_mermaid(report))
     assert diagram.startswith("```mermaid\nflowchart LR") and diagram.endswith("```")
@@ -176,6 +185,8 @@ def test_the_diagram_has_a_node_per_pass_group_and_says_where_the_input_lives(re
 
 
 def test_input_residence_follows_passes_and_reads():
+    from pipeline.reports import input_residence
+
     assert input_residence({"passes": 1, "reads_from_storage": 1}) == "read once from storage"
     kept = input_residence({"passes": 3, "reads_from_storage": 1})
     assert kept == "read once from storage, kept in the workers' memory"
@@ -209,10 +220,14 @@ def test_input_residence_follows_passes_and_reads():
     ],
 )
 def test_rsvd_pass_steps_from_metrics(spec, res, labels):
+    from pipeline.reports import pass_steps
+
     assert [s.label for s in pass_steps("rsvd", spec, res)] == labels
 
 
 def test_resumed_nmf_counts_only_this_run_s_iterations():
+    from pipeline.reports import pass_steps
+
     res = {"passes": 5, "iterations": 12, "resumed_from": 8}
     labels = [s.label for s in pass_steps("nmf", {}, res)]
     assert labels == [
@@ -222,6 +237,8 @@ def test_resumed_nmf_counts_only_this_run_s_iterations():
 
 
 def test_no_recorded_passes_no_diagram():
+    from pipeline.reports import pass_steps, passes_mermaid
+
     report = {"input": {"shape": [4, 2]}, "methods": {"tsqr": {"fro_norm": 1.0}}}
     assert pass_steps("tsqr", {}, report["methods"]["tsqr"]) == []
     assert passes_mermaid(report) == []

@@ -6,25 +6,12 @@ import json
 import logging
 import subprocess
 
-import anndata as ad
-import dask.array as da
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
-import xarray as xr
-from scipy.linalg import subspace_angles
-from sklearn.decomposition import PCA
 
-from pipeline import run_job
-from pipeline.backend import gaussian
 from pipeline.config import InputSpec, load_config, parse_config
 from pipeline.errors import ConfigError, InputError
-from pipeline.io import open_matrix
-from pipeline.linalg import rsvd
-from pipeline.linalg.rsvd import AUTO_MAX_POWER_ITERS
-from pipeline.plan import format_plan, plan_job
-from pipeline.sparse_datasets import cell_type_counts
 from tests.conftest import factorize_cmd, job_dict, one_line_exit, write_array, write_job
 
 
@@ -43,6 +30,8 @@ def optimal_residual(a: np.ndarray, k: int) -> float:
 
 
 def check_against_numpy(a, res, k, sv_tol, res_factor, center=False):
+    from scipy.linalg import subspace_angles
+
     a64 = a.astype(np.float64)
     ac = a64 - a64.mean(axis=0) if center else a64
     u_ref, s_ref, _ = np.linalg.svd(ac, full_matrices=False)
@@ -74,6 +63,10 @@ def check_against_numpy(a, res, k, sv_tol, res_factor, center=False):
     ],
 )
 def test_rsvd_matches_numpy(client, dtype, chunks, power_iters, sv_tol):
+    import dask.array as da
+
+    from pipeline.linalg import rsvd
+
     a = decaying(2500, 300, decay=2.0, seed=1, dtype=dtype)
     res = rsvd(da.from_array(a, chunks=chunks), 12, seed=3, power_iters=power_iters)
     assert res.passes == power_iters + 1 and res.projection  # one pass per power iteration
@@ -84,6 +77,10 @@ def test_rsvd_matches_numpy(client, dtype, chunks, power_iters, sv_tol):
 def test_spectrum_beyond_working_precision(client, power_iters):
     """σ down to 1e-9·σ₁ in float32: the final sketch is not graded, TSQR + one more pass;
     auto converges at once (changes below the working precision count as none)."""
+    import dask.array as da
+
+    from pipeline.linalg import rsvd
+
     a = decaying(2500, 300, decay=8.0, seed=1, dtype=np.float32)
     res = rsvd(da.from_array(a, chunks=(500, 300)), 12, seed=3, power_iters=power_iters)
     used = res.convergence.power_iters_used
@@ -97,6 +94,10 @@ def test_spectrum_beyond_working_precision(client, power_iters):
 
 
 def test_residual_formula_is_exact(client):
+    import dask.array as da
+
+    from pipeline.linalg import rsvd
+
     a = decaying(2000, 150, decay=0.7, seed=2)
     res = rsvd(da.from_array(a, chunks=(500, 150)), 8)
     approx = (res.u.compute() * res.s) @ res.vt
@@ -108,6 +109,11 @@ def test_residual_formula_is_exact(client):
 def test_pca_matches_sklearn(client, power_iters):
     """Components, signs included (scikit-learn's svd_flip(u_based_decision=False)), and
     scores equal PCA(svd_solver="full")'s."""
+    import dask.array as da
+    from sklearn.decomposition import PCA
+
+    from pipeline.linalg import rsvd
+
     a = decaying(3000, 80, decay=2.0, seed=4, offset=5.0)  # a large mean on purpose
     res = rsvd(da.from_array(a, chunks=(700, 40)), 6, center=True, power_iters=power_iters)
     pca = PCA(n_components=6, svd_solver="full").fit(a)
@@ -123,6 +129,10 @@ def test_pca_matches_sklearn(client, power_iters):
 
 @pytest.mark.parametrize("rank", [1, 60])
 def test_rank_edges(client, rank):
+    import dask.array as da
+
+    from pipeline.linalg import rsvd
+
     a = decaying(400, 60, decay=1.0, seed=5)
     res = rsvd(da.from_array(a, chunks=(100, 60)), rank)
     np.testing.assert_allclose(res.s, np.linalg.svd(a, compute_uv=False)[:rank], rtol=1e-10)
@@ -132,6 +142,10 @@ def test_rank_edges(client, rank):
 
 
 def test_bad_rank_is_refused():
+    import dask.array as da
+
+    from pipeline.linalg import rsvd
+
     x = da.ones((50, 10), chunks=10)
     with pytest.raises(InputError, match=r"rank must be between 1 and 10.*got 11"):
         rsvd(x, 11)
@@ -145,6 +159,10 @@ def test_seeds_are_reproducible(client):
     Not bitwise: numpy's SIMD sums and BLAS round differently with the memory alignment of
     their operands, and blocks that travel between workers arrive at other addresses (this
     test was seen to differ by 1 ulp between two runs on one cluster)."""
+    import dask.array as da
+
+    from pipeline.linalg import rsvd
+
     a = decaying(1500, 100, decay=0.5, seed=6)
     x = da.from_array(a, chunks=(300, 100))
     r1, r2 = rsvd(x, 5, seed=7, power_iters=0), rsvd(x, 5, seed=7, power_iters=0)
@@ -156,6 +174,10 @@ def test_seeds_are_reproducible(client):
 
 def test_power_iterations_fix_the_float32_trap(client):
     """Slow decay in float32: no power iterations is inaccurate, the default q=2 is not."""
+    import dask.array as da
+
+    from pipeline.linalg import rsvd
+
     a = decaying(4000, 400, decay=0.3, seed=9, dtype=np.float32)
     x = da.from_array(a, chunks=(1000, 400))
     opt = optimal_residual(a, 20)
@@ -170,6 +192,10 @@ def test_power_iterations_fix_the_float32_trap(client):
 def test_single_pass_reads_once_within_documented_bound(client):
     """Documented: on spectra decaying like i^-2 the one-pass sketch stays within 1.5× of
     the optimal residual at the default oversampling (its residual is measured here)."""
+    import dask.array as da
+
+    from pipeline.linalg import rsvd
+
     a = decaying(3000, 200, decay=2.0, seed=10)
     res = rsvd(da.from_array(a, chunks=(500, 200)), 10, single_pass=True)
     assert res.passes == 1 and not res.projection
@@ -180,6 +206,11 @@ def test_single_pass_reads_once_within_documented_bound(client):
 
 
 def test_rsvd_job_writes_factors_metrics_and_plot(tmp_path, client):
+    import xarray as xr
+    from sklearn.decomposition import PCA
+
+    from pipeline import run_job
+
     a = (np.abs(decaying(3000, 120, decay=2.0, seed=11)) * 1e6).astype(np.int32)  # integers
     write_array(tmp_path / "in.zarr", a, chunks=(500, 60))
     job = job_dict(
@@ -218,6 +249,9 @@ def test_rsvd_job_writes_factors_metrics_and_plot(tmp_path, client):
 
 def write_anndata(path, x: sp.csr_matrix) -> None:
     """``x`` as the X of an AnnData store written by the real ``anndata`` (Zarr v3)."""
+    import anndata as ad
+    import pandas as pd
+
     obs = pd.DataFrame(index=[f"cell_{i}" for i in range(x.shape[0])])
     var = pd.DataFrame(index=[f"gene_{j}" for j in range(x.shape[1])])
     with ad.settings.override(zarr_write_format=3):
@@ -235,6 +269,10 @@ def flat_counts(tmp_path_factory):
     """6,000 cells × 1,500 genes of 10 cell types (0.45 M non-zeros) as an AnnData store,
     and the exact PCA (scikit-learn, float64, covariance eigendecomposition: exact at this
     conditioning) of its top 20 components."""
+    from sklearn.decomposition import PCA
+
+    from pipeline.sparse_datasets import cell_type_counts
+
     x = cell_type_counts(6000, 1500)
     path = tmp_path_factory.mktemp("flat") / "cells.zarr"
     write_anndata(path, x)
@@ -246,6 +284,12 @@ def test_flat_count_matrix_pca_by_default_matches_exact_pca(tmp_path, client, fl
     """Issue 20: rank-20 PCA of a flat count spectrum without touching power_iters meets
     total EV error ≤ 1e-3 and per-component ≤ 1e-2 against exact PCA; the old default
     (power_iters: 2) is far off on the same matrix."""
+    import anndata as ad
+
+    from pipeline import run_job
+    from pipeline.io import open_matrix
+    from pipeline.linalg import rsvd
+
     path, x, pca = flat_counts
     lam = pca.explained_variance_
     print(f"λ₂/λ₁ = {lam[1] / lam[0]:.3f}, λ₂₀/λ₂₁ = {lam[19] / lam[20]:.4f}")
@@ -279,6 +323,10 @@ def test_flat_count_matrix_pca_by_default_matches_exact_pca(tmp_path, client, fl
 def test_auto_wastes_no_passes_on_a_decaying_spectrum(client):
     """σᵢ = (1 + i)⁻²: auto stops after the third iteration pass, the first at which the
     error is estimable (one pass more than the old default), at full accuracy."""
+    import dask.array as da
+
+    from pipeline.linalg import rsvd
+
     a = decaying(2500, 300, decay=2.0, seed=1)
     res = rsvd(da.from_array(a, chunks=(500, 300)), 12, seed=3)
     conv = res.convergence
@@ -293,6 +341,8 @@ def _old_power_scheme(a: np.ndarray, rank: int, q: int, seed: int) -> np.ndarray
     """The fixed-count scheme of earlier releases in numpy (float64): W = AᵀAΩ, then
     ``q − 1`` times W = AᵀA·(left singular vectors of W), then B = QᵀA for Q = orth(AZ),
     Z the left singular vectors of the last W; returns the singular values of B."""
+    from pipeline.backend import gaussian
+
     w = a.T @ (a @ gaussian(seed, (a.shape[1], rank + 10), np.float64))
     for _ in range(q - 1):
         w = a.T @ (a @ np.linalg.svd(w, full_matrices=False)[0])
@@ -304,6 +354,10 @@ def _old_power_scheme(a: np.ndarray, rank: int, q: int, seed: int) -> np.ndarray
 def test_fixed_power_iters_run_the_old_scheme(client, q):
     """A number keeps the old meaning: that many power iterations (no convergence test),
     q + 1 passes, the same singular values as the scheme written out in numpy."""
+    import dask.array as da
+
+    from pipeline.linalg import rsvd
+
     a = decaying(1500, 120, decay=0.4, seed=12)  # slow decay: q shows in the values
     res = rsvd(da.from_array(a, chunks=(300, 120)), 8, seed=5, power_iters=q)
     assert res.passes == q + 1 and res.convergence.converged is None
@@ -313,6 +367,10 @@ def test_fixed_power_iters_run_the_old_scheme(client, q):
 
 def test_fixed_krylov_passes(client):
     """``iteration: krylov`` with a number: that many Krylov blocks, then the final pass."""
+    import dask.array as da
+
+    from pipeline.linalg import rsvd
+
     a = decaying(1500, 120, decay=0.4, seed=12)
     res = rsvd(da.from_array(a, chunks=(300, 120)), 8, power_iters=3, iteration="krylov")
     assert res.passes == 4 and res.convergence.power_iters_used == 3
@@ -325,6 +383,9 @@ def test_fixed_krylov_passes(client):
 def test_unconverged_at_the_cap_warns_in_log_metrics_and_report(tmp_path, client, caplog):
     """Power iteration on Gaussian noise (a flat Marchenko–Pastur edge) cannot meet the
     tolerance in 20 passes: converged false, a warning in the log and in report.md."""
+    from pipeline import run_job
+    from pipeline.linalg.rsvd import AUTO_MAX_POWER_ITERS
+
     a = np.random.default_rng(13).standard_normal((2000, 200))
     write_array(tmp_path / "noise.zarr", a, chunks=(500, 200))
     spec = {"method": "rsvd", "rank": 10, "iteration": "power", "measure_residual": False}
@@ -357,9 +418,13 @@ def test_bad_power_iters_are_config_errors(tmp_path, value, message):
     assert message in str(info.value), str(info.value)
 
 
+@pytest.mark.e2e
 def test_power_iters_auto_and_iteration_in_job_files(tmp_path):
     """``auto`` is the default and can be written; a bad ``iteration`` exits 2 in one line
     naming the field; the plan says "up to" for auto."""
+    from pipeline.linalg.rsvd import AUTO_MAX_POWER_ITERS
+    from pipeline.plan import format_plan, plan_job
+
     for spec in ({}, {"power_iters": "auto"}, {"power_iters": 0, "iteration": "krylov"}):
         job = parse_config(job_dict(tmp_path, "x", methods=[{"method": "rsvd", "rank": 3} | spec]))
         assert job.methods[0].power_iters == spec.get("power_iters", "auto")

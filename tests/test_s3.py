@@ -20,18 +20,12 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-import dask.array as da
 import numpy as np
 import pytest
-import zarr
-from s3server import ACCESS_KEY, SECRET_KEY, StallingProxy, moto_server, stalled_server
 
 from pipeline.config import config_from_any
 from pipeline.errors import ArtifactExistsError, ConfigError
-from pipeline.io.artifacts import RunOutput, check_output_free, read_published
-from pipeline.io.owners import claim_record, remove_stale_staging
-from pipeline.io.stores import locate, location_of, split_url, zarr_store
-from pipeline.jobs import abort, compute, plan, precheck, prepare, publish, run_job
+from pipeline.io.stores import locate, location_of
 from tests.conftest import (
     REPO,
     factorize_cmd,
@@ -50,6 +44,10 @@ def _bucket(s3) -> str:
 
 
 def _write_s3_input(s3, url: str, a: np.ndarray, chunks: tuple[int, int]) -> None:
+    import zarr
+
+    from pipeline.io.stores import zarr_store
+
     store = zarr_store(url, s3.storage_options(), read_only=False)
     arr = zarr.create_array(store=store, shape=a.shape, dtype=a.dtype, chunks=chunks)
     arr[...] = a
@@ -78,6 +76,10 @@ def _keys(fs, root: str) -> set[str]:
 
 def _output(url: str, opts: dict | None, name: str, *, overwrite: bool, method: str, value: float):
     """A staged run writing ``<method>/X`` = ``value`` (its publish is up to the caller)."""
+    import dask.array as da
+
+    from pipeline.io.artifacts import RunOutput
+
     out = RunOutput(locate(url, opts or {}), name, overwrite=overwrite)
     out.begin()
     out.factor_array(method, "R", np.full((3, 3), value), ("component", "col"))
@@ -88,6 +90,8 @@ def _output(url: str, opts: dict | None, name: str, *, overwrite: bool, method: 
 @pytest.fixture(params=["memory", "s3"])
 def store(request, s3):
     """(url, storage_options, fsspec filesystem) of an empty output location."""
+    from pipeline.io.stores import split_url
+
     if request.param == "memory":
         url = f"memory://zf-{uuid.uuid4().hex[:8]}"
         fs, _ = split_url(url)
@@ -99,6 +103,9 @@ def store(request, s3):
 
 
 def test_publish_overwrite_retry_and_race_on_object_stores(store):
+    from pipeline.io.artifacts import read_published
+    from pipeline.io.stores import split_url
+
     url, opts, fs = store
     root = split_url(url, opts)[1]
     first = _output(url, opts, "r", overwrite=False, method="tsqr", value=1.0)
@@ -130,6 +137,11 @@ def test_failed_copy_never_looks_complete_and_the_retry_finishes(s3):
     """Fail the copy of an overwrite halfway: ``metrics.json`` is not "completed" over the
     mix; the retried publish completes the new result. A reader polling throughout never
     sees a completed ``metrics.json`` over factors of another run."""
+    import zarr
+
+    from pipeline.io.artifacts import read_published
+    from pipeline.io.stores import zarr_store
+
     url = _bucket(s3) + "/results"
     opts = s3.storage_options()
     fs = s3.filesystem()
@@ -186,6 +198,8 @@ def test_failed_copy_never_looks_complete_and_the_retry_finishes(s3):
 def test_publish_step_twice_and_prepare_cleanup_on_s3(s3, tmp_path, client, monkeypatch):
     """The lifecycle's ``publish`` run twice (a retry) returns the same result; a
     ``prepare`` that fails after creating its staging folder removes it."""
+    from pipeline.jobs import compute, plan, prepare, publish
+
     bucket, job = _s3_round_trip_job(s3, tmp_path, 1, 400, 5, 100)
     config = config_from_any(job)
     run = prepare(config)
@@ -214,6 +228,10 @@ def test_publish_step_twice_and_prepare_cleanup_on_s3(s3, tmp_path, client, monk
 def test_server_stopped_mid_run_fails_fast_with_one_line(tmp_path, client, caplog):
     """The endpoint dies after prepare: compute fails within bounded time, one line; the
     abort that cannot reach the store logs a warning instead of hanging."""
+    from s3server import SECRET_KEY, moto_server
+
+    from pipeline.jobs import abort, compute, plan, prepare
+
     with moto_server() as s3:
         bucket = _bucket(s3)
         opts = s3.storage_options(config_kwargs={"connect_timeout": 1, "read_timeout": 2})
@@ -244,6 +262,10 @@ def test_server_stopped_mid_run_fails_fast_with_one_line(tmp_path, client, caplo
 
 
 def test_retries_are_logged_one_line_each_without_credentials(caplog):
+    from s3server import ACCESS_KEY, SECRET_KEY, stalled_server
+
+    from pipeline.io.stores import split_url
+
     with stalled_server() as endpoint:
         opts = {
             "key": ACCESS_KEY,
@@ -269,10 +291,12 @@ def test_retries_are_logged_one_line_each_without_credentials(caplog):
     assert took < 3 * 1 + 10
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_validate_on_a_stalled_endpoint_ends_with_one_line(tmp_path):
     """Default timeouts (the bound a user gets without tuning) on a stalled input, and a
     stalled output with small timeouts: both exit 2 with one line, in bounded time."""
+    from s3server import ACCESS_KEY, SECRET_KEY, stalled_server
+
     write_array(tmp_path / "in.zarr", np.ones((50, 4)))
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     with stalled_server() as endpoint:
@@ -345,6 +369,8 @@ def _race(url: str, name: str, overwrite: bool, n: int = 12) -> list[BaseExcepti
 
 
 def _assert_whole(path) -> None:
+    import zarr
+
     metrics = json.loads((path / "metrics.json").read_text())
     group = zarr.open_group(str(path / "factors.zarr"), mode="r")
     x, r = np.asarray(group["tsqr/X"]), np.asarray(group["tsqr/R"])
@@ -369,11 +395,15 @@ def test_twelve_concurrent_local_publishers(tmp_path):
     print(f"6 rounds of 12 concurrent publishers: {time.monotonic() - t0:.1f} s")
 
 
-@pytest.mark.slow
 def test_factorize_run_with_s3_input_and_output(s3, tmp_path, prefect_server):
     """`factorize run` end to end on S3: input and output on the server, an overwrite of
     an older result with another layout, NMF checkpoints on S3; exit 0, metrics completed,
     factors readable over S3, nothing hidden left."""
+    import zarr
+    from s3server import ACCESS_KEY, SECRET_KEY
+
+    from pipeline.io.stores import zarr_store
+
     bucket = _bucket(s3)
     a = np.abs(np.random.default_rng(3).standard_normal((3000, 8)))
     _write_s3_input(s3, f"{bucket}/in.zarr", a, (750, 8))
@@ -425,6 +455,9 @@ def test_factorize_run_with_s3_input_and_output(s3, tmp_path, prefect_server):
 
 def test_run_job_on_s3_in_process(s3, tmp_path, client):
     """The whole lifecycle in process with S3 input and output (fast path of the e2e)."""
+    from pipeline.io.artifacts import read_published
+    from pipeline.jobs import run_job
+
     bucket, job = _s3_round_trip_job(s3, tmp_path, 4, 600, 4, 150)
     t0 = time.monotonic()
     first = run_job(job, client=client)
@@ -445,6 +478,10 @@ def test_run_job_on_s3_in_process(s3, tmp_path, client):
 def test_an_output_overlapping_the_input_on_s3_is_refused(s3, tmp_path):
     """Same bucket and endpoint, overlapping keys: refused before anything is written,
     ``..`` in a key included; a sibling name with the same prefix is fine."""
+    from s3server import SECRET_KEY
+
+    from pipeline.jobs import precheck, prepare
+
     bucket, job = _s3_round_trip_job(s3, tmp_path, 5, 40, 3, 10)
     opts = s3.storage_options()
     refused = [
@@ -483,6 +520,9 @@ def test_a_live_claim_is_refused_and_a_lapsed_one_is_taken_over(s3):
     """A claim is a lease: while it runs, validate and publish refuse the name (another
     run is publishing it); once it has lapsed — also a claim written before leases,
     with ``since`` only — the name is free, and the dead run's staging is removed."""
+    from pipeline.io.artifacts import check_output_free, read_published
+    from pipeline.io.owners import claim_record
+
     url = _bucket(s3) + "/results"
     root, fs = url[5:], s3.filesystem()
     opts = s3.storage_options()
@@ -541,6 +581,11 @@ def test_a_publisher_killed_after_its_claim_is_taken_over_once_its_lease_lapses(
     and gets SIGKILL. Until the lease lapses the name is refused as being published;
     then a run with ``overwrite: false`` takes it over: the killed run's staging and the
     objects it copied are gone, the result is the new run's."""
+    from s3server import ACCESS_KEY, SECRET_KEY
+
+    from pipeline.io.artifacts import check_output_free, read_published
+    from pipeline.io.owners import remove_stale_staging
+
     url = _bucket(s3) + "/results"
     root, fs = url[5:], s3.filesystem()
     opts = s3.storage_options()
@@ -628,13 +673,14 @@ def test_transient_errors_are_logged_on_one_line():
     )
 
 
-@pytest.mark.slow
 def test_an_endpoint_stalling_mid_run_fails_with_one_line_and_no_traceback(
     s3, tmp_path, prefect_server
 ):
     """`factorize run` writing to S3 through a proxy that stops answering once the run has
     opened its staging folder: exit 1 with one line; the log holds each retry as one
     WARNING line and not a single traceback (it held up to 14)."""
+    from s3server import ACCESS_KEY, SECRET_KEY, StallingProxy
+
     bucket = _bucket(s3)
     write_array(tmp_path / "in.zarr", np.random.default_rng(6).random((20000, 20)), (1000, 20))
     proxy = StallingProxy(s3.endpoint)

@@ -16,26 +16,17 @@ import time
 
 import httpx
 import numpy as np
-import psutil
 import pytest
 
-from pipeline.lifetime import (
-    OWNED_RECORD,
-    OwnedServer,
-    read_owned_server,
-    start_api_server,
-    write_owned_record,
-)
 from tests.conftest import (
     free_port,
     job_dict,
     one_line_exit,
-    run_cli,
     write_array,
     write_job,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def _env(home, **more) -> dict[str, str]:
@@ -50,16 +41,18 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_session_server_serves_runs_and_their_links(tmp_path, prefect_server):
+def test_session_server_serves_runs_and_their_links(cli, tmp_path, prefect_server):
     """A run with the lasting server up uses it (no server of its own), prints its flow
     run's page, and the page and the run's record outlive the command."""
+    from pipeline.lifetime import read_owned_server
+
     assert read_owned_server() == prefect_server
-    status = run_cli("server", "status")
+    status = cli("server", "status")
     assert status.stdout.strip() == f"running at {prefect_server.url} (pid {prefect_server.pid})"
     write_array(tmp_path / "a.zarr", np.random.default_rng(0).standard_normal((3000, 6)))
     job = job_dict(tmp_path, str(tmp_path / "a.zarr"), name="linked")
     job["cluster"] = {"kind": "local", "n_workers": 1, "memory_limit": "1GiB"}
-    proc = run_cli("run", write_job(tmp_path, job))
+    proc = cli("run", write_job(tmp_path, job))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
     line = next(x for x in proc.stdout.splitlines() if x.startswith("flow run "))
     run_id = line.split()[2].rstrip(":")
@@ -71,43 +64,51 @@ def test_session_server_serves_runs_and_their_links(tmp_path, prefect_server):
     assert page.status_code == 200 and "<html" in page.text.lower()  # the UI serves it
 
 
-def test_start_status_idle_stop_and_stale_records(tmp_path):
+def test_start_status_idle_stop_and_stale_records(cli, tmp_path):
     """start → status → a second start finds it → it stops itself once idle; a record
     whose process died is removed; stop of nothing says so; a taken port is refused."""
+    import psutil
+
+    from pipeline.lifetime import OWNED_RECORD, OwnedServer, write_owned_record
+
     home = tmp_path / "home"
     port = free_port()
     env = _env(home)
-    started = run_cli("server", "start", "--port", port, "--idle-minutes", "0.05", env=env)
+    started = cli("server", "start", "--port", port, "--idle-minutes", "0.05", env=env)
     assert started.returncode == 0, started.stdout + started.stderr
     record = json.loads((home / OWNED_RECORD).read_text())
     assert f"http://127.0.0.1:{port} (pid {record['pid']})" in started.stdout
     assert "stops after 0.05 min without a run" in started.stdout
     server = psutil.Process(record["pid"])
     assert os.getsid(server.pid) == server.pid  # its own session: no terminal signal reaches it
-    again = run_cli("server", "start", "--port", free_port(), env=env)
+    again = cli("server", "start", "--port", free_port(), env=env)
     assert "already running at" in again.stdout and str(port) in again.stdout
     assert httpx.get(f"http://127.0.0.1:{port}/api/health").status_code == 200
     # idle 3 s and no flow run pending: it stops itself and removes its record
     server.wait(timeout=60)
     assert not (home / OWNED_RECORD).exists()
-    assert run_cli("server", "status", env=env).stdout.strip() == "not running"
-    assert run_cli("server", "stop", env=env).stdout.strip() == "no server was running"
+    assert cli("server", "status", env=env).stdout.strip() == "not running"
+    assert cli("server", "stop", env=env).stdout.strip() == "no server was running"
 
     write_owned_record(home / OWNED_RECORD, OwnedServer(_dead_pid(), port, 60.0, time.time()))
-    assert run_cli("server", "status", env=env).stdout.strip() == "not running"
+    assert cli("server", "status", env=env).stdout.strip() == "not running"
     assert not (home / OWNED_RECORD).exists()  # the stale record is gone
 
     with socketserver_on(port):
-        taken = run_cli("server", "start", "--port", port, env=env)
+        taken = cli("server", "start", "--port", port, env=env)
     assert f"port {port} on 127.0.0.1 is in use" in one_line_exit(taken)
 
 
-def test_stop_ends_the_server_and_its_record(tmp_path):
+def test_stop_ends_the_server_and_its_record(cli, tmp_path):
+    import psutil
+
+    from pipeline.lifetime import OWNED_RECORD
+
     home = tmp_path / "home"
     env = _env(home)
-    assert run_cli("server", "start", "--port", free_port(), env=env).returncode == 0
+    assert cli("server", "start", "--port", free_port(), env=env).returncode == 0
     pid = json.loads((home / OWNED_RECORD).read_text())["pid"]
-    stopped = run_cli("server", "stop", env=env)
+    stopped = cli("server", "stop", env=env)
     assert stopped.stdout.startswith("stopped the server at http://127.0.0.1:")
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert not (home / OWNED_RECORD).exists()
@@ -115,6 +116,8 @@ def test_stop_ends_the_server_and_its_record(tmp_path):
 
 def test_which_api_a_run_uses(tmp_path, monkeypatch):
     """Configured URL first; then a live lasting server; else a temporary one."""
+    from pipeline.lifetime import OWNED_RECORD, OwnedServer, start_api_server, write_owned_record
+
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
     monkeypatch.delitem(sys.modules, "prefect", raising=False)  # as in a fresh CLI process
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")

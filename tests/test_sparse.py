@@ -12,22 +12,15 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import anndata as ad
-import dask
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
 import zarr
 from conftest import factorize_cmd, job_dict, one_line_exit, two_workers, write_job
-from scipy.linalg import subspace_angles
 from sklearn.decomposition import NMF, PCA
 
 from pipeline.config import InputSpec, SyntheticSpec, parse_config
 from pipeline.errors import InputError, NonFiniteInputError
-from pipeline.io import sparse as sparse_io
-from pipeline.jobs import precheck, run_job
-from pipeline.sparse_datasets import _profiles, sparse_block, write_sparse_local
 
 M, N, K = 1500, 120, 5
 RSVD = {"method": "rsvd", "rank": K, "center": True, "power_iters": 3}
@@ -35,6 +28,8 @@ NMF_ = {"method": "nmf", "rank": K, "max_iter": 150, "tol": 1e-6}
 
 
 def _matrix() -> sp.csr_matrix:
+    from pipeline.sparse_datasets import _profiles, sparse_block
+
     spec = SyntheticSpec(kind="sparse", shape=(M, N), density=0.1, seed=3)
     x = sparse_block(spec, _profiles(spec), 0, M).tolil()
     x[7, :] = 0  # an empty row
@@ -51,12 +46,17 @@ DENSE = X.toarray()
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Blocks of ~8 KiB of entries: a dozen blocks and a block boundary on every path."""
+    from pipeline.io import sparse as sparse_io
+
     monkeypatch.setattr(sparse_io, "BLOCK_BYTES", 8 * 2**10)
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> dict[str, Path]:
     """The same AnnData written as Zarr v2, v3 and sharded v3 (X CSR, a CSC and a dense layer)."""
+    import anndata as ad
+    import pandas as pd
+
     root = tmp_path_factory.mktemp("adata")
     obs = pd.DataFrame({"batch": pd.Categorical(["a", "b", "c"] * (M // 3))})
     obs.index = [f"cell_{i}" for i in range(M)]
@@ -83,6 +83,8 @@ def references() -> dict:
 
 
 def _check_pca(result: dict, factors: zarr.Group, pca: PCA) -> None:
+    from scipy.linalg import subspace_angles
+
     np.testing.assert_allclose(
         result["explained_variance_ratio"], pca.explained_variance_ratio_, rtol=1e-4
     )
@@ -105,6 +107,8 @@ def _check_pca(result: dict, factors: zarr.Group, pca: PCA) -> None:
     ],
 )
 def test_anndata_input_matches_references(tmp_path, client, stores, references, store, array, fmt):
+    from pipeline.jobs import run_job
+
     spec = {"url": str(stores[store])} | ({"array": array} if array else {})
     methods = [RSVD, {"method": "tsqr"}, {"method": "svd", "rank": K, "center": True}]
     report = run_job(job_dict(tmp_path, "", input=spec, methods=methods), client=client)
@@ -123,6 +127,10 @@ def test_anndata_input_matches_references(tmp_path, client, stores, references, 
 
 
 def test_adata_zarr_is_read_by_anndata_with_scanpys_slots(tmp_path, client, stores, references):
+    import anndata as ad
+
+    from pipeline.jobs import run_job
+
     job = job_dict(tmp_path, str(stores["v3"]), methods=[RSVD, NMF_])
     report = run_job(job, client=client)
     assert report["methods"]["nmf"]["residual_rel"] <= 1.02 * references["nmf_rel"]
@@ -148,7 +156,12 @@ def test_adata_zarr_is_read_by_anndata_with_scanpys_slots(tmp_path, client, stor
     np.testing.assert_array_equal(out.varm["NMF_H"], factors["nmf/H"][...].T)
 
 
+@pytest.mark.e2e
 def test_plain_csr_groups_written_by_anndata_and_by_generate(tmp_path, client, references):
+    import anndata as ad
+
+    from pipeline.jobs import run_job
+
     url = tmp_path / "plain.zarr"
     ad.io.write_elem(zarr.open_group(url, mode="w", zarr_format=3), "counts", X)
     job = job_dict(tmp_path, str(url), methods=[RSVD])
@@ -172,9 +185,16 @@ def test_plain_csr_groups_written_by_anndata_and_by_generate(tmp_path, client, r
     np.testing.assert_allclose(np.abs(np.diag(r)), want, rtol=1e-10)
 
 
+@pytest.mark.e2e
 def test_no_task_holds_the_dense_matrix(tmp_path, monkeypatch):
     """Workers of 400 MiB each, a matrix of 1.0 GiB dense (14 MiB stored): rsvd and nmf
     finish, so no task ever densified it (nor the whole cluster could have held it)."""
+    import anndata as ad
+
+    from pipeline.io import sparse as sparse_io
+    from pipeline.jobs import run_job
+    from pipeline.sparse_datasets import write_sparse_local
+
     monkeypatch.setattr(sparse_io, "BLOCK_BYTES", 2 * 2**20)  # 7 blocks
     spec = SyntheticSpec(kind="sparse", shape=(100_000, 1300), density=0.01, seed=1)
     url = tmp_path / "big.zarr"
@@ -195,6 +215,8 @@ def test_no_task_holds_the_dense_matrix(tmp_path, monkeypatch):
 
 
 def _bad_group(tmp_path: Path, **change) -> Path:
+    import anndata as ad
+
     url = tmp_path / "bad.zarr"
     group = zarr.open_group(url, mode="w", zarr_format=3)
     ad.io.write_elem(group, "m", X)
@@ -217,6 +239,8 @@ def _bad_group(tmp_path: Path, **change) -> Path:
     ],
 )
 def test_bad_sparse_metadata_is_refused_by_validate(tmp_path, change, message):
+    from pipeline.jobs import precheck
+
     url = _bad_group(tmp_path, **change)
     job = job_dict(tmp_path, str(url))
     job["input"]["array"] = "m"
@@ -239,6 +263,8 @@ def _corrupt_data_chunk(url: Path) -> None:
     ],
 )
 def test_bad_sparse_values_fail_the_first_pass(tmp_path, client, change, error, message):
+    from pipeline.jobs import run_job
+
     if change == "corrupt":
         url = _bad_group(tmp_path)
         _corrupt_data_chunk(url)
@@ -270,12 +296,15 @@ def test_bad_index_through_the_cli_exits_2_with_one_line(tmp_path, prefect_serve
 
 
 def test_plan_cuts_blocks_by_stored_bytes():
+    from pipeline.io import sparse as sparse_io
+
     ptr = np.array([0, 0, 100, 100, 150, 400, 400, 410])  # rows of 0–250 entries
     assert sparse_io.plan_blocks(ptr, 8, target=800) == (0, 3, 4, 5, 7)  # row 4 alone
     assert sparse_io.plan_blocks(ptr, 8, target=800, max_rows=1) == tuple(range(8))
     assert sparse_io.plan_blocks(np.zeros(4, dtype=int), 8) == (0, 3)
 
 
+@pytest.mark.e2e
 def test_validate_reports_format_nnz_and_density(tmp_path, stores):
     job = write_job(tmp_path, job_dict(tmp_path, str(stores["v3-sharded"]), methods=[RSVD]))
     proc = subprocess.run(
@@ -294,6 +323,8 @@ def test_validate_reports_format_nnz_and_density(tmp_path, stores):
 )
 def test_rsvd_on_sparse_blocks_equals_rsvd_on_dense_blocks(tmp_path, stores, options):
     """Every rsvd path (and the direct residual) gives the dense result from sparse blocks."""
+    import dask
+
     from pipeline import metrics as mx
     from pipeline.io import open_matrix
     from pipeline.linalg import rsvd
@@ -312,6 +343,8 @@ def test_rsvd_on_sparse_blocks_equals_rsvd_on_dense_blocks(tmp_path, stores, opt
 
 @pytest.mark.parametrize("solver", ["hals", "mu"])
 def test_nmf_on_sparse_blocks_equals_nmf_on_dense_blocks(stores, solver):
+    import dask
+
     from pipeline.io import open_matrix
     from pipeline.linalg import nmf
 
@@ -324,14 +357,19 @@ def test_nmf_on_sparse_blocks_equals_nmf_on_dense_blocks(stores, solver):
     assert got.sumsq == pytest.approx(want.sumsq, rel=1e-12)
 
 
+@pytest.mark.e2e  # scanpy and pynndescent end to end: numba compiles its kernels (~90 s)
 def test_scanpy_neighbors_reads_our_adata_zarr_above_8192_cells(tmp_path, client):
     """README's claim: ``scanpy.pp.neighbors(adata, use_rep="X_pca")`` works on the
     ``adata.zarr`` of a PCA job, above the 8,192 cells (4,096 for other metrics) where scanpy
     1.11 leaves its exact neighbours for pynndescent's — whose ``csr_array`` scanpy 1.11
     calls ``getnnz`` on: pynndescent < 0.6 (pyproject's test extra) returns a
     ``csr_matrix``. Its graph agrees with exact neighbours in X_pca."""
+    import anndata as ad
     import scanpy as sc
     from sklearn.neighbors import NearestNeighbors
+
+    from pipeline.jobs import run_job
+    from pipeline.sparse_datasets import _profiles, sparse_block
 
     cells = 9000
     spec = SyntheticSpec(kind="sparse", shape=(cells, 200), density=0.1, seed=4)

@@ -9,20 +9,15 @@ from __future__ import annotations
 import re
 import threading
 
-import dask
 import dask.array as da
 import numpy as np
 import pytest
-import xarray as xr
 from dask.callbacks import Callback
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from sklearn.decomposition import PCA
 
 from pipeline.errors import InputError, NonFiniteInputError
-from pipeline.linalg import tsqr
 from pipeline.linalg.svd import SVDResult, svd
-from pipeline.linalg.tsqr import UNOPTIMIZED
 from tests.conftest import cond_matrix, job_dict, write_array
 from tests.test_tsqr import CASES  # the same shapes and chunkings as TSQR
 
@@ -63,6 +58,8 @@ def check_svd(a: np.ndarray, res: SVDResult, u: np.ndarray, tol: float) -> None:
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-13), (np.float32, 2e-6)])
 @pytest.mark.parametrize("shape,chunks,block_rows", CASES)
 def test_svd_matches_numpy(client, shape, chunks, block_rows, dtype, tol):
+    from pipeline.linalg.tsqr import UNOPTIMIZED
+
     a = cond_matrix(*shape, kappa=10.0, seed=1, dtype=dtype)  # σ log-spaced 1 … 0.1
     res = svd(da.from_array(a, chunks=chunks), block_rows=block_rows, split_every=4)
     check_svd(a, res, res.u.compute(**UNOPTIMIZED), tol)
@@ -99,6 +96,10 @@ def test_small_singular_values_survive_where_the_gram_route_fails(client, kappa)
     [((3000, 20), (250, 7), None), ((1001, 40), (1001, 40), 10), ((4096, 6), (64, 6), 3)],
 )
 def test_pca_matches_sklearn(client, shape, chunks, rank, dtype, tol):
+    from sklearn.decomposition import PCA
+
+    from pipeline.linalg.tsqr import UNOPTIMIZED
+
     rng = np.random.default_rng(7)
     m, n = shape
     a = cond_matrix(m, n, 100.0, seed=7) * 10 + rng.uniform(-5, 5, n)
@@ -147,6 +148,8 @@ def test_pca_with_a_mean_far_above_the_spread(client):
 
 
 def test_rank_truncation_keeps_the_top_triplets(client):
+    from pipeline.linalg.tsqr import UNOPTIMIZED
+
     a = cond_matrix(3000, 25, 1e3, seed=5)
     x = da.from_array(a, chunks=(400, 25))
     full, top = svd(x), svd(x, rank=6)
@@ -186,6 +189,10 @@ class _Computes(Callback):
 
 @pytest.mark.parametrize("center", [False, True])
 def test_compute_u_false_reads_a_once(center):
+    import dask
+
+    from pipeline.linalg.tsqr import UNOPTIMIZED
+
     a = cond_matrix(4000, 10, 1e3, seed=8) + (3.0 if center else 0.0)
     reads = _Reads()
     x = da.from_array(a, chunks=(500, 10)).map_blocks(reads, meta=np.empty((0, 0), a.dtype))
@@ -205,6 +212,9 @@ def test_compute_u_false_reads_a_once(center):
 
 
 def test_q_times_equals_q_at_m(client):
+    from pipeline.linalg import tsqr
+    from pipeline.linalg.tsqr import UNOPTIMIZED
+
     a = np.random.default_rng(9).standard_normal((3000, 12))
     res = tsqr(da.from_array(a, chunks=(300, 12)), split_every=3)
     m = np.random.default_rng(10).standard_normal((12, 5))
@@ -245,6 +255,10 @@ def test_bad_inputs_are_refused():
 
 
 def test_integers_are_computed_in_float64():
+    import dask
+
+    from pipeline.linalg.tsqr import UNOPTIMIZED
+
     a = np.random.default_rng(12).integers(-50, 50, size=(500, 6))
     with dask.config.set(scheduler="threads"):
         res = svd(da.from_array(a, chunks=(100, 6)))
@@ -264,6 +278,10 @@ def test_integers_are_computed_in_float64():
 @example(m=3, n=2, row_chunk=1, center=True, seed=0)  # short blocks, augmented to n + 1
 def test_svd_property_any_shape_and_chunking(m, n, row_chunk, center, seed):
     """Invariant on the threaded scheduler: values match numpy, U S Vt rebuilds the input."""
+    import dask
+
+    from pipeline.linalg.tsqr import UNOPTIMIZED
+
     m = max(m, n + 1)
     a = np.random.default_rng(seed).standard_normal((m, n))
     x = da.from_array(a, chunks=(row_chunk, max(1, n // 2)))
@@ -282,6 +300,8 @@ def test_svd_property_any_shape_and_chunking(m, n, row_chunk, center, seed):
 
 
 def _job_result(tmp_path, client, data, chunks, method, name="svd-job"):
+    import xarray as xr
+
     from pipeline import run_job
 
     write_array(tmp_path / f"{name}.zarr", data, chunks=chunks)
@@ -308,6 +328,8 @@ def test_svd_job_is_exact_at_kappa_1e12(tmp_path, client):
 
 
 def test_svd_job_pca_matches_sklearn(tmp_path, client):
+    from sklearn.decomposition import PCA
+
     rng = np.random.default_rng(8)
     a = rng.standard_normal((3000, 9)) @ rng.standard_normal((9, 9)) + 50.0
     method = {"method": "svd", "center": True, "rank": 4}
@@ -410,6 +432,9 @@ def _sparse_matrix(m: int, n: int, seed: int) -> np.ndarray:
 def test_svd_and_tsqr_accept_sparse_blocks(client, center):
     """Blocks of scipy.sparse (2-D chunked on purpose) are densified one row block per
     task: the results equal numpy's on the dense matrix."""
+    from pipeline.linalg import tsqr
+    from pipeline.linalg.tsqr import UNOPTIMIZED
+
     a = _sparse_matrix(600, 40, seed=21)
     x = _sparse_blocks(a, (70, 15))
     res = svd(x, center=center)

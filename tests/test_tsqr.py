@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import dask.array as da
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import InputError, NonFiniteInputError
-from pipeline.linalg import _kernels as kernels
-from pipeline.linalg import row_blocks, tsqr
 from tests.conftest import cond_matrix
 
 
@@ -45,6 +42,10 @@ CASES = [
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-13), (np.float32, 2e-5)])
 @pytest.mark.parametrize("shape,chunks,block_rows", CASES)
 def test_tsqr_matches_numpy(client, shape, chunks, block_rows, dtype, tol):
+    import dask.array as da
+
+    from pipeline.linalg import tsqr
+
     a = np.random.default_rng(1).standard_normal(shape).astype(dtype)
     res = tsqr(da.from_array(a, chunks=chunks), block_rows=block_rows, split_every=4)
     q = res.q.compute()
@@ -55,6 +56,10 @@ def test_tsqr_matches_numpy(client, shape, chunks, block_rows, dtype, tol):
 
 
 def test_r_only_matches_q_mode(client):
+    import dask.array as da
+
+    from pipeline.linalg import tsqr
+
     a = np.random.default_rng(2).standard_normal((3000, 12))
     x = da.from_array(a, chunks=(500, 12))
     r_only = tsqr(x, compute_q=False)
@@ -65,6 +70,10 @@ def test_r_only_matches_q_mode(client):
 
 @pytest.mark.parametrize("kappa,path", [(1e4, "cholqr2"), (1e12, "scholqr3"), (1e15, None)])
 def test_ill_conditioned_stays_orthogonal(client, kappa, path):
+    import dask.array as da
+
+    from pipeline.linalg import tsqr
+
     a = cond_matrix(20000, 30, kappa, seed=3)
     res = tsqr(da.from_array(a, chunks=(5000, 30)))
     if path:
@@ -81,6 +90,11 @@ def test_kappa_1e12_large_block_takes_fourth_round_not_householder(client):
     stable test), so the guarded third round was refused and the block took Householder
     QR. One more Cholesky round passes the guard.
     """
+    import dask.array as da
+
+    from pipeline.linalg import _kernels as kernels
+    from pipeline.linalg import tsqr
+
     a = cond_matrix(65_536, 64, 1e12, seed=3)
     f = kernels.factor_block(a)
     assert f.method == "scholqr4" and len(f.chain) == 4
@@ -97,6 +111,8 @@ def test_kappa_1e12_large_block_takes_fourth_round_not_householder(client):
 def test_well_conditioned_factors_as_products_equal_triangular_solves(monkeypatch):
     """Folding the well-conditioned factors (GEMM with small inverses) gives the same Q as
     triangular solves all along, to working precision."""
+    from pipeline.linalg import _kernels as kernels
+
     a = cond_matrix(65_536, 64, 1e12, seed=3)
     folded = kernels.block_q(a, kernels.factor_block(a))
     monkeypatch.setattr(kernels, "WELL_CONDITIONED", -1.0)  # only the guarded last one
@@ -108,6 +124,8 @@ def test_well_conditioned_factors_as_products_equal_triangular_solves(monkeypatc
 
 def test_guard_still_protects_the_final_round(monkeypatch):
     """With the guard at 0 no final round is accepted: the block falls back to Householder."""
+    from pipeline.linalg import _kernels as kernels
+
     monkeypatch.setattr(kernels, "GRAM_GUARD", 0.0)
     a = cond_matrix(65_536, 64, 1e12, seed=3)
     f = kernels.factor_block(a)
@@ -115,6 +133,10 @@ def test_guard_still_protects_the_final_round(monkeypatch):
 
 
 def test_vandermonde_kappa_1e16(client):
+    import dask.array as da
+
+    from pipeline.linalg import tsqr
+
     x = np.linspace(0, 1, 50000)
     a = np.vander(x, 20, increasing=True)
     assert np.linalg.cond(a) > 1e13
@@ -127,12 +149,20 @@ def test_vandermonde_kappa_1e16(client):
 
 
 def test_float32_ill_conditioned(client):
+    import dask.array as da
+
+    from pipeline.linalg import tsqr
+
     a = cond_matrix(8000, 16, 1e5, seed=4, dtype=np.float32)
     res = tsqr(da.from_array(a, chunks=(1000, 16)))
     check_qr(a, res.q.compute(), res.r, 1e-5)
 
 
 def test_rank_deficient_input(client):
+    import dask.array as da
+
+    from pipeline.linalg import tsqr
+
     rng = np.random.default_rng(5)
     a = rng.standard_normal((3000, 10))
     a[:, 7] = a[:, 2]  # exactly dependent column
@@ -142,6 +172,10 @@ def test_rank_deficient_input(client):
 
 
 def test_non_finite_input_is_reported_with_row(client):
+    import dask.array as da
+
+    from pipeline.linalg import tsqr
+
     a = np.ones((1000, 4))
     a[612, 2] = np.nan
     with pytest.raises(NonFiniteInputError, match="row 612"):
@@ -152,6 +186,10 @@ def test_non_finite_input_is_reported_with_row(client):
 
 
 def test_wide_and_complex_are_refused_integers_are_cast(client):
+    import dask.array as da
+
+    from pipeline.linalg import tsqr
+
     with pytest.raises(InputError, match=r"a must be tall .*got shape \(5, 10\); factorize a\.T"):
         tsqr(da.ones((5, 10), chunks=5))
     with pytest.raises(InputError, match="a must have a real numeric dtype, got complex128"):
@@ -162,6 +200,10 @@ def test_wide_and_complex_are_refused_integers_are_cast(client):
 
 
 def test_row_blocks_span_columns_and_hold_n_rows():
+    import dask.array as da
+
+    from pipeline.linalg import row_blocks
+
     x = da.ones((1050, 30), chunks=(7, 11))
     b = row_blocks(x, block_rows=100)
     assert len(b.chunks[1]) == 1
@@ -181,6 +223,10 @@ def test_row_blocks_span_columns_and_hold_n_rows():
 @example(m=3, n=2, row_chunk=1, seed=0)  # two blocks, the last one short: merged
 def test_tsqr_property_any_shape_and_chunking(m, n, row_chunk, seed):
     """Invariant on the threaded scheduler: any tall shape and chunking gives a valid QR."""
+    import dask.array as da
+
+    from pipeline.linalg import tsqr
+
     m = max(m, n)
     a = np.random.default_rng(seed).standard_normal((m, n))
     import dask

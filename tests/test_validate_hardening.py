@@ -26,11 +26,8 @@ from pipeline.config import (
     parse_config,
 )
 from pipeline.errors import ConfigError, InputError
-from pipeline.io.preflight import check_input_creatable, check_output_writable, format_size
 from pipeline.io.stores import location_of
-from pipeline.jobs import precheck
 from pipeline.methods import METHODS
-from pipeline.sections import _leaf_types
 from tests.conftest import factorize_cmd, job_dict, one_line_exit, write_array, write_job
 
 
@@ -57,6 +54,8 @@ SECTIONS = {  # where each model sits in a job, and a valid entry to put the fie
 
 
 def _numeric_fields() -> Iterator[tuple[type, str, set]]:
+    from pipeline.sections import _leaf_types
+
     for model in SECTIONS:
         for name, info in model.model_fields.items():
             leaves = set()
@@ -121,6 +120,7 @@ def test_good_values_still_pass():
     assert parse_config({**cfg.model_dump(), "cluster": {"memory_limit": 2**28}})
 
 
+@pytest.mark.e2e
 def test_a_memory_limit_above_the_machine_is_refused_for_local_workers(tmp_path: Path):
     """``1e26 PiB`` passed validate and became the machine's memory without a word
     (distributed caps it). Local kinds refuse it, naming the machine's memory; clusters
@@ -150,6 +150,7 @@ def test_a_memory_limit_above_the_machine_is_refused_for_local_workers(tmp_path:
 # --------------------------------------------------------------------------- YAML bounds
 
 
+@pytest.mark.e2e
 def test_alias_bomb_fails_fast_with_bounded_memory(tmp_path: Path):
     """Unbounded, the bomb made validate grow to 3.5 GB in 40 s. The CLI runs under a
     1 GiB address-space limit: any walk of the expanded data would die of MemoryError."""
@@ -238,7 +239,11 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(path)], check=True)
 
 
+@pytest.mark.e2e
 def test_read_only_output_is_refused_by_validate(tmp_path: Path, read_only_dir: Path):
+    from pipeline.io.preflight import check_input_creatable
+    from pipeline.jobs import precheck
+
     with pytest.raises(OSError):  # the condition is real: nothing can be created there
         (read_only_dir / "probe").mkdir()
     write_array(tmp_path / "in.zarr", np.ones((10, 3)))
@@ -261,6 +266,8 @@ def test_read_only_output_is_refused_by_validate(tmp_path: Path, read_only_dir: 
 def test_preflight_agrees_with_what_the_os_allows(tmp_path: Path):
     """A chmod 555 folder: refused for an ordinary user, accepted for root, who can write
     there — the verdict must match what actually happens."""
+    from pipeline.io.preflight import check_output_writable
+
     folder = tmp_path / "r-x"
     folder.mkdir()
     folder.chmod(0o555)
@@ -283,6 +290,8 @@ def test_preflight_agrees_with_what_the_os_allows(tmp_path: Path):
 
 
 def test_output_and_input_paths_blocked_by_files(tmp_path: Path):
+    from pipeline.io.preflight import check_input_creatable, check_output_writable
+
     (tmp_path / "file").write_text("x")
     under_file = parse_config({**job_dict(tmp_path, "a"), "output": {"url": f"{tmp_path}/file/o"}})
     with pytest.raises(ConfigError, match=rf"output.url: {tmp_path}/file is a file, not a folder"):
@@ -301,6 +310,8 @@ def test_output_and_input_paths_blocked_by_files(tmp_path: Path):
 
 
 def test_created_input_must_fit_the_free_space(tmp_path: Path):
+    from pipeline.io.preflight import check_input_creatable, format_size
+
     free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
     rows = free // (8 * 1000) + 1  # one row more than fits at 1000 float64 columns
     spec = {"url": str(tmp_path / "a" / "b.zarr"), "create_if_missing": {"shape": [rows, 1000]}}
@@ -316,6 +327,8 @@ def test_created_input_must_fit_the_free_space(tmp_path: Path):
 
 
 def test_format_size():
+    from pipeline.io.preflight import format_size
+
     assert [format_size(n) for n in (0, 1023, 1536, 2**40, 8 * 10**18)] == [
         "0 B",
         "1023 B",
@@ -327,6 +340,8 @@ def test_format_size():
 
 def test_validate_never_writes(tmp_path: Path):
     """validate on jobs refused by the preflight leaves the filesystem as it was."""
+    from pipeline.jobs import precheck
+
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     job = job_dict(tmp_path, str(tmp_path / "x" / "in.zarr"))
     job["input"]["create_if_missing"] = {"shape": [10**9, 10**9]}

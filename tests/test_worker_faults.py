@@ -15,9 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 
-from pipeline import run_job
 from pipeline.errors import ClusterError
 from tests.conftest import job_dict, two_workers, write_array
 
@@ -49,6 +47,8 @@ def matrix(tmp_path_factory) -> Path:
 
 
 def _factors(out: Path, method: str) -> dict[str, np.ndarray]:
+    import zarr
+
     group = zarr.open_group(str(out / "factors.zarr"), mode="r")[method]
     return {name: arr[...] for name, arr in group.arrays()}
 
@@ -67,6 +67,8 @@ def _kill_when_running(client, prefix: str, stop: threading.Event) -> float | No
 
 
 def _run(job: dict, client) -> tuple[dict, float]:
+    from pipeline import run_job
+
     t0 = time.perf_counter()
     report = run_job(job, client=client)
     return report, time.perf_counter() - t0
@@ -122,6 +124,8 @@ def _one_block_job(tmp_path: Path, matrix: Path) -> dict:
 
 
 def test_workers_too_small_for_a_block_are_refused_before_compute(tmp_path, matrix, small_client):
+    from pipeline import run_job
+
     t0 = time.perf_counter()
     with pytest.raises(ClusterError) as info:
         run_job(_one_block_job(tmp_path, matrix), client=small_client)
@@ -142,7 +146,7 @@ def test_workers_dying_for_memory_end_the_run_with_one_line(
     memory — or paused at their limit, whichever the machine's timing makes them do first
     — end the run with a ClusterError naming the limit, instead of restarts without end."""
     import pipeline.cluster
-    import pipeline.plan
+    from pipeline import run_job
 
     monkeypatch.setattr(pipeline.plan, "check_block_memory", lambda *args: None)
     monkeypatch.setattr(pipeline.cluster, "PAUSED_TIMEOUT", 10.0)
@@ -172,6 +176,7 @@ def test_all_workers_paused_end_the_run_instead_of_waiting_forever(
     """A paused worker (memory above the pause threshold) starts no task and is never
     restarted: with every worker paused for PAUSED_TIMEOUT the run fails with one line."""
     import pipeline.cluster
+    from pipeline import run_job
 
     monkeypatch.setattr(pipeline.cluster, "PAUSED_TIMEOUT", 3.0)
     job = job_dict(tmp_path, str(matrix), name="paused", methods=[{"method": "tsqr", "q": False}])
