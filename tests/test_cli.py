@@ -233,7 +233,7 @@ def test_run_end_to_end_with_embedded_cluster_and_prefect(cli, tmp_path, prefect
         methods=[
             {"method": "tsqr"},
             {"method": "rsvd", "rank": 5, "center": True},
-            {"method": "nmf", "rank": 5, "max_iter": 100},
+            {"method": "nmf", "rank": 5, "max_iter": 20},
         ],
         output={"url": "results"},
     )
