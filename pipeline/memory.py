@@ -231,7 +231,9 @@ def measure_peaks(client: Client | None) -> Iterator[PeakMemory]:
         return
     reset = {addr for addr, ok in client.run(_reset_peak).items() if ok}
     yield peaks
-    # a worker gone since is left out: the figures of the others still count
-    read = client.run(_read_peak, workers=sorted(reset), on_error="ignore") if reset else {}
-    figures = {addr: v for addr, v in read.items() if isinstance(v, int)}
+    # Ask the workers the scheduler has now, not the list above: a worker killed meanwhile
+    # cost a 30 s connect timeout (distributed.comm.timeouts.connect) per dead address.
+    # A replacement has a new address and an unreset peak: left out with the dead one.
+    read = client.run(_read_peak, on_error="ignore") if reset else {}
+    figures = {addr: v for addr, v in read.items() if addr in reset and isinstance(v, int)}
     peaks.per_worker = figures or None

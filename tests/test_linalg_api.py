@@ -340,7 +340,7 @@ def test_nmf_fit_nn_output(client):
     a = np.c_[5.0 - np.arange(1, 6), 5.0 + np.arange(1, 6)]
     for solver in ("hals", "mu"):
         for init in ("nndsvd", "nndsvda", "random"):
-            res = nmf(a, 2, solver=solver, init=init, max_iter=50)
+            res = nmf(a, 2, solver=solver, init=init, max_iter=20)
             assert res.w.compute().min() >= 0 and res.h.min() >= 0, (solver, init)
 
 
@@ -383,11 +383,11 @@ def test_nmf_matches_sklearn_and_decreases(client):
     from sklearn.decomposition import NMF
 
     a = np.abs(np.random.default_rng(12).standard_normal((200, 30)))
-    res = nmf(da.from_array(a, chunks=(50, 30)), 5, max_iter=100, tol=1e-6)
+    res = nmf(da.from_array(a, chunks=(50, 30)), 5, max_iter=50, tol=1e-6)
     assert np.all(np.diff(res.history) <= 1e-12)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = NMF(5, init="nndsvda", solver="cd", max_iter=100, tol=1e-6, random_state=0)
+        model = NMF(5, init="nndsvda", solver="cd", max_iter=50, tol=1e-6, random_state=0)
         w = model.fit_transform(a)
     ref = np.linalg.norm(a - w @ model.components_) / np.linalg.norm(a)
     assert res.history[-1] <= 1.03 * ref

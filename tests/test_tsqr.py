@@ -34,7 +34,7 @@ CASES = [
     ((5000, 50), (333, 7), None),  # 2-D chunked and ragged → rechunked
     ((100, 100), (100, 100), None),  # square, single block
     ((2003, 17), (2003, 17), 300),  # ragged last block gets merged
-    ((4096, 8), (64, 8), 16),  # 256 blocks → a tree with several levels
+    ((1024, 8), (64, 8), 16),  # 64 blocks → a tree of three levels (split_every=4)
     ((777, 31), (50, 5), 40),  # irregular everything
 ]
 
