@@ -340,7 +340,7 @@ def test_nmf_fit_nn_output(client):
     a = np.c_[5.0 - np.arange(1, 6), 5.0 + np.arange(1, 6)]
     for solver in ("hals", "mu"):
         for init in ("nndsvd", "nndsvda", "random"):
-            res = nmf(a, 2, solver=solver, init=init, max_iter=20)
+            res = nmf(a, 2, solver=solver, init=init, max_iter=5)
             assert res.w.compute().min() >= 0 and res.h.min() >= 0, (solver, init)
 
 
@@ -360,7 +360,7 @@ def test_nmf_fit_close(client):
 def test_nmf_dtype_match(client, dtype, expected):
     """sklearn test_nmf_dtype_match: float32 stays float32; integers are cast to float64."""
     a = low_rank_ints(60, 20, 3, seed=10).astype(dtype)
-    res = nmf(da.from_array(a, chunks=(15, 20)), 3, max_iter=30)
+    res = nmf(da.from_array(a, chunks=(15, 20)), 3, max_iter=10)
     assert res.w.compute().dtype == expected and res.h.dtype == expected
     assert all(isinstance(v, float) for v in res.history) and isinstance(res.sumsq, float)
     a64 = a.astype(np.float64)
@@ -407,7 +407,7 @@ NMF_CHUNKINGS = [
 @pytest.mark.parametrize("shape,chunks,rank,block_rows", NMF_CHUNKINGS)
 def test_nmf_any_chunking(client, shape, chunks, rank, block_rows):
     a = np.random.default_rng(13).random(shape) + 0.1
-    res = nmf(da.from_array(a, chunks=chunks), rank, max_iter=40, block_rows=block_rows)
+    res = nmf(da.from_array(a, chunks=chunks), rank, max_iter=20, block_rows=block_rows)
     w = res.w.compute()
     assert w.shape == (shape[0], rank) and res.h.shape == (rank, shape[1])
     assert w.min() >= 0 and res.h.min() >= 0
@@ -420,7 +420,7 @@ def test_nmf_any_chunking(client, shape, chunks, rank, block_rows):
 
 def test_nmf_unknown_chunk_sizes(client):
     a = np.random.default_rng(14).random((60, 12))
-    res = nmf(unknown_rows(da.from_array(a, chunks=(13, 12))), 3, max_iter=20)
+    res = nmf(unknown_rows(da.from_array(a, chunks=(13, 12))), 3, max_iter=10)
     assert res.w.compute().shape == (60, 3)
     np.testing.assert_allclose(
         np.linalg.norm(a - res.w.compute() @ res.h) / np.linalg.norm(a), res.history[-1], rtol=1e-6
@@ -448,7 +448,7 @@ def svd_default_like(x, k, seed):
 def test_nmf_integer_input_is_not_integer_arithmetic(client):
     """Integers used to be computed in integer arithmetic; now in float64."""
     a = low_rank_ints(30, 12, 2, seed=16)
-    res_int = nmf(a.astype(np.int64), 2, max_iter=20)
-    res_f64 = nmf(a.astype(np.float64), 2, max_iter=20)
+    res_int = nmf(a.astype(np.int64), 2, max_iter=10)
+    res_f64 = nmf(a.astype(np.float64), 2, max_iter=10)
     np.testing.assert_allclose(res_int.history, res_f64.history, rtol=1e-8)
     np.testing.assert_allclose(res_int.h, res_f64.h, rtol=1e-6, atol=1e-9)

@@ -162,14 +162,14 @@ def test_graph_does_not_grow_with_iterations(client):
 
     from pipeline.linalg import nmf
 
-    x = np.random.default_rng(1).random((20000, 50))
-    a = da.from_array(x, chunks=(2500, 50)).persist()
+    x = np.random.default_rng(1).random((10000, 50))
+    a = da.from_array(x, chunks=(1250, 50)).persist()
     stamps = []
     nmf(
         a,
         5,
         init="random",
-        max_iter=60,
+        max_iter=40,
         tol=0,
         on_iteration=lambda st, w: stamps.append(time.process_time()),
     )
