@@ -74,17 +74,18 @@ def test_start_status_idle_stop_and_stale_records(cli, tmp_path):
     home = tmp_path / "home"
     port = free_port()
     env = _env(home)
-    started = cli("server", "start", "--port", port, "--idle-minutes", "0.05", env=env)
+    # idle 12 s: long enough for the next two calls on a busy machine (3 s was not)
+    started = cli("server", "start", "--port", port, "--idle-minutes", "0.2", env=env)
     assert started.returncode == 0, started.stdout + started.stderr
     record = json.loads((home / OWNED_RECORD).read_text())
     assert f"http://127.0.0.1:{port} (pid {record['pid']})" in started.stdout
-    assert "stops after 0.05 min without a run" in started.stdout
+    assert "stops after 0.2 min without a run" in started.stdout
+    assert httpx.get(f"http://127.0.0.1:{port}/api/health").status_code == 200
     server = psutil.Process(record["pid"])
     assert os.getsid(server.pid) == server.pid  # its own session: no terminal signal reaches it
     again = cli("server", "start", "--port", free_port(), env=env)
     assert "already running at" in again.stdout and str(port) in again.stdout
-    assert httpx.get(f"http://127.0.0.1:{port}/api/health").status_code == 200
-    # idle 3 s and no flow run pending: it stops itself and removes its record
+    # idle 12 s and no flow run pending: it stops itself and removes its record
     server.wait(timeout=60)
     assert not (home / OWNED_RECORD).exists()
     assert cli("server", "status", env=env).stdout.strip() == "not running"
