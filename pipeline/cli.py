@@ -123,6 +123,9 @@ def _input_line(path: str, cfg: JobConfig, m: InputManifest | None) -> str:
             f"{path}: ok — input {redact(cfg.input.url)} does not exist yet and will be "
             f"created ({spec.kind}{size} {spec.dtype})"
         )
+    methods = ", ".join(s.method for s in cfg.methods)
+    if m.format == "safetensors":
+        return f"{path}: ok — input {m.url}: {m.describe()}; methods: {methods}"
     arr = f" array {m.array}" if m.array else ""
     layout = (
         f"{m.format.upper()}, nnz {m.nnz} (density {m.density:.3g}), row blocks of {m.chunks[0]}"
@@ -151,7 +154,7 @@ def _validate(args: argparse.Namespace) -> int:
             with naming_file(path):
                 plan = plan_job(cfg)
             if plan is None:
-                print("  plan: the sparse input is created by the run; plan it once it exists")
+                print("  plan: the input is created by the run; plan it once it exists")
             else:
                 print("\n".join(format_plan(plan)))
     return 0

@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from pipeline.errors import ConfigError
@@ -29,6 +30,7 @@ from pipeline.methods import METHODS
 from pipeline.methods.rank import UNION_TAGS
 from pipeline.secrets import redact
 from pipeline.sections import (
+    MODEL_KINDS,
     NAME_MAX,
     NAME_PATTERN,
     ClusterSpec,
@@ -97,7 +99,34 @@ class JobConfig(StrictModel):
             if m.method in seen:
                 raise ValueError(f"method {m.method!r} is listed twice; list each method once")
             seen.add(m.method)
+        model = [m.method for m in methods if METHODS[m.method].input == "model"]
+        if model and len(methods) > 1:
+            raise ValueError(
+                f"{model[0]} reads a model checkpoint, not a matrix: list it alone in its job"
+            )
         return methods
+
+    @model_validator(mode="after")
+    def _input_fits_the_methods(self) -> JobConfig:
+        created = self.input.create_if_missing
+        makes_model = created is not None and created.kind in MODEL_KINDS
+        method = self.methods[0].method
+        if self.input_kind == "model" and (self.input.array or (created and not makes_model)):
+            raise ValueError(
+                f"input: {method} reads a safetensors checkpoint at input.url; remove "
+                "input.array, and create_if_missing unless its kind is transformer"
+            )
+        if self.input_kind == "matrix" and makes_model:
+            raise ValueError(
+                f"input.create_if_missing.kind: {created.kind!r} writes a model checkpoint, "
+                f"which {method} cannot read (method compress does)"
+            )
+        return self
+
+    @property
+    def input_kind(self) -> str:
+        """``"model"`` when the job's method reads a checkpoint, else ``"matrix"``."""
+        return METHODS[self.methods[0].method].input
 
 
 # --------------------------------------------------------------------------- errors

@@ -18,7 +18,7 @@ from pipeline.errors import InputError
 from pipeline.io.owners import written_aside
 from pipeline.io.stores import is_local, split_url, zarr_store
 from pipeline.secrets import redact
-from pipeline.sections import SPARSE_KINDS, InputSpec, SyntheticSpec
+from pipeline.sections import MODEL_KINDS, SPARSE_KINDS, InputSpec, SyntheticSpec
 from pipeline.sparse_datasets import write_sparse_local
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,57 @@ def _write_metadata_last(
         sync(store.set(key, docs[key]))
 
 
+def transformer_tensors(layers: int, hidden: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of a decoder-like checkpoint (Llama's names): embeddings, per layer
+    four attention projections, a gated MLP of width 3 × hidden and two norms, a final norm."""
+    h, wide = hidden, 3 * hidden
+    out = [("model.embed_tokens.weight", (8 * h, h))]
+    for i in range(layers):
+        pre = f"model.layers.{i}"
+        out += [(f"{pre}.self_attn.{p}_proj.weight", (h, h)) for p in "qkvo"]
+        out += [(f"{pre}.mlp.{p}_proj.weight", (wide, h)) for p in ("gate", "up")]
+        out += [(f"{pre}.mlp.down_proj.weight", (h, wide))]
+        norms = ("input_layernorm", "post_attention_layernorm")
+        out += [(f"{pre}.{n}.weight", (h,)) for n in norms]
+    return [*out, ("model.norm.weight", (h,))]
+
+
+def _decaying_weight(shape: tuple[int, ...], tau: float, rng: np.random.Generator) -> np.ndarray:
+    """A weight whose singular values decay about as ``exp(−i/τ)``, plus a little noise;
+    a vector of norm gains around 1."""
+    if len(shape) == 1:
+        return 1 + 0.1 * rng.standard_normal(shape)
+    m, n = shape
+    k = min(m, n)
+    scale = np.exp(-np.arange(k) / tau) / np.sqrt(max(m, n))
+    left = rng.standard_normal((m, k)) * scale
+    return left @ rng.standard_normal((k, n)) + 1e-3 * rng.standard_normal((m, n)) / np.sqrt(n)
+
+
+def write_transformer(fs: Any, path: str, spec: SyntheticSpec) -> None:
+    """A safetensors checkpoint of :func:`transformer_tensors` at ``path`` (float32, or
+    float64), attention spectra decaying faster than the MLP's; written aside locally and
+    renamed into place, so it appears complete or not at all."""
+    from pipeline.io.safetensors import TensorOut, encode, write_checkpoint
+
+    layers, hidden = spec.shape
+    code = "F32" if spec.dtype == "float32" else "F64"
+    tensors = []
+    for i, (name, shape) in enumerate(transformer_tensors(layers, hidden)):
+        tau = hidden / (16 if "self_attn" in name else 4)
+
+        def data(i: int = i, shape: tuple[int, ...] = shape, tau: float = tau) -> bytes:
+            return encode(_decaying_weight(shape, tau, np.random.default_rng((spec.seed, i))), code)
+
+        nbytes = int(np.prod(shape)) * np.dtype(spec.dtype).itemsize
+        tensors.append(TensorOut(name, code, shape, nbytes, data))
+    folder, filename = path.rstrip("/").rsplit("/", 1) if "/" in path else (".", path)
+    fs.makedirs(folder, exist_ok=True)
+    aside = f".{filename}.partial"  # written as <aside>.safetensors, then renamed
+    write_checkpoint(fs, folder, aside, tensors, {"format": "pt"}, max_shard_bytes=2**62)
+    fs.mv(f"{folder}/{aside}.safetensors", path)
+
+
 def write_synthetic(
     url: str, spec: SyntheticSpec, storage_options: dict | None = None, array: str | None = None
 ) -> None:
@@ -192,6 +243,10 @@ def write_synthetic(
     retry or the next run would take for the input.
     """
     fs, path = split_url(url, storage_options)
+    if spec.kind in MODEL_KINDS:
+        log.info("writing a %s checkpoint %s to %s", spec.kind, spec.shape, redact(url))
+        write_transformer(fs, path, spec)
+        return
     if spec.kind in SPARSE_KINDS:
         if not is_local(fs):
             raise InputError(
@@ -220,7 +275,7 @@ def input_will_be_created(spec: InputSpec) -> bool:
     if spec.create_if_missing is None:
         return False
     fs, path = split_url(spec.url, spec.storage_options)
-    if is_local(fs):
+    if is_local(fs) or spec.create_if_missing.kind in MODEL_KINDS:  # one file, put whole
         return not fs.exists(path)
     root = path.rstrip("/")
     return not any(fs.exists(f"{root}/{doc}") for doc in ("zarr.json", ".zgroup", ".zarray"))

@@ -37,13 +37,14 @@ from pipeline.datasets import input_will_be_created, write_synthetic
 from pipeline.fingerprint import job_fingerprint
 from pipeline.io.anndata_out import ADATA, write_anndata_output
 from pipeline.io.artifacts import RunOutput, check_output_free, read_published
+from pipeline.io.model import ModelManifest, open_model
 from pipeline.io.owners import remove_stale_staging
 from pipeline.io.preflight import check_input_creatable, check_output_apart, check_output_writable
 from pipeline.io.source import InputManifest, locate_input, open_matrix
 from pipeline.io.stores import location_of
 from pipeline.memory import measure_peaks
 from pipeline.methods import METHODS, RunContext
-from pipeline.plan import JobPlan, plan_run
+from pipeline.plan import JobPlan, ModelJobPlan, plan_run
 from pipeline.progress import Progress
 from pipeline.progress import report as report_progress
 from pipeline.reports import report_markdown
@@ -80,18 +81,18 @@ class PreparedRun:
     Attributes
     ----------
     config : the parsed job
-    manifest : what was opened (shape, chunks, dtype; the fingerprint with
-        ``skip_if_complete``)
+    manifest : what was opened (a matrix's shape, chunks, dtype, or a checkpoint's
+        tensors; the fingerprint with ``skip_if_complete``)
     staging : path of the staging folder in the output filesystem
     started : ISO-8601 time the run started
     plan : the plan the methods execute (set by the ``plan`` step, on the cluster)
     """
 
     config: JobConfig
-    manifest: InputManifest
+    manifest: InputManifest | ModelManifest
     staging: str
     started: str
-    plan: JobPlan | None = None
+    plan: JobPlan | ModelJobPlan | None = None
 
     @property
     def steps(self) -> list[str]:
@@ -107,18 +108,29 @@ class PreparedRun:
 # --------------------------------------------------------------------------- checks
 
 
-def check_methods(config: JobConfig, shape: tuple[int, int]) -> None:
-    """Each method's own applicability check (rank, shape) for an input of ``shape``.
+def open_input(
+    config: JobConfig, *, check_chunks: bool = False, on_device: bool = False
+) -> tuple[Any, InputManifest | ModelManifest]:
+    """The job's input, opened without reading values: a matrix (a dask array) or a model
+    checkpoint (its headers), with the manifest of what was opened."""
+    if config.input_kind == "model":
+        return open_model(config.input)
+    return open_matrix(config.input, check_chunks=check_chunks, on_device=on_device)
+
+
+def check_methods(config: JobConfig, opened: Any) -> None:
+    """Each method's own applicability check (rank, shape) for the opened input: a
+    matrix's shape, or a checkpoint for a model method.
 
     Raises
     ------
     InputError
     """
     for i, spec in enumerate(config.methods):
-        METHODS[spec.method].check(spec, shape, f"methods[{i}]")
+        METHODS[spec.method].check(spec, opened, f"methods[{i}]")
 
 
-def inspect_job(config: JobConfig, *, output: bool = True) -> InputManifest:
+def inspect_job(config: JobConfig, *, output: bool = True) -> InputManifest | ModelManifest:
     """Open the input once and check every method and the output, computing nothing.
 
     The output must be writable (:func:`pipeline.io.preflight.check_output_writable`);
@@ -133,8 +145,8 @@ def inspect_job(config: JobConfig, *, output: bool = True) -> InputManifest:
 
     check_cluster_available(config.cluster)
     check_backend_available(config.compute, config.cluster)
-    _, manifest = open_matrix(config.input, check_chunks=True)
-    check_methods(config, manifest.shape)
+    data, manifest = open_input(config, check_chunks=True)
+    check_methods(config, data if config.input_kind == "model" else manifest.shape)
     out = location_of(config.output)
     check_output_writable(out, config.name)  # also in prepare: flows skip the CLI
     if output:
@@ -142,7 +154,7 @@ def inspect_job(config: JobConfig, *, output: bool = True) -> InputManifest:
     return manifest
 
 
-def precheck(config: JobConfig) -> InputManifest | None:
+def precheck(config: JobConfig) -> InputManifest | ModelManifest | None:
     """Everything ``factorize validate`` (and the CLI before starting) can refuse.
 
     Returns the input's manifest, or ``None`` when the input will be created by the run
@@ -163,7 +175,7 @@ def precheck(config: JobConfig) -> InputManifest | None:
         check_output_free(out, config.name, config.output.overwrite)
         return None
     if completed_result(config) is not None:
-        return open_matrix(config.input)[1]
+        return open_input(config)[1]
     return inspect_job(config)
 
 
@@ -182,7 +194,7 @@ def completed_result(config: JobConfig) -> dict[str, Any] | None:
     report = read_published(location_of(config.output), config.name)
     if report is None:
         return None
-    _, manifest = open_matrix(config.input)
+    _, manifest = open_input(config)
     if report.get("input", {}).get("fingerprint") != job_fingerprint(config, manifest):
         log.info("%s: the config or the input changed since the published result", config.name)
         return None
@@ -210,13 +222,10 @@ def prepare(config: JobConfig) -> PreparedRun:
     out.begin()  # removes what it created when it fails
     try:
         log.info(
-            "%s: input %s%s %s %s chunks %s; writing to %s",
+            "%s: input %s: %s; writing to %s",
             config.name,
             manifest.url,
-            f" [{manifest.array}]" if manifest.array else "",
-            "×".join(map(str, manifest.shape)),
-            manifest.dtype,
-            "×".join(map(str, manifest.chunks)),
+            manifest.describe(),
             redact(out.staging_url),
         )
         return PreparedRun(config, manifest, out.staging, started)
@@ -253,7 +262,7 @@ def compute(run: PreparedRun, index: int) -> dict[str, Any]:
     method = METHODS[spec.method]
     t0 = time.perf_counter()
     client = _current_client()
-    a, _ = open_matrix(config.input, on_device=job_plan.backend != "numpy")
+    a, _ = open_input(config, on_device=job_plan.backend != "numpy")
     out = run.output()
     ctx = RunContext(
         method,
@@ -317,7 +326,7 @@ def publish(run: PreparedRun, results: dict[str, dict[str, Any]]) -> dict[str, A
             for spec in config.methods
             if METHODS[spec.method].anndata is not None
         }
-        if write_anndata_output(out, locate_input(config.input), slots, results):
+        if slots and write_anndata_output(out, locate_input(config.input), slots, results):
             report["anndata"] = ADATA
         out.write_bytes(REPORT, report_markdown(report).encode())
     out.publish(report)  # idempotent; also removes staging a first try left behind

@@ -128,6 +128,23 @@ def will_keep(size: int, workers: Workers | None, on_device: bool = False) -> bo
     return bool(memory) and size <= memory * PERSIST_FRACTION
 
 
+def task_fits(task_bytes: int, workers: Workers | None) -> bool:
+    """Whether one task holding ``task_bytes`` at once fits its share of a worker: the
+    worker's memory below the terminate threshold, less :data:`WORKER_BASELINE`, shared by
+    its threads (each may run such a task). Unknown or unlimited workers: it fits."""
+    if workers is None or not workers.memory_limit:
+        return True
+    usable = _usable_fraction() * workers.memory_limit - WORKER_BASELINE
+    return task_bytes <= usable / max(workers.threads, 1)
+
+
+def tasks_peak(task_bytes: list[int], workers: Workers) -> int:
+    """Peak memory of a worker running independent tasks that hold ``task_bytes`` each:
+    the process, plus its threads' worth of the largest tasks at once."""
+    largest = sorted(task_bytes, reverse=True)[: max(workers.threads, 1)]
+    return WORKER_BASELINE + sum(largest)
+
+
 def _usable_fraction() -> float:
     """Share of ``memory_limit`` a worker may use before its nanny restarts it (a paused
     worker still finishes the task it runs)."""

@@ -30,6 +30,7 @@ from pipeline.memory import (
     predicted_peak,
     will_keep,
 )
+from pipeline.model_plan import LayerPlan, ModelMethodPlan
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -103,6 +104,49 @@ class JobPlan:
                 "methods": tuple(MethodPlan.from_dict(m) for m in d["methods"]),
             }
         )
+
+
+@dataclass(frozen=True)
+class ModelJobPlan:
+    """The plan of a job whose input is a model checkpoint (see :class:`JobPlan`)."""
+
+    name: str
+    tensors: int
+    params: int
+    stored_bytes: int
+    workers: Workers | None
+    backend: str
+    methods: tuple[ModelMethodPlan, ...]
+    kind: str = "model"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (``metrics.json``'s ``plan``)."""
+        return {**asdict(self), "methods": [m.to_dict() for m in self.methods]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelJobPlan:
+        """The plan :meth:`to_dict` wrote."""
+        workers = d["workers"]
+        return cls(
+            **{
+                **d,
+                "workers": None if workers is None else Workers(**workers),
+                "methods": tuple(ModelMethodPlan.from_dict(m) for m in d["methods"]),
+            }
+        )
+
+
+def make_model_plan(config: JobConfig, ckpt: Any, workers: Workers | None) -> ModelJobPlan:
+    """The plan of a model job on the opened checkpoint ``ckpt`` and ``workers``."""
+    from pipeline.methods import METHODS
+
+    methods = tuple(
+        METHODS[spec.method].plan_model(spec, ckpt, workers, f"methods[{i}]")
+        for i, spec in enumerate(config.methods)
+    )
+    return ModelJobPlan(
+        config.name, len(ckpt.tensors), ckpt.params(), ckpt.total_bytes, workers, "numpy", methods
+    )
 
 
 def local_workers(spec: ClusterSpec) -> Workers | None:
@@ -182,16 +226,23 @@ def make_plan(
     )
 
 
-def plan_job(config: JobConfig) -> JobPlan | None:
+def plan_job(config: JobConfig) -> JobPlan | ModelJobPlan | None:
     """The plan ``factorize validate --plan`` prints: for the workers a local cluster will
     have (opens the input's metadata and lists its store; reads no values and starts no
-    cluster); ``None`` for a sparse input the run will create (its non-zeros, which set
-    the blocks, are not known before)."""
+    cluster); ``None`` for a sparse input or a checkpoint the run will create (its
+    non-zeros, which set the blocks, or its tensors are not known before)."""
     from pipeline.datasets import input_will_be_created, synthetic_array
     from pipeline.io.source import locate_input, open_matrix
     from pipeline.sections import SPARSE_KINDS
 
-    if input_will_be_created(config.input):
+    created = input_will_be_created(config.input)
+    if config.input_kind == "model":
+        from pipeline.io.model import open_model
+
+        if created:  # its tensors are known once it is written
+            return None
+        return make_model_plan(config, open_model(config.input)[0], local_workers(config.cluster))
+    if created:
         spec = config.input.create_if_missing
         if spec.kind in SPARSE_KINDS:
             return None
@@ -202,7 +253,7 @@ def plan_job(config: JobConfig) -> JobPlan | None:
     return make_plan(config, a, manifest, local_workers(config.cluster), stored=stored)
 
 
-def plan_run(config: JobConfig, client: Client | None) -> JobPlan:
+def plan_run(config: JobConfig, client: Client | None) -> JobPlan | ModelJobPlan:
     """The plan a run executes, for the workers of ``client``: the backend resolved, the
     input opened once; row blocks the workers cannot hold are refused, and a predicted
     peak above ``memory_limit`` is warned about.
@@ -215,6 +266,10 @@ def plan_run(config: JobConfig, client: Client | None) -> JobPlan:
     from pipeline.cluster import plan_workers
     from pipeline.io.source import locate_input, open_matrix
 
+    if config.input_kind == "model":
+        from pipeline.io.model import open_model
+
+        return make_model_plan(config, open_model(config.input)[0], plan_workers(client, False))
     backend = resolve_backend(config.compute, config.cluster, client)
     at = locate_input(config.input)
     a, manifest = open_matrix(config.input, on_device=backend != "numpy", at=at)
@@ -264,8 +319,55 @@ def _kept_text(p: MethodPlan, plan: JobPlan) -> str:
     return "input kept in memory" if p.kept else "input streamed (too large to keep)"
 
 
-def format_plan(plan: JobPlan) -> list[str]:
+def _cluster_line(w: Workers | None) -> str:
+    if w is None:
+        return "  cluster: not known before it starts (decided from its workers at run time)"
+    limit = _size(w.memory_limit) if w.memory_limit else "none"
+    return (
+        f"  cluster: {_count(w.count, 'worker')} × {_count(w.threads, 'thread')}, "
+        f"memory_limit {limit} each"
+    )
+
+
+def _layer_text(layer: LayerPlan) -> str:
+    rank = f"rank {layer.rank}" if layer.rank is not None else "rank chosen at run time"
+    where = "distributed over the workers" if layer.distributed else "one task"
+    return (
+        f"    {layer.name}: {'×'.join(map(str, layer.shape))} {layer.dtype}"
+        + (f" as {layer.matrix[0]}×{layer.matrix[1]}" if len(layer.shape) != 2 else "")
+        + f", {rank}, {layer.solver}, {where}, {_size(layer.task_bytes)}"
+    )
+
+
+def format_model_plan(plan: ModelJobPlan) -> list[str]:
+    """A model job's plan as lines of text for the terminal."""
+    lines = [
+        f"plan for {plan.name}: {plan.tensors} tensors, {plan.params:,} parameters, "
+        f"{_size(plan.stored_bytes)} stored",
+        _cluster_line(plan.workers),
+    ]
+    for p in plan.methods:
+        factored = sum(layer.matrix[0] * layer.matrix[1] for layer in p.layers)
+        budget = "" if p.budget is None else f"; budget {p.budget:,} parameters for them"
+        peak = (
+            f"predicted peak {_size(p.peak)} per worker"
+            if p.peak is not None
+            else "peak per worker predicted at run time (metrics.json)"
+        )
+        lines.append(
+            f"  {p.method}: {_count(len(p.layers), 'layer')} factored ({factored:,} of "
+            f"{p.params_before:,} parameters), {len(p.kept)} kept as they are{budget}; "
+            f"reads each layer {p.passes}×; {peak}"
+        )
+        lines += [_layer_text(layer) for layer in p.layers]
+        lines += [f"    kept {k.name}: {k.reason}" for k in p.kept]
+    return lines
+
+
+def format_plan(plan: JobPlan | ModelJobPlan) -> list[str]:
     """The plan as lines of text for the terminal."""
+    if isinstance(plan, ModelJobPlan):
+        return format_model_plan(plan)
     stored = (
         "not on storage yet" if plan.stored_bytes is None else f"{_size(plan.stored_bytes)} stored"
     )

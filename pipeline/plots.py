@@ -56,6 +56,35 @@ def convergence_png(history: list[float], solver: str) -> bytes:
     return buf.getvalue()
 
 
+def compress_png(layers: list[dict[str, Any]]) -> bytes:
+    """Per layer: relative error against the share of its parameters kept (one point per
+    layer, dense layers at 1), and the histogram of the ranks chosen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    share = [r["params_after"] / r["params_before"] for r in layers]
+    error = [max(r["rel_error"], 1e-16) for r in layers]
+    ranks = [r["rank"] for r in layers if r["rank"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+    left.scatter(share, error, s=12)
+    left.set_yscale("log")
+    left.set(
+        xlabel="parameters kept (share of the layer)",
+        ylabel="‖W − BA‖ / ‖W‖",
+        title="Error against parameters, per layer",
+    )
+    left.grid(True, which="both", alpha=0.3)
+    right.hist(ranks or [0], bins=min(30, max(len(set(ranks)), 1)), color="tab:green")
+    right.set(xlabel="rank", ylabel="layers", title="Ranks chosen")
+    right.grid(True, alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 # Plots shrink by this factor per side at each step of :func:`fit_png`.
 SHRINK_STEP = 0.75
 

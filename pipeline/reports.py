@@ -186,6 +186,35 @@ def _plot_lines(method: str, output: str, images: Mapping[str, str] | None) -> l
     return lines
 
 
+def _input_table(inp: dict[str, Any]) -> list[str]:
+    """The input's table: a matrix, or a model checkpoint."""
+    if inp.get("format") == "safetensors":
+        dtypes = ", ".join(f"{n} {code}" for code, n in sorted(inp.get("dtypes", {}).items()))
+        return [
+            "| url | tensors | parameters | dtypes | stored |",
+            "|---|---|---|---|---|",
+            f"| `{inp.get('url')}` | {inp.get('tensors')} | {inp.get('params'):,} | {dtypes} | "
+            f"{inp.get('stored_bytes', 0) / 2**20:.1f} MiB |",
+        ]
+    shape = "×".join(map(str, inp.get("shape", [])))
+    chunks = "×".join(map(str, inp.get("chunks", [])))
+    return [
+        "| url | array | shape | layout | chunks | dtype | ‖A‖_F |",
+        "|---|---|---|---|---|---|---|",
+        f"| `{inp.get('url')}` | {inp.get('array') or '—'} | {shape} | {_layout(inp)} | "
+        f"{chunks} | {inp.get('dtype')} | {_fmt(inp.get('fro_norm'))} |",
+    ]
+
+
+def _written(report: dict[str, Any]) -> str:
+    """Where the results are: ``factors.zarr``, or the files a method names."""
+    output = report.get("output", "").rstrip("/")
+    files = [f for res in report.get("methods", {}).values() for f in res.get("files", [])]
+    if files:
+        return "Files: " + ", ".join(f"`{output}/{f}`" for f in files)
+    return f"Factors: `{output}/factors.zarr` (one group per method)"
+
+
 def report_markdown(report: dict[str, Any], images: Mapping[str, str] | None = None) -> str:
     """A Markdown report of a completed (or skipped) job.
 
@@ -212,19 +241,7 @@ def report_markdown(report: dict[str, Any], images: Mapping[str, str] | None = N
             "the input changed since it was computed.",
             "",
         ]
-    shape = "×".join(map(str, inp.get("shape", [])))
-    chunks = "×".join(map(str, inp.get("chunks", [])))
-    lines += [
-        "## Input",
-        "",
-        "| url | array | shape | layout | chunks | dtype | ‖A‖_F |",
-        "|---|---|---|---|---|---|---|",
-        f"| `{inp.get('url')}` | {inp.get('array') or '—'} | {shape} | {_layout(inp)} | "
-        f"{chunks} | {inp.get('dtype')} | {_fmt(inp.get('fro_norm'))} |",
-        "",
-        "## Methods",
-        "",
-    ]
+    lines += ["## Input", "", *_input_table(inp), "", "## Methods", ""]
     for method, res in report.get("methods", {}).items():
         lines += [f"### {method}", "", f"Options: {_options(config, method)}", ""]
         lines += ["| metric | value |", "|---|---|"]
@@ -240,6 +257,10 @@ def report_markdown(report: dict[str, Any], images: Mapping[str, str] | None = N
         if peak := _peak_memory(res.get("memory")):
             lines.append(f"| peak memory per worker | {peak} |")
         lines.append("")
+        lines += [f"**Warning**: {w}" for w in res.get("warnings", [])]
+        lines += [""] if res.get("warnings") else []
+        if METHODS[method].report is not None:
+            lines += METHODS[method].report(res)
         if res.get("rank_rule_met") is False:
             lines += [
                 f"**Warning**: the rank rule {res['rank_rule']} is not met with "
@@ -260,8 +281,7 @@ def report_markdown(report: dict[str, Any], images: Mapping[str, str] | None = N
     lines += [
         "## Result",
         "",
-        f"Factors: `{output.rstrip('/')}/factors.zarr` (one group per method); metrics: "
-        f"`{output.rstrip('/')}/metrics.json`.",
+        f"{_written(report)}; metrics: `{output.rstrip('/')}/metrics.json`.",
         "",
         f"Started {report.get('started')}, finished {report.get('finished')}.",
         "",

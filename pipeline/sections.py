@@ -102,8 +102,9 @@ MIN_WORKER_MEMORY = 256 << 20
 # Kinds whose workers run on this machine: their memory_limit must fit its memory.
 LOCAL_KINDS = ("local", "local-cuda")
 
-SYNTHETIC_KINDS = ("gaussian", "lowrank", "vandermonde", "nonnegative", "sparse", "counts")
 SPARSE_KINDS = ("sparse", "counts")  # written as CSR groups (see pipeline.sparse_datasets)
+MODEL_KINDS = ("transformer",)  # written as safetensors checkpoints (pipeline.datasets)
+SYNTHETIC_KINDS = ("gaussian", "lowrank", "vandermonde", "nonnegative", *SPARSE_KINDS, *MODEL_KINDS)
 PACKAGED_KINDS = ("digits", "sample-image")
 
 
@@ -119,6 +120,7 @@ class SyntheticSpec(StrictModel):
         "counts",
         "digits",
         "sample-image",
+        "transformer",
     ] = Field(
         "gaussian",
         description="gaussian: i.i.d. N(0,1); lowrank: decaying spectrum; vandermonde: "
@@ -127,7 +129,9 @@ class SyntheticSpec(StrictModel):
         "stored as CSR; counts: a topic-model document × term count matrix (20 topics) "
         "stored as CSR — both an AnnData store with input.array: X, else a bare CSR group; "
         "digits: scikit-learn's 1797 × 64 handwritten digits; sample-image: scikit-learn's "
-        "427 × 640 sample photo in grey levels (the last two need scikit-learn)",
+        "427 × 640 sample photo in grey levels (these two need scikit-learn); transformer: a "
+        "safetensors checkpoint of a decoder-like model, shape (layers, hidden), weights with "
+        "decaying spectra (input of method compress)",
     )
     shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
         None, description="(rows, columns); required for synthetic kinds, fixed for packaged data"

@@ -290,6 +290,32 @@ def write_array(path: Path, data: np.ndarray, chunks=None, zarr_format: int = 3,
     return arr
 
 
+def write_model(path: Path, seed: int = 0) -> Path:
+    """A small safetensors checkpoint (written by ``safetensors``) every model method
+    accepts: three float32 matrices with decaying spectra, a bias and an int tensor."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+
+    def layer(m: int, n: int) -> np.ndarray:
+        scale = np.exp(-np.arange(n) / 4.0)
+        return (rng.standard_normal((m, n)) * scale) @ np.linalg.qr(rng.random((n, n)))[0]
+
+    tensors = {
+        "layers.0.attn.weight": layer(64, 48),
+        "layers.0.attn.bias": rng.standard_normal(64),
+        "layers.0.mlp.weight": layer(96, 48),
+        "layers.1.mlp.weight": layer(48, 96).T.copy(),
+        "position_ids": np.arange(16, dtype=np.int64).reshape(1, 16),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in tensors.items()},
+        str(path),
+    )
+    return path
+
+
 def job_dict(tmp_path: Path, input_url: str, **over) -> dict:
     """A minimal valid job mapping writing under ``tmp_path/out``."""
     job = {

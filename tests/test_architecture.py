@@ -84,8 +84,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("io", ("pipeline.io", "pipeline.io.*", "pipeline.memory", "pipeline.progress",
             "pipeline.plots", "pipeline.lifetime", "pipeline.worker_setup")),
     ("algorithms", ("pipeline.linalg", "pipeline.linalg.*", "pipeline.metrics")),
-    ("base", ("pipeline.sections", "pipeline.cost", "pipeline.secrets", "pipeline.backend",
-              "pipeline.errors")),
+    ("base", ("pipeline.sections", "pipeline.cost", "pipeline.model_plan", "pipeline.secrets",
+              "pipeline.backend", "pipeline.errors")),
 ]  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]

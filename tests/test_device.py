@@ -230,7 +230,10 @@ VARIANTS = {
 }
 CASES = {
     name: {**spec, "block_rows": CHUNK}
-    for name, spec in [*((n, m.example) for n, m in METHODS.items()), *VARIANTS.items()]
+    for name, spec in [
+        *((n, m.example) for n, m in METHODS.items() if m.input == "matrix"),
+        *VARIANTS.items(),
+    ]
 }
 
 

@@ -88,3 +88,27 @@ def test_sparse_examples_generate_and_factorize_their_input(tmp_path, client, na
     if adata.exists():
         out = ad.read_zarr(adata)
         assert out.obsm["X_pca"].shape == (2000, 5) and out.obs_names[0] == "cell_0"
+
+
+def test_compress_llm_example_makes_its_checkpoint_and_meets_its_budget(tmp_path, client):
+    """configs/compress-llm.yaml: the synthetic decoder is written on first run (then reused),
+    its projections factored within the budget, embeddings and norms kept."""
+    from pipeline import run_job
+    from pipeline.datasets import transformer_tensors
+
+    job = _localised("compress-llm.yaml", tmp_path, client)
+    job["input"]["url"] = str(tmp_path / "tiny-llm.safetensors")
+    r = run_job(job, client=client)["methods"]["compress"]
+    names = dict(transformer_tensors(4, 256))
+    assert r["params_before"] == sum(int(np.prod(s)) for s in names.values())
+    assert r["params_ratio"] <= 0.6 and r["passes"] == 2
+    assert {x["name"] for x in r["layers"]} == {n for n in names if "_proj" in n}
+    # attention spectra decay faster: the budget gives them lower ranks than the MLP's
+    rank = {x["name"]: x["rank"] for x in r["layers"]}
+    assert (
+        rank["model.layers.0.self_attn.q_proj.weight"] < rank["model.layers.0.mlp.up_proj.weight"]
+    )
+    job["name"] = "again"  # the checkpoint exists now: read, not written again
+    stamp = (tmp_path / "tiny-llm.safetensors").stat().st_mtime_ns
+    run_job(job, client=client)
+    assert (tmp_path / "tiny-llm.safetensors").stat().st_mtime_ns == stamp

@@ -19,7 +19,7 @@ from pydantic import TypeAdapter
 from pipeline.config import json_schema, parse_config
 from pipeline.errors import ConfigError
 from pipeline.methods import METHODS
-from tests.conftest import job_dict, write_array
+from tests.conftest import job_dict, write_array, write_model
 
 COMMON_METRICS = {"residual_rel", "passes", "seconds", "fro_norm", "dask", "memory"}
 
@@ -68,20 +68,30 @@ def test_method_writes_exactly_what_it_declares(name, matrix, tmp_path, dist_cli
 
     method = METHODS[name]
     path, a = matrix
+    if method.input == "model":  # a checkpoint of many matrices, not one
+        path = write_model(tmp_path / "model.safetensors")
     job = job_dict(tmp_path, str(path), name=f"contract-{name}", methods=[method.example])
     report = _run_watching_scheduler(job, dist_client)
     out = tmp_path / "out" / f"contract-{name}"
     spec = parse_config(job).methods[0]
 
-    group = zarr.open_group(str(out / "factors.zarr"), mode="r")[name]
-    written = {key: tuple(arr.metadata.dimension_names) for key, arr in group.arrays()}
+    root = zarr.open_group(str(out / "factors.zarr"), mode="r")
+    group = root[name] if name in root else {}
+    written = {key: tuple(arr.metadata.dimension_names) for key, arr in dict(group).items()}
     assert written == method.arrays_for(spec)
+    # every other file is a declared plot or has a declared file stem
+    others = {p.name for p in out.iterdir()} - {"factors.zarr", "metrics.json", "report.md"}
+    declared = {*method.plots, *method.files}
+    undeclared = {f for f in others if f not in declared and f.split(".")[0] not in declared}
+    assert not undeclared, undeclared
 
     metrics = json.loads((out / "metrics.json").read_text())
     result = metrics["methods"][name]
-    assert COMMON_METRICS <= set(result), COMMON_METRICS - set(result)
+    common = COMMON_METRICS - ({"fro_norm"} if method.input == "model" else set())
+    assert common <= set(result), common - set(result)
     TypeAdapter(method.metrics).validate_python(result)  # declared keys, declared types
-    assert result["fro_norm"] == pytest.approx(np.linalg.norm(a), rel=1e-10)
+    if method.input == "matrix":
+        assert result["fro_norm"] == pytest.approx(np.linalg.norm(a), rel=1e-10)
     shown = [key for method_name, key, _ in headline(report) if method_name == name]
     assert shown and set(shown) <= set(method.headline)
 

@@ -11,7 +11,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import factorize_cmd, job_dict, write_array, write_job
+from conftest import factorize_cmd, job_dict, write_array, write_job, write_model
 
 from pipeline.methods import METHODS as REGISTRY
 from pipeline.progress import Progress, TerminalBar, plural, progress_sink, watch_blocks
@@ -44,12 +44,17 @@ def test_methods_report_passes_iterations_and_completion(tmp_path, client):
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_registered_method_reports_progress_to_completion(tmp_path, client, name):
-    """Every method of the registry (its ``example``) reports progress of its own, in
-    order, ending at 100 % (a method added to the registry is checked here unlisted)."""
+    """Every method of the registry (its ``example``, on a matrix or a model checkpoint)
+    reports progress of its own, in order, ending at 100 % (a method added to the registry
+    is checked here unlisted)."""
     from pipeline.jobs import run_job
 
-    job = job_dict(tmp_path, str(tmp_path / "a.zarr"), methods=[REGISTRY[name].example])
-    write_array(tmp_path / "a.zarr", A, chunks=(150, 12))
+    if REGISTRY[name].input == "model":
+        url = str(write_model(tmp_path / "model.safetensors"))
+    else:
+        url = str(tmp_path / "a.zarr")
+        write_array(tmp_path / "a.zarr", A, chunks=(150, 12))
+    job = job_dict(tmp_path, url, methods=[REGISTRY[name].example])
     events: list[Progress] = []
     with progress_sink(events.append):
         run_job(job, client=client)

@@ -46,6 +46,13 @@ class InputManifest:
         d["shape"], d["chunks"] = list(self.shape), list(self.chunks)
         return d
 
+    def describe(self) -> str:
+        """One line for logs: array, shape, dtype and chunks."""
+        return (
+            f"{f'[{self.array}] ' if self.array else ''}{'×'.join(map(str, self.shape))} "
+            f"{self.dtype} chunks {'×'.join(map(str, self.chunks))}"
+        )
+
 
 def locate_input(spec: InputSpec) -> Location:
     """The input's :class:`~pipeline.io.stores.Location`.

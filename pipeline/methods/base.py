@@ -48,6 +48,7 @@ class MethodMetrics(TypedDict, total=False):
     backend: Literal["numpy", "cupy"]
     memory: dict[str, Any]  # predicted_peak, measured_peak, measured_peak_per_worker
     seconds: float
+    warnings: list[str]  # results that may be off (a rule not met): log, report, metrics
     dask: dict[str, Any]  # the cluster that computed it (scheduler, workers, threads)
 
 
@@ -193,6 +194,16 @@ class Method:
         ``adata.zarr`` written for AnnData inputs (``None``: not written there)
     sparse : ``run`` takes sparse row blocks as they are (``scipy.sparse``); otherwise a
         sparse input reaches it densified one row block at a time
+    input : what the method factorizes: ``"matrix"`` (a Zarr matrix: ``run`` gets a dask
+        array, ``check`` its shape, ``cost`` prices it) or ``"model"`` (a safetensors
+        checkpoint of many matrices: ``run`` and ``check`` get the opened
+        :class:`~pipeline.io.safetensors.Checkpoint`, ``cost`` prices one layer's task)
+    files : stems of the files it writes next to ``metrics.json`` besides plots
+        (:meth:`RunContext.file_path`), e.g. ``compressed`` for ``compressed.safetensors``
+    plan_model : a model method's plan, ``plan_model(spec, checkpoint, workers, where)``
+        → :class:`~pipeline.plan.ModelMethodPlan` (its layers, kept tensors, passes, peak)
+    report : ``report(metrics)``: Markdown lines of its own for the report (e.g. a table
+        per layer), after the headline metrics
     """
 
     name: str
@@ -209,6 +220,10 @@ class Method:
     pass_steps: Callable[[dict[str, Any], dict[str, Any]], list[PassStep]] | None = None
     anndata: Callable[[Any], AnnDataSlots] | None = None
     sparse: bool = False
+    input: Literal["matrix", "model"] = "matrix"
+    files: tuple[str, ...] = ()
+    plan_model: Callable[[Any, Any, Any, str], Any] | None = None
+    report: Callable[[dict[str, Any]], list[str]] | None = None
 
     def arrays_for(self, spec: MethodSpec) -> dict[str, tuple[str, ...]]:
         """``{array name: dimension names}`` that ``spec`` writes."""
@@ -241,6 +256,13 @@ class RunContext:
         if filename not in self.method.plots:
             raise KeyError(f"{self.method.name} does not declare a plot {filename!r}")
         self.out.write_bytes(filename, png)
+
+    def file_path(self, stem: str) -> tuple[Any, str]:
+        """``(filesystem, path)`` of the declared output ``stem`` in the staging folder (the
+        method writes ``<path>.<suffix>`` files or a ``<path>/`` folder there)."""
+        if stem not in self.method.files:
+            raise KeyError(f"{self.method.name} does not declare a file {stem!r}")
+        return self.out.fs, f"{self.out.staging.rstrip('/')}/{stem}"
 
     def blocks(self, a: da.Array, spec: MethodSpec) -> da.Array:
         """``a`` laid out as the plan says — densified, transposed and in its row blocks —
