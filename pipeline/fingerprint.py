@@ -2,7 +2,8 @@
 
 A job's fingerprint hashes what determines its result: the config (minus the keys that only
 say *how* to run: ``skip_if_complete``, ``output.overwrite``, ``cluster``), the input's
-URL, array path, shape, chunks and dtype, and a fingerprint of the store: its metadata
+URL, array path, shape, chunks and dtype (a checkpoint's tensors), and a fingerprint of the
+store (and of a method's side inputs: a base checkpoint, Grams): its metadata
 documents (``zarr.json`` / ``.zarray`` / ``.zattrs``) plus the name, size and modification
 stamp (mtime, or an object store's ETag) of every chunk object. Rewriting chunks in place
 therefore changes the fingerprint whenever the storage reports a new stamp; a store whose
@@ -16,8 +17,10 @@ import json
 from typing import Any
 
 from pipeline.config import JobConfig, redacted_dump
+from pipeline.io.model import ModelManifest
 from pipeline.io.source import InputManifest
 from pipeline.io.stores import split_url
+from pipeline.methods import METHODS
 
 _METADATA_NAMES = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
 _STAMP_KEYS = ("ETag", "etag", "mtime", "LastModified", "last_modified", "created")
@@ -44,15 +47,23 @@ def store_fingerprint(url: str, storage_options: dict[str, Any] | None = None) -
     return digest.hexdigest()
 
 
-def job_fingerprint(config: JobConfig, manifest: InputManifest) -> str:
+def job_fingerprint(config: JobConfig, manifest: InputManifest | ModelManifest) -> str:
     """Hash of everything that determines the job's result (see the module docstring)."""
     cfg = redacted_dump(config)
     cfg.pop("skip_if_complete", None)
     cfg.pop("cluster", None)
     cfg.get("output", {}).pop("overwrite", None)
+    options = config.input.storage_options
+    sides = [
+        url
+        for spec in config.methods
+        if (side := METHODS[spec.method].side_inputs) is not None
+        for url in side(spec)
+    ]
     payload = {
         "config": cfg,
         "input": manifest.to_dict(),
-        "store": store_fingerprint(config.input.url, config.input.storage_options),
+        "store": store_fingerprint(config.input.url, options),
+        "side_inputs": [store_fingerprint(url, options) for url in sides],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -115,7 +115,7 @@ def test_exact_rank_is_recovered_and_everything_else_kept_as_it_was(tmp_path, cl
     assert sorted(layers_of(m)) == sorted(factored)
     kept = {k["name"]: k["reason"] for k in m["kept"]}
     assert set(kept) == {"block.0.attn.bias", "block.0.norm.weight", "position_ids"}
-    assert "save parameters" in kept["block.0.norm.weight"]
+    assert "rank 4 saves nothing here" in kept["block.0.norm.weight"]
     for name in kept:  # kept tensors: same name, dtype, shape and bytes
         assert stored[name] == original[name]
     for name in factored:  # factors in the layer's dtype
@@ -305,6 +305,27 @@ def test_whitened_mode_lowers_the_activation_weighted_error(tmp_path, client):
     )
     # the plain error of the whitened factors is larger: it optimises another norm
     assert layers_of(white)["lin.weight"]["rel_error"] > layers_of(plain)["lin.weight"]["rel_error"]
+
+
+def test_skip_if_complete_notices_a_changed_checkpoint_or_base(tmp_path, client):
+    import os
+
+    from pipeline import run_job
+
+    base = save(tmp_path / "base.safetensors", {"w.weight": low_rank(40, 30, 3, 1)})
+    tuned = save(tmp_path / "tuned.safetensors", {"w.weight": low_rank(40, 30, 3, 2)})
+    method = {"method": "compress", "rank": 3, "base": str(base)}
+    job = job_dict(tmp_path, str(tuned), methods=[method], skip_if_complete=True)
+    job["output"]["overwrite"] = True
+    assert not run_job(job, client=client).get("skipped")
+    assert run_job(job, client=client).get("skipped")
+    stamp = os.stat(base).st_mtime_ns
+    save(base, {"w.weight": low_rank(40, 30, 3, 3)})
+    os.utime(base, ns=(stamp + 10**9, stamp + 10**9))
+    assert not run_job(job, client=client).get("skipped")  # the base changed
+    save(tuned, {"w.weight": low_rank(40, 30, 3, 4)})
+    os.utime(tuned, ns=(stamp + 2 * 10**9, stamp + 2 * 10**9))
+    assert not run_job(job, client=client).get("skipped")  # the checkpoint changed
 
 
 # --------------------------------------------------------------------------- layouts

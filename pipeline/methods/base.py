@@ -204,6 +204,8 @@ class Method:
         → :class:`~pipeline.plan.ModelMethodPlan` (its layers, kept tensors, passes, peak)
     report : ``report(metrics)``: Markdown lines of its own for the report (e.g. a table
         per layer), after the headline metrics
+    side_inputs : ``side_inputs(spec)``: URLs it reads besides ``input.url`` (a base
+        checkpoint, Grams), part of the job's fingerprint for ``skip_if_complete``
     """
 
     name: str
@@ -224,6 +226,7 @@ class Method:
     files: tuple[str, ...] = ()
     plan_model: Callable[[Any, Any, Any, str], Any] | None = None
     report: Callable[[dict[str, Any]], list[str]] | None = None
+    side_inputs: Callable[[Any], list[str]] | None = None
 
     def arrays_for(self, spec: MethodSpec) -> dict[str, tuple[str, ...]]:
         """``{array name: dimension names}`` that ``spec`` writes."""

@@ -259,7 +259,8 @@ def select(spec: CompressSpec, ckpt: Checkpoint) -> tuple[list[Candidate], list[
         elif ndim not in (2, 4):
             keep(f"{ndim}-D")
         elif not _fixed_rank_saves(spec, _matrix_shape(info.shape)):
-            keep("too small: its factors would not save parameters")
+            r = spec.rank if isinstance(spec.rank, int) else 1
+            keep(f"rank {r} saves nothing here (r·(out + in) ≥ out·in): kept dense")
         else:
             layers.append(Candidate(info, _matrix_shape(info.shape)))
     return layers, kept
@@ -944,4 +945,5 @@ METHOD = Method(
     files=(COMPRESSED, ADAPTER),
     plan_model=plan_model,
     report=report_lines,
+    side_inputs=lambda spec: [u for u in (spec.base, spec.whiten and spec.whiten.grams) if u],
 )
