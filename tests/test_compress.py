@@ -383,6 +383,15 @@ def test_a_layer_too_large_for_one_task_is_factored_distributed(tmp_path, client
     assert all(layer["distributed"] for layer in plan["methods"][0]["layers"])
 
 
+def test_a_budget_over_distributed_layers_spreads_the_same_ranks(tmp_path, client):
+    src, _ = spectra_checkpoint(tmp_path)
+    one_task = run(tmp_path, src, client, name="one", rank={"params_ratio": 0.35})
+    spread = run(tmp_path, src, client, name="spread", rank={"params_ratio": 0.35}, task_bytes=1)
+    assert all(r["solver"] == "rsvd-distributed" for r in spread["layers"])
+    assert [r["rank"] for r in spread["layers"]] == [r["rank"] for r in one_task["layers"]]
+    assert spread["params_ratio"] <= 0.35
+
+
 # --------------------------------------------------------------------------- refusals
 
 

@@ -453,6 +453,17 @@ def layer_spectrum(job: LayerJob) -> np.ndarray:
     return spectrum(w if white is None else white.apply(w))
 
 
+def layer_spectrum_distributed(job: LayerJob) -> np.ndarray:
+    """:func:`layer_spectrum` of a layer too large for one task: the Gram of its smaller
+    side summed over its row blocks, then its eigenvalues (as :func:`spectrum` does)."""
+    x = _rows(job)
+    white = _whitening(job)
+    m = x if white is None else x @ white.s
+    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
+    lam = np.linalg.eigvalsh(np.asarray(gram.compute(), dtype=np.float64))[::-1]
+    return np.sqrt(np.clip(lam, 0.0, None))
+
+
 def _rank_of(job: LayerJob, w: np.ndarray, white: Any) -> tuple[int, bool]:
     """The layer's rank (0: kept dense) and whether its rule is met."""
     from pipeline.linalg.lowrank import max_saving_rank, rank_for_target, spectrum
@@ -569,9 +580,17 @@ def _ranks_by_budget(
     """Pass 1 with ``params_ratio``: every layer's spectrum, then the budget's ranks."""
     from pipeline.linalg.lowrank import allocate_budget
 
+    local = [i for i, layer in enumerate(layers) if not layer.distributed]
     spectra = dict(
-        zip([layer.name for layer in layers], _map(ctx, layer_spectrum, jobs), strict=True)
+        zip(
+            [layers[i].name for i in local],
+            _map(ctx, layer_spectrum, [jobs[i] for i in local]),
+            strict=True,
+        )
     )
+    for i, layer in enumerate(layers):  # too large for one task: the Gram over row blocks
+        if layer.distributed:
+            spectra[layer.name] = layer_spectrum_distributed(jobs[i])
     shapes = {layer.name: tuple(layer.matrix) for layer in layers}
     ranks = allocate_budget(spectra, shapes, budget)  # each layer's σ² as shares of its Σσ²
     return [ranks[layer.name] for layer in layers]
