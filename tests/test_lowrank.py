@@ -562,3 +562,19 @@ def test_whitening_must_match_the_inputs():
     wh = lr().Whitening.from_gram(np.eye(4))
     with pytest.raises(InputError, match="whiten must match the weight's 5 inputs"):
         lr().factor(np.ones((3, 5)), 1, whiten=wh)
+
+
+@pytest.mark.parametrize("noise", [1e-1, 1e-9])
+def test_residual_sumsq_of_any_factors_matches_the_difference(noise):
+    """Rounded (float16) factors: the expansion where it keeps its digits, the direct
+    difference where the error is at round-off (noise 1e-9)."""
+    from pipeline.linalg.lowrank import residual_sumsq
+
+    rng = np.random.default_rng(5)
+    b, a = rng.standard_normal((300, 6)), rng.standard_normal((6, 80))
+    x = b @ a + noise * rng.standard_normal((300, 80))
+    b16, a16 = b.astype(np.float16).astype(float), a.astype(np.float16).astype(float)
+    for bb, aa in ((b, a), (b16, a16)):
+        want = float(np.sum((x - bb @ aa) ** 2))
+        got = residual_sumsq(x, bb, aa, float(np.sum(x * x)))
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-12 * float(np.sum(x * x)))

@@ -368,6 +368,13 @@ def _residual_sumsq(
     return float(np.vdot(diff, diff))
 
 
+def residual_sumsq(x: np.ndarray, b: np.ndarray, a: np.ndarray, x_sumsq: float) -> float:
+    """``‖X − BA‖²_F`` for any factors (e.g. rounded to the dtype they are stored in),
+    holding no ``X``-sized temporary where the expansion keeps its digits (one more
+    ``BᵀX``, ``r × n``); ``x_sumsq`` is ``‖X‖²_F``."""
+    return _residual_sumsq(x, x_sumsq, b, a, b.T @ x)
+
+
 def _ratio(num_sumsq: float, den_sumsq: float, empty: float) -> float:
     return math.sqrt(max(num_sumsq, 0.0) / den_sumsq) if den_sumsq > 0 else empty
 

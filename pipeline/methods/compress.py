@@ -526,9 +526,14 @@ def _as_stored(x: np.ndarray, code: str) -> np.ndarray:
 
 def _stored_error(w: np.ndarray, b: np.ndarray, a: np.ndarray, code: str, norm: float) -> float:
     """``‖W − BA‖_F / ‖W‖_F`` (``norm``) of the factors as stored (rounded to ``code``,
-    which adds up to its unit round-off to the error: 4e-3 relative for BF16)."""
-    r = w - _as_stored(b, code) @ _as_stored(a, code)
-    return float(np.linalg.norm(r)) / norm if norm else 0.0
+    which adds up to its unit round-off to the error: 4e-3 relative for BF16), without a
+    ``W``-sized temporary (:func:`~pipeline.linalg.lowrank.residual_sumsq`)."""
+    from pipeline.linalg.lowrank import residual_sumsq
+
+    if not norm:
+        return 0.0
+    sq = residual_sumsq(w, _as_stored(b, code), _as_stored(a, code), norm * norm)
+    return math.sqrt(max(sq, 0.0)) / norm
 
 
 # --------------------------------------------------------------------------- run
