@@ -116,6 +116,11 @@ class JobConfig(StrictModel):
                 f"input: {method} reads a safetensors checkpoint at input.url; remove "
                 "input.array, and create_if_missing unless its kind is transformer"
             )
+        if self.input_kind == "model" and self.compute.backend == "cupy":
+            raise ValueError(
+                f"compute.backend: {method} runs its layers with numpy on the workers' CPUs; "
+                "remove compute.backend: cupy"
+            )
         if self.input_kind == "matrix" and makes_model:
             raise ValueError(
                 f"input.create_if_missing.kind: {created.kind!r} writes a model checkpoint, "

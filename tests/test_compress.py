@@ -395,6 +395,34 @@ def test_a_budget_over_distributed_layers_spreads_the_same_ranks(tmp_path, clien
 # --------------------------------------------------------------------------- refusals
 
 
+def test_config_refusals_of_model_jobs():
+    from pipeline.config import parse_config
+    from pipeline.errors import ConfigError
+
+    base = {"name": "x", "input": {"url": "m.safetensors"}}
+    compress = {"method": "compress", "rank": 4}
+    cases = [
+        ({"methods": [compress, {"method": "tsqr"}]}, "list it alone in its job"),
+        ({"methods": [compress], "compute": {"backend": "cupy"}}, "remove compute.backend"),
+        ({"methods": [compress], "input": {"url": "m", "array": "X"}}, "remove input.array"),
+        (
+            {
+                "methods": [{"method": "tsqr"}],
+                "input": {
+                    "url": "m",
+                    "create_if_missing": {"kind": "transformer", "shape": [2, 8]},
+                },
+            },
+            "writes a model checkpoint",
+        ),
+        ({"methods": [{**compress, "base": "b", "rank": {"params_ratio": 0.5}}]}, "a LoRA adapter"),
+    ]
+    for over, message in cases:
+        with pytest.raises(ConfigError, match=message) as err:
+            parse_config({**base, **over}, source="x.yaml")
+        assert "\n" not in str(err.value)
+
+
 def test_refusals_are_one_line_and_leave_nothing(tmp_path, client):
     src, _ = spectra_checkpoint(tmp_path)
     other = save(tmp_path / "other.safetensors", {"layers.0.weight": np.ones((10, 10))})
