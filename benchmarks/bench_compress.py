@@ -604,6 +604,12 @@ def forward(
     )
     # HF BERT's extended mask: the dtype's minimum added to the scores of padded keys
     bias = np.where(mask, 0.0, np.finfo(np.float32).min).astype(np.float32)[:, None, None, :]
+
+    def add_norm(y: np.ndarray, residual: np.ndarray, prefix: str) -> np.ndarray:
+        """BERT's sublayer output: LayerNorm(y + residual) with ``prefix.LayerNorm``."""
+        ln = prefix + ".LayerNorm"
+        return layer_norm(y + residual, weights[ln + ".weight"], weights[ln + ".bias"], eps)
+
     for layer in range(cfg["num_hidden_layers"]):
         p = f"encoder.layer.{layer}."
         q, k, v = (
@@ -611,21 +617,9 @@ def forward(
         )
         scores = softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(d) + bias)
         context = (scores @ v).transpose(0, 2, 1, 3).reshape(n, length, heads * d)
-        ln = p + "attention.output.LayerNorm"
-        x = layer_norm(
-            linear(context, p + "attention.output.dense") + x,
-            weights[ln + ".weight"],
-            weights[ln + ".bias"],
-            eps,
-        )
+        x = add_norm(linear(context, p + "attention.output.dense"), x, p + "attention.output")
         hidden = gelu(linear(x, p + "intermediate.dense"))
-        ln = p + "output.LayerNorm"
-        x = layer_norm(
-            linear(hidden, p + "output.dense") + x,
-            weights[ln + ".weight"],
-            weights[ln + ".bias"],
-            eps,
-        )
+        x = add_norm(linear(hidden, p + "output.dense"), x, p + "output")
     m = mask[..., None].astype(np.float32)
     pooled = (x * m).sum(1) / np.maximum(m.sum(1), 1e-9)  # sentence-transformers' mean pooling
     return (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)).astype(np.float32)

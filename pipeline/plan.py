@@ -371,16 +371,10 @@ def format_plan(plan: JobPlan | ModelJobPlan) -> list[str]:
     stored = (
         "not on storage yet" if plan.stored_bytes is None else f"{_size(plan.stored_bytes)} stored"
     )
-    w = plan.workers
     lines = [
         f"plan for {plan.name}: {plan.shape[0]} × {plan.shape[1]} {plan.dtype}, "
         f"{_size(plan.memory_bytes)} in memory, {stored}",
-        (
-            f"  cluster: {_count(w.count, 'worker')} × {_count(w.threads, 'thread')}, memory_limit "
-            f"{_size(w.memory_limit) if w.memory_limit else 'none'} each"
-            if w
-            else "  cluster: not known before it starts (decided from its workers at run time)"
-        ),
+        _cluster_line(plan.workers),
     ]
     for p in plan.methods:
         reads = f"{p.reads}×" if p.cost.exact or p.kept else f"up to {p.reads}×"
@@ -402,6 +396,7 @@ def format_plan(plan: JobPlan | ModelJobPlan) -> list[str]:
                 else "peak per worker predicted at run time (metrics.json)"
             )
         )
+        w = plan.workers
         if p.peak is not None and w is not None and w.memory_limit and p.peak > w.memory_limit:
             lines.append(
                 f"  warning: {p.method}'s predicted peak exceeds memory_limit "

@@ -16,13 +16,6 @@ if TYPE_CHECKING:
     from pipeline.io.safetensors import Checkpoint
     from pipeline.model_plan import LayerPlan
 
-FLOAT_CODES = ("F64", "F32", "F16", "BF16")
-
-
-def out_code(code: str) -> str:
-    """The safetensors dtype a layer's factors are written in: the layer's own."""
-    return code if code in FLOAT_CODES else "F32"
-
 
 def factor_outputs(
     layer: LayerPlan, res: dict[str, Any], part: tuple[Any, str], names: tuple[str, str]
@@ -32,7 +25,7 @@ def factor_outputs(
 
     fs, path = part
     out, inp = layer.matrix
-    k, code, nb, na = res["rank"], out_code(layer.dtype), res["b_bytes"], res["a_bytes"]
+    k, code, nb, na = res["rank"], layer.dtype, res["b_bytes"], res["a_bytes"]
     b_shape, a_shape = (out, k), (k, inp)
     if len(layer.shape) == 4 and names[0].endswith("lora_B.weight"):
         b_shape, a_shape = (out, k, 1, 1), (k, *layer.shape[1:])  # PEFT's conv LoRA

@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 PLOT = "compress_layers.png"
 COMPRESSED = "compressed"  # compressed.safetensors (+ .index.json and shards)
 ADAPTER = "adapter"  # adapter/adapter_model.safetensors + adapter/adapter_config.json
-FLOAT_CODES = ("F64", "F32", "F16", "BF16")  # as pipeline.io.safetensors (not imported here)
 PARTS = "compress.parts"  # scratch: one file of factors per layer, removed when assembled
 _MiB = 2**20
 
@@ -240,6 +239,7 @@ def _fixed_rank_saves(spec: CompressSpec, matrix: tuple[int, int]) -> bool:
 
 def select(spec: CompressSpec, ckpt: Checkpoint) -> tuple[list[Candidate], list[KeptTensor]]:
     """The tensors ``spec`` factors and those it keeps as they are (with the reason)."""
+    from pipeline.io.safetensors import FLOAT_CODES
     from pipeline.model_plan import KeptTensor
 
     layers, kept = [], []
@@ -482,15 +482,16 @@ def _rank_of(job: LayerJob, w: np.ndarray, white: Any) -> tuple[int, bool]:
     return k, met
 
 
-def factor_layer(job: LayerJob, part: tuple[Any, str], out_dtype: str) -> dict[str, Any]:
-    """One layer's task: read, factor, write ``B`` then ``A`` (in ``out_dtype``) to the part
-    file ``part`` = ``(fs, path)``; return its metrics (rank 0: kept dense)."""
+def factor_layer(job: LayerJob, part: tuple[Any, str]) -> dict[str, Any]:
+    """One layer's task: read, factor, write ``B`` then ``A`` (in the layer's dtype) to the
+    part file ``part`` = ``(fs, path)``; return its metrics (rank 0: kept dense)."""
     import time
 
     from pipeline.io.safetensors import encode
     from pipeline.linalg.lowrank import factor
 
     t0 = time.perf_counter()
+    out_dtype = job.ckpt.tensors[job.name].dtype
     w = _matrix(job)
     white = _whitening(job)
     rank, met = _rank_of(job, w, white)
@@ -558,20 +559,20 @@ def _layer_job(spec: CompressSpec, c: LayerPlan, sides: dict[str, Any], rank: in
     )
 
 
-def _map(ctx: RunContext, fn: Any, items: list[Any], *args: Any) -> list[Any]:
-    """``fn(item, *args)`` for every item: one Dask task each on the client's cluster (in
-    this process without one), results in order; progress reported per layer."""
+def _map(ctx: RunContext, fn: Any, items: list[tuple[Any, ...]]) -> list[Any]:
+    """``fn(*item)`` for every item: one Dask task each on the client's cluster (in this
+    process without one), results in order; progress reported per layer."""
     from pipeline.progress import Progress, report
 
     total, results = len(items), [None] * len(items)
     if ctx.client is None:
         for i, item in enumerate(items):
-            results[i] = fn(item, *args)
+            results[i] = fn(*item)
             report(Progress(ctx.job_name, ctx.method.name, i + 1, total, "layer"))
         return results
     from distributed import as_completed
 
-    futures = {ctx.client.submit(fn, item, *args, pure=False): i for i, item in enumerate(items)}
+    futures = {ctx.client.submit(fn, *item, pure=False): i for i, item in enumerate(items)}
     for done, future in enumerate(as_completed(futures), 1):
         results[futures[future]] = future.result()
         report(Progress(ctx.job_name, ctx.method.name, done, total, "layer"))
@@ -589,7 +590,7 @@ def _ranks_by_budget(
     spectra = dict(
         zip(
             [layers[i].name for i in local],
-            _map(ctx, layer_spectrum, [jobs[i] for i in local]),
+            _map(ctx, layer_spectrum, [(jobs[i],) for i in local]),
             strict=True,
         )
     )
@@ -623,15 +624,12 @@ def run(spec: CompressSpec, ckpt: Checkpoint, ctx: RunContext) -> CompressMetric
     results: list[dict[str, Any]] = [{}] * len(layers)
     local = [i for i, layer in enumerate(layers) if not layer.distributed]
     part_of = {i: (fs, f"{parts}/{i}.bin") for i in range(len(layers))}
-    for i, res in zip(
-        local,
-        _map_layers(ctx, [jobs[i] for i in local], [part_of[i] for i in local], layers),
-        strict=True,
-    ):
+    done = _map(ctx, factor_layer, [(jobs[i], part_of[i]) for i in local])
+    for i, res in zip(local, done, strict=True):
         results[i] = res
     for i, layer in enumerate(layers):
         if layer.distributed:
-            results[i] = factor_distributed(jobs[i], part_of[i], layer.dtype, ctx)
+            results[i] = factor_distributed(jobs[i], part_of[i])
     files = (
         write_adapter(fs, stem, layers, results, part_of)
         if spec.base
@@ -643,18 +641,6 @@ def run(spec: CompressSpec, ckpt: Checkpoint, ctx: RunContext) -> CompressMetric
     metrics = _metrics(spec, ckpt, plan, results, files)
     ctx.write_plot(PLOT, _layers_png(metrics["layers"]))
     return metrics
-
-
-def _map_layers(
-    ctx: RunContext, jobs: list[LayerJob], parts: list[tuple[Any, str]], layers: list[LayerPlan]
-) -> list[dict[str, Any]]:
-    dtype = {layer.name: layer.dtype for layer in layers}
-    pairs = [(job, part, dtype[job.name]) for job, part in zip(jobs, parts, strict=True)]
-    return _map(ctx, _factor_pair, pairs)
-
-
-def _factor_pair(item: tuple[LayerJob, tuple[Any, str], str]) -> dict[str, Any]:
-    return factor_layer(*item)
 
 
 # --------------------------------------------------------------------------- distributed
@@ -701,9 +687,7 @@ def _errors(x: Any, b: np.ndarray, a: np.ndarray, white: Any) -> tuple[float, fl
     return rel, weighted, math.sqrt(v[1])
 
 
-def factor_distributed(
-    job: LayerJob, part: tuple[Any, str], code: str, ctx: RunContext
-) -> dict[str, Any]:
+def factor_distributed(job: LayerJob, part: tuple[Any, str]) -> dict[str, Any]:
     """A layer too large for one task: :func:`~pipeline.linalg.rsvd` over its row blocks
     (``W·S`` when whitened; the rank from the sketch's spectrum for a rule), then one pass
     for the errors of the factors as stored."""
@@ -714,6 +698,7 @@ def factor_distributed(
     from pipeline.linalg.lowrank import max_saving_rank, rank_for_target
 
     t0 = time.perf_counter()
+    code = job.ckpt.tensors[job.name].dtype
     x = _rows(job)
     white = _whitening(job)
     cap = max_saving_rank(*job.matrix)
