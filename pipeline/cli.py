@@ -386,11 +386,32 @@ def _generate(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             seed=args.seed,
             density=args.density,
+            rank=args.rank,
         )
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, "generate")) from None
     write_synthetic(args.url, spec, array=args.array)
     print(f"wrote {spec.kind} {spec.dtype} matrix to {args.url}")
+    return 0
+
+
+def _import_ratings(args: argparse.Namespace) -> int:
+    from pipeline.ratings_import import import_ratings
+
+    summary = import_ratings(
+        args.source,
+        args.out,
+        user=args.user,
+        item=args.item,
+        rating=args.rating,
+        no_rating=args.no_rating,
+        duplicates=args.duplicates,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        fmt=args.format,
+        sep=args.sep,
+    )
+    print(summary.line())
     return 0
 
 
@@ -476,14 +497,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--density", type=float, default=0.05, help="sparse kinds: share of non-zero entries"
+        "--density",
+        type=float,
+        default=0.05,
+        help="sparse kinds: share of non-zero entries (ratings, clicks: of observed ones)",
     )
     p.add_argument(
         "--array",
         help="write into a group under this array name (sparse kinds: an AnnData store, "
-        "the matrix at this name, e.g. X)",
+        "the matrix at this name, e.g. X; ratings and clicks: always an AnnData store, "
+        "default X)",
+    )
+    p.add_argument(
+        "--rank", type=int, help="ratings, clicks: rank of the true factors (default 10)"
     )
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser(
+        "import-ratings",
+        help="convert a ratings log (CSV or Parquet: user, item[, rating]) to an "
+        "AnnData-layout CSR Zarr store (users × items; the stored entries are the ratings)",
+    )
+    p.add_argument("source", metavar="LOG", help="CSV (also .gz, .bz2, .xz) or Parquet file")
+    p.add_argument("--out", required=True, metavar="STORE", help="the Zarr store to write")
+    p.add_argument("--user", default="userId", help="user id column (default: %(default)s)")
+    p.add_argument("--item", default="movieId", help="item id column (default: %(default)s)")
+    rating = p.add_mutually_exclusive_group()
+    rating.add_argument(
+        "--rating",
+        help="rating column (default: rating, when the log has one; without a rating "
+        "column each line counts 1)",
+    )
+    rating.add_argument(
+        "--no-rating", action="store_true", help="ignore any rating column: each line counts 1"
+    )
+    p.add_argument(
+        "--duplicates",
+        choices=["last", "sum", "mean"],
+        help="one user and item on several lines: last in file order (default with "
+        "ratings), sum (default without), mean",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float64"],
+        help="of the stored values (default: %(default)s; sums and means are computed in float64)",
+    )
+    p.add_argument(
+        "--format", choices=["csv", "parquet"], help="default: from the name (.parquet, .pq)"
+    )
+    p.add_argument("--sep", help="CSV separator (default: ',', tab for .tsv)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing Zarr store")
+    p.set_defaults(func=_import_ratings)
     return parser
 
 

@@ -17,8 +17,9 @@ import zarr
 from pipeline.errors import InputError
 from pipeline.io.owners import written_aside
 from pipeline.io.stores import is_local, split_url, zarr_store
+from pipeline.rating_datasets import write_ratings_local
 from pipeline.secrets import redact
-from pipeline.sections import MODEL_KINDS, SPARSE_KINDS, InputSpec, SyntheticSpec
+from pipeline.sections import MODEL_KINDS, RATING_KINDS, SPARSE_KINDS, InputSpec, SyntheticSpec
 from pipeline.sparse_datasets import write_sparse_local
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,8 @@ def write_synthetic(
                 "generate it locally and copy it to the object store"
             )
         log.info("writing %s matrix %s to %s", spec.kind, spec.shape, redact(url))
-        write_sparse_local(path, spec, array)
+        write = write_ratings_local if spec.kind in RATING_KINDS else write_sparse_local
+        write(path, spec, array)
         return
     x = synthetic_array(spec)
     log.info("writing %s matrix %s to %s", spec.kind, x.shape, redact(url))

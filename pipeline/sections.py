@@ -102,7 +102,11 @@ MIN_WORKER_MEMORY = 256 << 20
 # Kinds whose workers run on this machine: their memory_limit must fit its memory.
 LOCAL_KINDS = ("local", "local-cuda")
 
-SPARSE_KINDS = ("sparse", "counts")  # written as CSR groups (see pipeline.sparse_datasets)
+# A ratings log (users × items, the stored entries the observations): explicit 1–5 stars or
+# implicit click counts, with the true factors kept (see pipeline.rating_datasets).
+RATING_KINDS = ("ratings", "clicks")
+# written as CSR groups (see pipeline.sparse_datasets, pipeline.rating_datasets)
+SPARSE_KINDS = ("sparse", "counts", *RATING_KINDS)
 MODEL_KINDS = ("transformer",)  # written as safetensors checkpoints (pipeline.datasets)
 SYNTHETIC_KINDS = ("gaussian", "lowrank", "vandermonde", "nonnegative", *SPARSE_KINDS, *MODEL_KINDS)
 PACKAGED_KINDS = ("digits", "sample-image")
@@ -118,6 +122,8 @@ class SyntheticSpec(StrictModel):
         "nonnegative",
         "sparse",
         "counts",
+        "ratings",
+        "clicks",
         "digits",
         "sample-image",
         "transformer",
@@ -128,10 +134,15 @@ class SyntheticSpec(StrictModel):
         "cell × gene-like count matrix (8 cell types, power-law gene use, varying depth) "
         "stored as CSR; counts: a topic-model document × term count matrix (20 topics) "
         "stored as CSR — both an AnnData store with input.array: X, else a bare CSR group; "
-        "digits: scikit-learn's 1797 × 64 handwritten digits; sample-image: scikit-learn's "
-        "427 × 640 sample photo in grey levels (these two need scikit-learn); transformer: a "
-        "safetensors checkpoint of a decoder-like model, shape (layers, hidden), weights with "
-        "decaying spectra (input of method compress)",
+        "ratings: a users × items log of 1–5 star ratings in half stars (low rank plus "
+        "biases plus Gaussian noise, which entries are observed set by Zipf-distributed user "
+        "activity and item popularity); clicks: implicit counts (Poisson of a non-negative "
+        "low-rank affinity times popularity) — both an AnnData store (the matrix at "
+        "input.array, default X) keeping the true factors in obsm/true_U, varm/true_V and "
+        "uns/synthetic; digits: scikit-learn's 1797 × 64 handwritten digits; sample-image: "
+        "scikit-learn's 427 × 640 sample photo in grey levels (these two need scikit-learn); "
+        "transformer: a safetensors checkpoint of a decoder-like model, shape (layers, "
+        "hidden), weights with decaying spectra (input of method compress)",
     )
     shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
         None, description="(rows, columns); required for synthetic kinds, fixed for packaged data"
@@ -142,7 +153,16 @@ class SyntheticSpec(StrictModel):
     dtype: Literal["float32", "float64"] = "float64"
     seed: int = Field(0, ge=0, description="random seed (≥ 0); each chunk derives its own")
     density: float = Field(
-        0.05, gt=0, le=1, description="sparse kinds: about this share of entries non-zero"
+        0.05,
+        gt=0,
+        le=1,
+        description="sparse kinds: about this share of entries non-zero (ratings, clicks: "
+        "observed)",
+    )
+    rank: int | None = Field(
+        None,
+        ge=1,
+        description="ratings, clicks: rank of the true factors (default 10); other kinds take none",
     )
 
     @model_validator(mode="after")
@@ -151,6 +171,10 @@ class SyntheticSpec(StrictModel):
             raise ValueError(f"shape is required for kind {self.kind!r}")
         if self.kind in PACKAGED_KINDS and self.shape is not None:
             raise ValueError(f"kind {self.kind!r} has a fixed shape; remove shape")
+        if self.rank is not None and self.kind not in RATING_KINDS:
+            raise ValueError(
+                f"rank is used by kinds ratings and clicks only (kind is {self.kind!r})"
+            )
         return self
 
 

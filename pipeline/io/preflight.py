@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.io.stores import Location, effective_options, is_local, split_url
+from pipeline.sections import RATING_KINDS, SPARSE_KINDS
 
 if TYPE_CHECKING:
     from pipeline.sections import InputSpec, OutputSpec
@@ -119,6 +120,11 @@ def check_input_creatable(spec: InputSpec) -> None:
         return
     rows, cols = recipe.shape
     need = rows * cols * np.dtype(recipe.dtype).itemsize
+    if recipe.kind in SPARSE_KINDS:  # CSR: about density of the entries, 4-byte indices
+        need = int(need * recipe.density * (1 + 4 / np.dtype(recipe.dtype).itemsize))
+        need += 8 * (rows + 1)
+    if recipe.kind in RATING_KINDS:  # and the true factors
+        need += 8 * (rows + cols) * (recipe.rank or 10)
     free = shutil.disk_usage(base).free
     if need > free:
         raise InputError(
