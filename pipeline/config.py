@@ -33,6 +33,7 @@ from pipeline.sections import (
     MODEL_KINDS,
     NAME_MAX,
     NAME_PATTERN,
+    SPARSE_KINDS,
     ClusterSpec,
     ComputeSpec,
     InputSpec,
@@ -125,6 +126,18 @@ class JobConfig(StrictModel):
             raise ValueError(
                 f"input.create_if_missing.kind: {created.kind!r} writes a model checkpoint, "
                 f"which {method} cannot read (method compress does)"
+            )
+        sparse_only = [m.method for m in self.methods if METHODS[m.method].needs_sparse]
+        if sparse_only and self.compute.backend == "cupy":
+            raise ValueError(
+                f"compute.backend: {sparse_only[0]} runs its per-row solves with numpy on the "
+                "workers' CPUs; remove compute.backend: cupy"
+            )
+        if sparse_only and created is not None and created.kind not in SPARSE_KINDS:
+            raise ValueError(
+                f"input.create_if_missing.kind: {sparse_only[0]} needs a sparse store whose "
+                f"stored entries are the observations; {created.kind!r} writes a dense array "
+                f"(use one of {', '.join(SPARSE_KINDS)})"
             )
         return self
 

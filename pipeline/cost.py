@@ -35,6 +35,8 @@ class Cost:
         computed faster than they are written: a worker holds those of all its kept
         blocks, or of its running and next tasks when the input is streamed
     transpose : the method factorizes the input's transpose
+    layouts : copies of the input it keeps when it keeps it (ALS keeps its ratings by
+        users and by items: 2)
     """
 
     passes: int
@@ -48,6 +50,7 @@ class Cost:
     node_squares: int = 0
     output_blocks: int = 0
     transpose: bool = False
+    layouts: int = 1
 
     def describe_passes(self) -> str:
         """``"3"``, or ``"up to 208"`` for an upper bound."""

@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import JobConfig, config_from_any, redacted_dump
 from pipeline.datasets import input_will_be_created, write_synthetic
+from pipeline.errors import InputError
 from pipeline.fingerprint import job_fingerprint
-from pipeline.io.anndata_out import ADATA, write_anndata_output
+from pipeline.io.anndata_out import ADATA, index_names, write_anndata_output
 from pipeline.io.artifacts import RunOutput, check_output_free, read_published
 from pipeline.io.model import ModelManifest, open_model
 from pipeline.io.owners import remove_stale_staging
@@ -118,16 +119,26 @@ def open_input(
     return open_matrix(config.input, check_chunks=check_chunks, on_device=on_device)
 
 
-def check_methods(config: JobConfig, opened: Any) -> None:
+def check_methods(config: JobConfig, data: Any, manifest: InputManifest | ModelManifest) -> None:
     """Each method's own applicability check (rank, shape) for the opened input: a
-    matrix's shape, or a checkpoint for a model method.
+    matrix's shape, or a checkpoint for a model method; a method that needs a sparse
+    store (its stored entries are the observations) refuses a dense one.
 
     Raises
     ------
     InputError
     """
     for i, spec in enumerate(config.methods):
-        METHODS[spec.method].check(spec, opened, f"methods[{i}]")
+        method, where = METHODS[spec.method], f"methods[{i}]"
+        if config.input_kind == "model":
+            method.check(spec, data, where)
+            continue
+        if method.needs_sparse and manifest.format == "dense":
+            raise InputError(
+                f"{where}: {spec.method} needs a sparse store (CSR/CSC or AnnData) whose stored "
+                f"entries are the observations; {manifest.url} is a dense array"
+            )
+        method.check(spec, manifest.shape, where)
 
 
 def inspect_job(config: JobConfig, *, output: bool = True) -> InputManifest | ModelManifest:
@@ -146,7 +157,7 @@ def inspect_job(config: JobConfig, *, output: bool = True) -> InputManifest | Mo
     check_cluster_available(config.cluster)
     check_backend_available(config.compute, config.cluster)
     data, manifest = open_input(config, check_chunks=True)
-    check_methods(config, data if config.input_kind == "model" else manifest.shape)
+    check_methods(config, data, manifest)
     out = location_of(config.output)
     check_output_writable(out, config.name)  # also in prepare: flows skip the CLI
     if output:
@@ -249,6 +260,13 @@ def plan(run: PreparedRun) -> PreparedRun:
     return replace(run, plan=plan_run(run.config, _current_client()))
 
 
+def _names(config: JobConfig) -> Callable[[str, list[int]], list[str] | None]:
+    """The ids of the input's rows and columns, read on demand (an AnnData input's
+    ``obs``/``var`` index; ``None`` for other inputs)."""
+    at = locate_input(config.input)
+    return lambda part, positions: index_names(at, part, positions)
+
+
 def compute(run: PreparedRun, index: int) -> dict[str, Any]:
     """Run method ``index`` of the job as planned, on the current Dask client, into the
     staging folder."""
@@ -272,6 +290,7 @@ def compute(run: PreparedRun, index: int) -> dict[str, Any]:
         job_plan.methods[index],
         job_plan.backend,
         Checkpoints(out.out, config.name) if method.checkpoints else None,
+        _names(config) if method.needs_sparse else None,
     )
     report_progress(Progress(config.name, spec.method, 0, 1, "step"))
     with guard_workers(client, spec.method), measure_peaks(client) as peaks:

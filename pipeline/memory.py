@@ -5,7 +5,7 @@ the method (its :class:`Cost`, :func:`pipeline.linalg.row_blocks`,
 :func:`pipeline.cluster.keep_in_memory`)::
 
     peak per worker = baseline                        (the process with its libraries)
-                    + kept blocks × block bytes        (input kept between passes)
+                    + kept blocks × block bytes × layouts  (input kept between passes)
                     + tall and small state             (factor blocks kept on the cluster)
                     + tasks × buffers × block bytes    (blocks a running task holds)
                     + outputs not yet written          (Q blocks of TSQR's second pass)
@@ -102,7 +102,7 @@ def predicted_peak(
     """
     squares = cost.columns**2 * 8
     per_worker = math.ceil(len(rows) / max(workers.count, 1))
-    kept_bytes = per_worker * block_bytes if kept else 0
+    kept_bytes = per_worker * block_bytes * cost.layouts if kept else 0
     state = per_worker * (max(rows) * cost.state_columns * 8 + cost.block_squares * squares)
     # a kept block is one of the buffers of the task that reads it
     tasks = min(workers.threads, len(rows))

@@ -189,7 +189,7 @@ def _method_plan(
     cost = method.cost(spec, a.shape)
     blocks = method_blocks(a, spec.block_rows, cost, densify)
     size = block_bytes(blocks, sparse_bytes if sparse else None)
-    nbytes = sparse_bytes if sparse else blocks.nbytes
+    nbytes = (sparse_bytes if sparse else blocks.nbytes) * cost.layouts
     kept = None
     if not cost.keeps:
         kept = False

@@ -135,3 +135,31 @@ def fit_png(png: bytes, max_bytes: int) -> bytes:
         scale *= SHRINK_STEP
         smaller = _palette_png(image, scale)
     return smaller
+
+
+def als_png(history: list[dict[str, float]], implicit: bool) -> bytes:
+    """ALS per iteration: train and validation RMSE (explicit ratings), or the weighted
+    objective (implicit feedback, log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = np.arange(1, len(history) + 1)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), constrained_layout=True)
+    if implicit:
+        ax.semilogy(it, [h["objective"] for h in history], "-", color="tab:purple")
+        ax.set(ylabel="weighted objective", title="ALS (implicit feedback) convergence")
+    else:
+        for key, color in (("train_rmse", "tab:blue"), ("validation_rmse", "tab:orange")):
+            values = [h[key] for h in history if key in h]
+            if values:
+                ax.plot(it[: len(values)], values, "o-", ms=3, color=color, label=key)
+        ax.set(ylabel="RMSE", title="ALS (explicit ratings) convergence")
+        ax.legend()
+    ax.set(xlabel="iteration")
+    ax.grid(True, which="both", alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

@@ -265,6 +265,60 @@ def one_line_exit(proc: subprocess.CompletedProcess, code: int = 2) -> str:
     return lines[0]
 
 
+# --------------------------------------------------------------------------- killing runs
+
+RUN_SCRIPT = """
+import sys
+from pipeline import run_job
+if __name__ == "__main__":
+    run_job(sys.argv[1])
+"""
+
+
+def kill_at_checkpoint(tmp_path: Path, job: dict, iteration: int, timeout: float = 240) -> int:
+    """Run ``job`` in a process of its own (its own cluster), SIGKILL the whole process
+    group once its checkpoint has reached ``iteration``; return the checkpoint's iteration.
+    The run must not have finished by then, nor published anything."""
+    import json
+    import signal
+    import time
+
+    path = write_job(tmp_path, job)
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(path)], cwd=REPO, start_new_session=True
+    )
+    out = Path(job["output"]["url"])
+    state = out / f".{job['name']}.checkpoint" / "state.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run finished before it could be killed"
+        if state.exists() and json.loads(state.read_text())["iteration"] >= iteration:
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / job["name"]).exists()
+    return json.loads(state.read_text())["iteration"]
+
+
+def kill_worker_running(client, prefix: str, stop) -> float | None:
+    """SIGKILL the worker process running a task whose key starts with ``prefix``; return
+    when it was killed (``None`` when ``stop`` was set first: the job ended)."""
+    import signal
+    import time
+
+    pids = client.run(os.getpid)
+    while not stop.is_set():
+        for worker, keys in client.processing().items():
+            if any(str(key).strip("('").startswith(prefix) for key in keys):
+                os.kill(pids[worker], signal.SIGKILL)
+                return time.perf_counter()
+        time.sleep(0.01)
+    return None
+
+
 # --------------------------------------------------------------------------- data and jobs
 
 
@@ -288,6 +342,23 @@ def write_array(path: Path, data: np.ndarray, chunks=None, zarr_format: int = 3,
     if data.size:
         arr[...] = data
     return arr
+
+
+def write_anndata(path: Path, x, obs_names=None, var_names=None) -> Path:
+    """``x`` (scipy.sparse or dense) as an AnnData store (Zarr v3) written by ``anndata``
+    itself, with ``X`` CSR; rows and columns named ``obs_names``/``var_names`` if given."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    adata = ad.AnnData(X=sp.csr_matrix(x))
+    if obs_names is not None:
+        adata.obs = pd.DataFrame(index=pd.Index([str(v) for v in obs_names]))
+    if var_names is not None:
+        adata.var = pd.DataFrame(index=pd.Index([str(v) for v in var_names]))
+    with ad.settings.override(zarr_write_format=3):
+        adata.write_zarr(path)
+    return path
 
 
 def write_model(path: Path, seed: int = 0) -> Path:

@@ -231,7 +231,7 @@ VARIANTS = {
 CASES = {
     name: {**spec, "block_rows": CHUNK}
     for name, spec in [
-        *((n, m.example) for n, m in METHODS.items() if m.input == "matrix"),
+        *((n, m.example) for n, m in METHODS.items() if m.input == "matrix" and not m.needs_sparse),
         *VARIANTS.items(),
     ]
 }

@@ -19,7 +19,7 @@ from pydantic import TypeAdapter
 from pipeline.config import json_schema, parse_config
 from pipeline.errors import ConfigError
 from pipeline.methods import METHODS
-from tests.conftest import job_dict, write_array, write_model
+from tests.conftest import job_dict, write_anndata, write_array, write_model
 
 COMMON_METRICS = {"residual_rel", "passes", "seconds", "fro_norm", "dask", "memory"}
 
@@ -68,9 +68,12 @@ def test_method_writes_exactly_what_it_declares(name, matrix, tmp_path, dist_cli
 
     method = METHODS[name]
     path, a = matrix
+    job_input = {"url": str(path)}
     if method.input == "model":  # a checkpoint of many matrices, not one
-        path = write_model(tmp_path / "model.safetensors")
-    job = job_dict(tmp_path, str(path), name=f"contract-{name}", methods=[method.example])
+        job_input["url"] = str(write_model(tmp_path / "model.safetensors"))
+    if method.needs_sparse:  # the same entries, stored as observations (ALS's ratings)
+        job_input = {"url": str(write_anndata(tmp_path / "in.zarr", a)), "array": "X"}
+    job = job_dict(tmp_path, "", input=job_input, name=f"contract-{name}", methods=[method.example])
     report = _run_watching_scheduler(job, dist_client)
     out = tmp_path / "out" / f"contract-{name}"
     spec = parse_config(job).methods[0]
@@ -80,7 +83,8 @@ def test_method_writes_exactly_what_it_declares(name, matrix, tmp_path, dist_cli
     written = {key: tuple(arr.metadata.dimension_names) for key, arr in dict(group).items()}
     assert written == method.arrays_for(spec)
     # every other file is a declared plot or has a declared file stem
-    others = {p.name for p in out.iterdir()} - {"factors.zarr", "metrics.json", "report.md"}
+    written_files = {"factors.zarr", "metrics.json", "report.md", "adata.zarr"}
+    others = {p.name for p in out.iterdir()} - written_files
     declared = {*method.plots, *method.files}
     undeclared = {f for f in others if f not in declared and f.split(".")[0] not in declared}
     assert not undeclared, undeclared

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
 import time
 import warnings
 
@@ -16,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import InputError
-from tests.conftest import REPO, job_dict, write_array, write_job
+from tests.conftest import job_dict, kill_at_checkpoint, write_array
 
 
 def svd(a, k, seed):
@@ -285,14 +281,6 @@ def test_nmf_job_end_to_end_and_negative_job(tmp_path, client):
     assert not list((tmp_path / "out").glob(".neg*"))
 
 
-RUN_SCRIPT = """
-import sys
-from pipeline import run_job
-if __name__ == "__main__":
-    run_job(sys.argv[1])
-"""
-
-
 @pytest.mark.e2e
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, client):
     import xarray as xr
@@ -313,23 +301,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, client):
     ref_ds = xr.open_zarr(tmp_path / "out" / "ref" / "factors.zarr", group="nmf")
 
     job = job_dict(tmp_path, "", name="killed", methods=[method], **base)
-    path = write_job(tmp_path, job)
-    script = tmp_path / "run.py"
-    script.write_text(RUN_SCRIPT)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(path)], cwd=REPO, start_new_session=True
-    )
-    state = tmp_path / "out" / ".killed.checkpoint" / "state.json"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the run finished before it could be killed"
-        if state.exists() and json.loads(state.read_text())["iteration"] >= 15:
-            break
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "out" / "killed").exists()
-    killed_at = json.loads(state.read_text())["iteration"]
+    killed_at = kill_at_checkpoint(tmp_path, job, 15)
     assert 15 <= killed_at < ref_iterations
 
     job["methods"][0]["resume"] = True

@@ -151,7 +151,10 @@ def _run_id(stdout: str) -> str:
 
 def test_deploy_defines_submit_batch_and_a_cron_schedule(worker: Server):
     names = {d["name"] for d in worker.post("/deployments/filter")}
-    assert {"submit", "nightly-demo", "batch"} <= names
+    assert {"submit", "nightly-demo", "nightly-als", "batch"} <= names
+    als = next(d for d in worker.post("/deployments/filter") if d["name"] == "nightly-als")
+    assert als["parameters"] == {"config": "configs/ratings-als.yaml"}
+    assert [s["schedule"]["cron"] for s in als["schedules"]] == ["0 3 * * *"]
     nightly = next(d for d in worker.post("/deployments/filter") if d["name"] == "nightly-demo")
     (schedule,) = nightly["schedules"]
     assert schedule["schedule"]["cron"] == "0 2 * * *"

@@ -27,8 +27,10 @@ SIZED = {
     "rsvd": {"method": "rsvd", "rank": 20, "power_iters": 1},  # memory per pass, not accuracy
     "nmf": {"method": "nmf", "rank": 10, "max_iter": 4, "tol": 0},
 }
-METHODS = [  # compress plans a checkpoint: tests/test_compress.py
-    SIZED.get(name, method.example) for name, method in REGISTRY.items() if method.input == "matrix"
+METHODS = [  # compress plans a checkpoint (tests/test_compress.py), als a sparse store (below)
+    SIZED.get(name, method.example)
+    for name, method in REGISTRY.items()
+    if method.input == "matrix" and not method.needs_sparse
 ]
 
 
@@ -108,6 +110,7 @@ def test_sparse_predicted_within_1_5x(tmp_path, sparse_store, memory_limit, kept
     job["methods"] = [
         {"method": "rsvd", "rank": 20, "center": True},
         {"method": "nmf", "rank": 10, "max_iter": 3, "tol": 0},
+        {"method": "als", "rank": 10, "iterations": 3, "tol": 0},
     ]
     plan = plan_job(load_config(write_job(tmp_path, job)))
     report = run_job(job)
@@ -215,13 +218,19 @@ def test_the_run_executes_and_records_the_printed_plan(tmp_path, kind):
 
     url = str(tmp_path / f"{kind}.zarr")
     array = "X" if kind == "counts" else None
+    # every matrix method; one that needs observed entries (ALS) on the sparse input only
+    names = [
+        n
+        for n, m in REGISTRY.items()
+        if m.input == "matrix" and (array is not None or not m.needs_sparse)
+    ]
     spec = SyntheticSpec(kind=kind, shape=(3_000, 40), chunks=(500, 40), seed=1, density=0.3)
     write_synthetic(url, spec, {}, array)
     job = job_dict(
         tmp_path,
         url,
         input={"url": url, "array": array},
-        methods=[m.example for m in REGISTRY.values() if m.input == "matrix"],
+        methods=[REGISTRY[n].example for n in names],
         cluster={"kind": "local", "n_workers": 2, "threads_per_worker": 1, "memory_limit": "1GiB"},
     )
     config = load_config(write_job(tmp_path, job))
@@ -230,9 +239,8 @@ def test_the_run_executes_and_records_the_printed_plan(tmp_path, kind):
     recorded = JobPlan.from_dict(metrics["plan"])
     assert recorded == planned
     assert format_plan(recorded) == format_plan(planned)
-    assert [p.method for p in recorded.methods] == [
-        n for n, m in REGISTRY.items() if m.input == "matrix"
-    ]
+    assert [p.method for p in recorded.methods] == names
+    assert "als" in names or kind == "nonnegative"
     assert all(
         p.densify == (kind == "counts" and not REGISTRY[p.method].sparse) for p in planned.methods
     )

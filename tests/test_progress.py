@@ -11,7 +11,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import factorize_cmd, job_dict, write_array, write_job, write_model
+from conftest import factorize_cmd, job_dict, write_anndata, write_array, write_job, write_model
 
 from pipeline.methods import METHODS as REGISTRY
 from pipeline.progress import Progress, TerminalBar, plural, progress_sink, watch_blocks
@@ -49,12 +49,15 @@ def test_every_registered_method_reports_progress_to_completion(tmp_path, client
     is checked here unlisted)."""
     from pipeline.jobs import run_job
 
+    job_input: dict = {"url": str(tmp_path / "a.zarr")}
     if REGISTRY[name].input == "model":
-        url = str(write_model(tmp_path / "model.safetensors"))
+        job_input["url"] = str(write_model(tmp_path / "model.safetensors"))
+    elif REGISTRY[name].needs_sparse:  # the same entries as observations (ALS's ratings)
+        job_input["array"] = "X"
+        write_anndata(tmp_path / "a.zarr", A)
     else:
-        url = str(tmp_path / "a.zarr")
         write_array(tmp_path / "a.zarr", A, chunks=(150, 12))
-    job = job_dict(tmp_path, url, methods=[REGISTRY[name].example])
+    job = job_dict(tmp_path, "", input=job_input, methods=[REGISTRY[name].example])
     events: list[Progress] = []
     with progress_sink(events.append):
         run_job(job, client=client)

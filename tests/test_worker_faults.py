@@ -7,8 +7,6 @@ one-line error naming the memory needed.
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ClusterError
-from tests.conftest import job_dict, two_workers, write_array
+from tests.conftest import job_dict, kill_worker_running, two_workers, write_array
 
 # Each job, with the prefix of the per-block task of the pass the kill hits.
 JOBS = {
@@ -53,19 +51,6 @@ def _factors(out: Path, method: str) -> dict[str, np.ndarray]:
     return {name: arr[...] for name, arr in group.arrays()}
 
 
-def _kill_when_running(client, prefix: str, stop: threading.Event) -> float | None:
-    """SIGKILL the worker process running a task whose key starts with ``prefix``;
-    return when it was killed (``None`` when the job ended first)."""
-    pids = client.run(os.getpid)
-    while not stop.is_set():
-        for worker, keys in client.processing().items():
-            if any(str(key).strip("('").startswith(prefix) for key in keys):
-                os.kill(pids[worker], signal.SIGKILL)
-                return time.perf_counter()
-        time.sleep(0.01)
-    return None
-
-
 def _run(job: dict, client) -> tuple[dict, float]:
     from pipeline import run_job
 
@@ -94,7 +79,7 @@ def test_worker_killed_mid_pass_changes_no_bit(method, matrix, tmp_path, cluster
 
     runner = threading.Thread(target=target)
     runner.start()
-    killed = _kill_when_running(cluster_client, prefix, stop)
+    killed = kill_worker_running(cluster_client, prefix, stop)
     runner.join(timeout=120)
     assert not runner.is_alive(), "the run did not end within 120 s of the kill"
     assert "error" not in outcome, outcome.get("error")

@@ -114,6 +114,8 @@ def write_anndata(
             continue
         if "W" in group:  # NMF: A ≈ W H
             rows, cols = da.from_zarr(group["W"]), np.asarray(group["H"][...]).T
+        elif "S" not in group:  # ALS: r ≈ U Vᵀ
+            rows, cols = da.from_zarr(group["U"]), np.asarray(group["V"][...])
         else:
             s = np.asarray(group["S"][...])
             rows, cols = da.from_zarr(group["U"]) * s[None, :], np.asarray(group["Vt"][...]).T
@@ -122,6 +124,20 @@ def write_anndata(
         if slot.uns:
             _spectrum(uns, slot.uns, results[method])
     da.compute(*stores)
+
+
+def index_names(where: Location, part: str, positions: list[int]) -> list[str] | None:
+    """The ids at ``positions`` of the ``obs`` (rows) or ``var`` (columns) index of the
+    AnnData store at ``where``; ``None`` when it is not one or has no such index."""
+    root = anndata_root(where)
+    if root is None or part not in root:
+        return None
+    frame = root[part]
+    index = frame.get(frame.attrs.get("_index", "_index"))
+    if index is None or not positions:
+        return None
+    picked = index.get_orthogonal_selection(np.asarray(positions, dtype=np.int64))
+    return [str(x) for x in picked]
 
 
 def write_anndata_output(

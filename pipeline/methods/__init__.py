@@ -9,10 +9,12 @@ JSON Schema, error paths, the runner table and the report are all built from
 
 from __future__ import annotations
 
-from pipeline.methods import compress, nmf, rsvd, svd, tsqr
+from pipeline.methods import als, compress, nmf, rsvd, svd, tsqr
 from pipeline.methods.base import FactorArray, Method, MethodSpec, RunContext
 
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (tsqr, svd, rsvd, nmf, compress)}
+METHODS: dict[str, Method] = {
+    m.METHOD.name: m.METHOD for m in (tsqr, svd, rsvd, nmf, compress, als)
+}
 
 
 def get(name: str) -> Method:

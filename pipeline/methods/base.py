@@ -194,6 +194,8 @@ class Method:
         ``adata.zarr`` written for AnnData inputs (``None``: not written there)
     sparse : ``run`` takes sparse row blocks as they are (``scipy.sparse``); otherwise a
         sparse input reaches it densified one row block at a time
+    needs_sparse : the input must be a sparse store whose stored entries are observations
+        (ALS's ratings: a missing entry is unknown, not zero); a dense one is refused
     input : what the method factorizes: ``"matrix"`` (a Zarr matrix: ``run`` gets a dask
         array, ``check`` its shape, ``cost`` prices it) or ``"model"`` (a safetensors
         checkpoint of many matrices: ``run`` and ``check`` get the opened
@@ -222,6 +224,7 @@ class Method:
     pass_steps: Callable[[dict[str, Any], dict[str, Any]], list[PassStep]] | None = None
     anndata: Callable[[Any], AnnDataSlots] | None = None
     sparse: bool = False
+    needs_sparse: bool = False
     input: Literal["matrix", "model"] = "matrix"
     files: tuple[str, ...] = ()
     plan_model: Callable[[Any, Any, Any, str], Any] | None = None
@@ -246,6 +249,7 @@ class RunContext:
     plan: MethodPlan
     backend: str = "numpy"  # where the blocks live: numpy (host) or cupy (device)
     checkpoints: CheckpointStore | None = None  # this job's, for methods that checkpoint
+    names: NameLookup | None = None  # the input's row/column ids, when it names them
 
     def write(self, name: str, x: Any) -> Any:
         """Write a declared factor array; a dask array returns a lazy store to compute."""
@@ -267,9 +271,10 @@ class RunContext:
             raise KeyError(f"{self.method.name} does not declare a file {stem!r}")
         return self.out.fs, f"{self.out.staging.rstrip('/')}/{stem}"
 
-    def blocks(self, a: da.Array, spec: MethodSpec) -> da.Array:
+    def blocks(self, a: da.Array, spec: MethodSpec, persist: bool = True) -> da.Array:
         """``a`` laid out as the plan says — densified, transposed and in its row blocks —
-        and kept in memory when the plan keeps it.
+        and kept in memory when the plan keeps it (``persist=False``: the method keeps what
+        it derives from ``a`` itself, as ALS keeps its two layouts).
 
         Raises
         ------
@@ -281,7 +286,7 @@ class RunContext:
         x = method_blocks(a, spec.block_rows, plan.cost, plan.densify)
         if tuple(x.chunks[0]) != plan.rows:
             raise RuntimeError(f"{self.method.name}: the input's row blocks differ from the plan")
-        if plan.kept:
+        if plan.kept and persist:
             log.info(
                 "input (%.2f GiB) kept in memory: reading it once for %d passes",
                 plan.kept_bytes / 2**30,
@@ -308,6 +313,13 @@ class RunContext:
         return watch_blocks(self.client, prefix, on_count)
 
 
+class NameLookup(Protocol):
+    """The ids of an input's rows (``"obs"``) or columns (``"var"``) at some positions
+    (see :func:`pipeline.io.anndata_out.index_names`)."""
+
+    def __call__(self, part: str, positions: list[int]) -> list[str] | None: ...
+
+
 class CheckpointStore(Protocol):
     """A job's checkpoint (see :class:`pipeline.checkpoints.Checkpoints`)."""
 
@@ -322,7 +334,10 @@ class CheckpointStore(Protocol):
     ) -> None: ...
 
     def load(
-        self, identity: dict[str, Any], row_chunks: tuple[int, ...]
+        self,
+        identity: dict[str, Any],
+        row_chunks: tuple[int, ...],
+        chunks: dict[str, tuple[int, ...]] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]: ...
 
 
