@@ -359,3 +359,23 @@ def test_worker_killed_mid_half_step_changes_no_bit(tmp_path, big_ratings):
     got = _factors(tmp_path / "hit" / "out" / "job")
     for key in want:
         assert np.array_equal(want[key], got[key]), key
+
+
+@pytest.mark.e2e  # the job starts its own cluster of worker processes
+def test_workers_too_small_to_keep_both_layouts_are_refused_before_compute(tmp_path):
+    """Streamed, an item half-step would gather every rating across the workers at once
+    (its shuffle): a worker of 256 MiB (96 MiB for data) cannot keep 2 × 40 MiB of ratings,
+    and the run says so in one line before any compute, writing nothing."""
+    from pipeline import run_job
+    from pipeline.errors import ClusterError
+
+    rng = np.random.default_rng(1)
+    m, n, nnz = 200_000, 5_000, 3_500_000
+    x = sp.csr_matrix((rng.random(nnz) * 4 + 1, (rng.integers(0, m, nnz), rng.integers(0, n, nnz))))
+    store = write_anndata(tmp_path / "big.zarr", x)
+    job = job_dict(tmp_path, "", input={"url": str(store), "array": "X"})
+    job["methods"] = [{"method": "als", "rank": 4}]
+    job["cluster"] = {"n_workers": 1, "threads_per_worker": 1, "memory_limit": "256MiB"}
+    with pytest.raises(ClusterError, match=r"als keeps the ratings .* raise cluster.memory_limit"):
+        run_job(job)
+    assert not (tmp_path / "out" / "job").exists()

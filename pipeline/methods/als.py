@@ -242,6 +242,27 @@ def _on_iteration(spec: ALSSpec, ctx: RunContext, a: da.Array) -> Any:
     return hook
 
 
+def _check_kept(ctx: RunContext) -> None:
+    """Refuse, before any compute, workers too small to keep the ratings in both layouts:
+    streamed, every item half-step would gather them across the workers at once (its
+    shuffle), unbounded by blocks.
+
+    Raises
+    ------
+    ClusterError
+    """
+    from pipeline.errors import ClusterError
+    from pipeline.memory import PERSIST_FRACTION
+
+    if ctx.plan.kept is False:
+        raise ClusterError(
+            f"als keeps the ratings in worker memory by users and by items "
+            f"({ctx.plan.kept_bytes / 2**20:.0f} MiB) and they need at most "
+            f"{PERSIST_FRACTION:.0%} of the workers' memory for data: raise "
+            "cluster.memory_limit or n_workers"
+        )
+
+
 def _factorize(spec: ALSSpec, a: da.Array, ctx: RunContext) -> tuple[ALSResult, int]:
     """Run ALS from the start or the job's checkpoint; ``(result, resumed iteration)``."""
     from pipeline.linalg.als import als
@@ -338,6 +359,7 @@ def run(spec: ALSSpec, a: da.Array, ctx: RunContext) -> ALSMetrics:
     from pipeline.linalg.als import ranking_metrics
     from pipeline.plots import als_png
 
+    _check_kept(ctx)
     a = ctx.blocks(a, spec, persist=False)  # ALS keeps its own two layouts (ctx.plan.kept)
     res, resumed = _factorize(spec, a, ctx)
     if not res.converged and spec.tol > 0:
