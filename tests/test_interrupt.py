@@ -74,7 +74,11 @@ class Run:
         """Send ``sig``; return the seconds until the CLI exited."""
         t0 = time.monotonic()
         (os.killpg if group else os.kill)(self.proc.pid, sig)
-        self.proc.wait(timeout=120)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # fail without leaving the run to load the suite
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise
         return time.monotonic() - t0
 
     def stderr(self) -> str:
