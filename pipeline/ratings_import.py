@@ -57,7 +57,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -202,26 +202,24 @@ class _Shape:
         return self.first_line + record + (self.extra[at] if at >= 0 else 0)
 
 
-class _Log:
-    """A ratings log: its columns, its records in chunks, where a record is."""
+class _Log(Protocol):
+    """A ratings log (:class:`_CsvLog`, :class:`_ParquetLog`): its columns, its records in
+    chunks, where a record is."""
 
     name: str
 
-    def columns(self) -> list[str]:
-        raise NotImplementedError
+    def columns(self) -> list[str]: ...
 
-    def shape(self, expected: int) -> _Shape:
-        raise NotImplementedError
+    def shape(self, expected: int) -> _Shape: ...
 
     def chunks(self, cols: list[str], records: int) -> Iterator[tuple[int, Any]]:
         """``(index of its first record, frame)`` over the first ``records`` records."""
-        raise NotImplementedError
+        ...
 
-    def where(self, record: int) -> str:
-        raise NotImplementedError
+    def where(self, record: int) -> str: ...
 
 
-class _CsvLog(_Log):
+class _CsvLog:
     def __init__(self, source: str, sep: str) -> None:
         self.source, self.name, self.sep = source, source, sep
         self._shape = _Shape(records=0)
@@ -285,7 +283,7 @@ class _CsvLog(_Log):
         return f"line {self._shape.line(record)}"
 
 
-class _ParquetLog(_Log):
+class _ParquetLog:
     def __init__(self, source: str) -> None:
         self.source, self.name = source, source
 
