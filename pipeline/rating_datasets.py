@@ -52,8 +52,8 @@ import zarr
 
 from pipeline.io.anndata_out import DICT
 from pipeline.io.owners import written_aside
-from pipeline.ratings_import import CsrWriter, anndata_skeleton, write_uns
 from pipeline.sections import SyntheticSpec
+from pipeline.sparse_datasets import ARRAY, CsrWriter, anndata_skeleton, draw, write_uns
 
 DEFAULT_RANK = 10
 BLOCK_ROWS = 4096  # users per block at most
@@ -68,7 +68,6 @@ USER_PARETO = 1.5  # tail index of the user activity
 CLICK_SHAPE = 0.5  # gamma shape of the clicks' factors (mean 1)
 SAMPLE_ROUNDS = 6  # vectorized rounds of successive sampling before the exact fallback
 DENSITY_PAIRS = 1 << 20  # pairs of the clicks' density estimate
-_ARRAY = {"encoding-type": "array", "encoding-version": "0.2.0"}
 
 
 def rank_of(spec: SyntheticSpec) -> int:
@@ -181,12 +180,6 @@ def item_side(spec: SyntheticSpec) -> Items:
     )
 
 
-def _draw(rng: np.random.Generator, cdf: np.ndarray, size: int) -> np.ndarray:
-    """``size`` items ∝ the weights whose cumulative sum is ``cdf``."""
-    picks = np.searchsorted(cdf, rng.random(size) * cdf[-1], side="right")
-    return np.minimum(picks, cdf.size - 1)
-
-
 def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     at = np.minimum(np.searchsorted(sorted_keys, keys), max(sorted_keys.size - 1, 0))
     return sorted_keys[at] == keys if sorted_keys.size else np.zeros(keys.size, dtype=bool)
@@ -215,7 +208,7 @@ def sample_without_replacement(
             break
         draws = np.ceil(1.25 * need[todo] / np.maximum(1.0 - mass[todo], 1e-3)) + 4
         rows = np.repeat(todo, np.minimum(draws, 8 * n).astype(np.int64))
-        key = rows * n + _draw(rng, cdf, rows.size)
+        key = rows * n + draw(rng, cdf, rows.size)
         key = key[~_contains(keys, key)]
         _, first = np.unique(key, return_index=True)  # first time each item came up
         key = key[np.sort(first)]  # in draw order; rows stay grouped
@@ -263,7 +256,7 @@ def rating_block(spec: SyntheticSpec, items: Items, block: int, rows: int) -> Us
     for k in range(r):
         clicks = per_component[:, k]
         who.append(np.repeat(np.arange(rows), clicks))
-        what.append(_draw(rng, items.cdf[k], int(clicks.sum())))
+        what.append(draw(rng, items.cdf[k], int(clicks.sum())))
     who_, what_ = np.concatenate(who), np.concatenate(what)
     matrix = sp.csr_matrix((np.ones(who_.size), (who_, what_)), shape=(rows, n))
     matrix.sum_duplicates()  # repeated clicks are the count
@@ -272,7 +265,7 @@ def rating_block(spec: SyntheticSpec, items: Items, block: int, rows: int) -> Us
 
 def _array(group: Any, name: str, shape: tuple[int, ...], chunk_rows: int) -> Any:
     chunks = (max(1, min(shape[0], chunk_rows)), *shape[1:])
-    return group.create_array(name, shape=shape, dtype="float64", chunks=chunks, attributes=_ARRAY)
+    return group.create_array(name, shape=shape, dtype="float64", chunks=chunks, attributes=ARRAY)
 
 
 def write_ratings_local(path: str, spec: SyntheticSpec, array: str | None) -> None:

@@ -64,10 +64,10 @@ import scipy.sparse as sp
 import zarr
 
 from pipeline.errors import ArtifactExistsError, ConfigError, InputError
-from pipeline.io.anndata_out import ANNDATA, DICT
+from pipeline.io.anndata_out import DICT
 from pipeline.io.owners import written_aside
 from pipeline.io.stores import is_local, split_url
-from pipeline.sparse_datasets import ENTRY_CHUNK, _index_frame
+from pipeline.sparse_datasets import CsrWriter, anndata_skeleton, write_uns
 
 log = logging.getLogger(__name__)
 
@@ -78,89 +78,6 @@ DUPLICATES = ("last", "sum", "mean")
 DEFAULTS = {"user": "userId", "item": "movieId", "rating": "rating"}  # MovieLens
 _SPILL = np.dtype([("row", "<i4"), ("col", "<i4"), ("value", "<f8")])
 _INTEGER = re.compile(r"[+-]?[0-9]+")
-_SCALAR = {"encoding-type": "numeric-scalar", "encoding-version": "0.2.0"}
-_STRING = {"encoding-type": "string", "encoding-version": "0.2.0"}
-_ARRAY = {"encoding-type": "array", "encoding-version": "0.2.0"}
-
-
-# --------------------------------------------------------------------------- store writing
-
-
-class CsrWriter:
-    """A CSR matrix in AnnData's encoding, appended row block by row block.
-
-    ``data`` and ``indices`` grow with each block (chunks of ``ENTRY_CHUNK`` entries);
-    ``indptr`` is kept in memory (``m + 1`` entries) and written by :meth:`close`. Both
-    index arrays are int32 when ``max_entries`` (the entries expected at most) fits, else
-    int64 — one dtype, as scipy makes them (scipy refuses mixed index dtypes in ``tocoo``
-    and friends).
-    """
-
-    def __init__(self, group: Any, shape: tuple[int, int], dtype: str, max_entries: int) -> None:
-        m, n = shape
-        small = max(max_entries, n) <= np.iinfo(np.int32).max
-        self.index_dtype = np.dtype(np.int32 if small else np.int64)
-        group.attrs.update(
-            {"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [m, n]}
-        )
-        self.group = group
-        self.shape = shape
-        self.data = group.create_array("data", shape=(0,), dtype=dtype, chunks=(ENTRY_CHUNK,))
-        self.indices = group.create_array(
-            "indices", shape=(0,), dtype=self.index_dtype, chunks=(ENTRY_CHUNK,)
-        )
-        self.indptr = np.zeros(m + 1, dtype=np.int64)
-        self.rows = 0
-
-    def append(self, block: sp.csr_matrix) -> None:
-        """The next ``block.shape[0]`` rows (canonical CSR: sorted, no duplicates)."""
-        r0, rows = self.rows, block.shape[0]
-        lo = int(self.indptr[r0])
-        hi = lo + block.nnz
-        if hi > np.iinfo(self.index_dtype).max:
-            raise RuntimeError(f"CSR writer: {hi} entries overflow {self.index_dtype} indices")
-        self.data.resize((hi,))
-        self.indices.resize((hi,))
-        self.data[lo:hi] = block.data.astype(self.data.dtype, copy=False)
-        self.indices[lo:hi] = block.indices
-        self.indptr[r0 + 1 : r0 + rows + 1] = lo + block.indptr[1:]
-        self.rows += rows
-
-    def close(self) -> int:
-        """Write ``indptr``; the number of stored entries."""
-        if self.rows != self.shape[0]:
-            raise RuntimeError(f"CSR writer got {self.rows} of {self.shape[0]} rows")
-        ptr = self.group.create_array(
-            "indptr", shape=self.indptr.shape, dtype=self.index_dtype, chunks=(ENTRY_CHUNK,)
-        )
-        ptr[...] = self.indptr.astype(self.index_dtype)
-        return int(self.indptr[-1])
-
-
-def anndata_skeleton(
-    root: Any, obs_names: list[str], var_names: list[str], matrix: str = "X"
-) -> Any:
-    """Make ``root`` an AnnData root: ``obs``/``var`` with these names, the dict groups
-    empty; returns the (empty) group of the matrix, to be filled by :class:`CsrWriter`."""
-    root.attrs.update(ANNDATA)
-    _index_frame(root, "obs", obs_names)
-    _index_frame(root, "var", var_names)
-    for name in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
-        root.create_group(name, attributes=DICT)
-    return root.require_group(matrix)
-
-
-def write_uns(group: Any, values: dict[str, Any]) -> None:
-    """Scalars, strings and 1-D arrays into an AnnData ``uns`` dict group."""
-    for key, value in values.items():
-        if isinstance(value, str):
-            arr = group.create_array(key, shape=(), dtype=str, attributes=_STRING)
-        elif isinstance(value, np.ndarray):
-            arr = group.create_array(key, shape=value.shape, dtype=value.dtype, attributes=_ARRAY)
-        else:
-            value = np.asarray(value)
-            arr = group.create_array(key, shape=(), dtype=value.dtype, attributes=_SCALAR)
-        arr[...] = value
 
 
 # --------------------------------------------------------------------------- reading logs
@@ -221,7 +138,7 @@ class _Log(Protocol):
 
 class _CsvLog:
     def __init__(self, source: str, sep: str) -> None:
-        self.source, self.name, self.sep = source, source, sep
+        self.name, self.sep = source, sep
         self._shape = _Shape(records=0)
 
     @contextmanager
@@ -229,7 +146,7 @@ class _CsvLog:
         import fsspec
 
         try:
-            with fsspec.open(self.source, "rb", compression="infer") as f:
+            with fsspec.open(self.name, "rb", compression="infer") as f:
                 yield f
         except FileNotFoundError:
             raise InputError(f"{self.name}: no such file") from None
@@ -285,7 +202,7 @@ class _CsvLog:
 
 class _ParquetLog:
     def __init__(self, source: str) -> None:
-        self.source, self.name = source, source
+        self.name = source
 
     @contextmanager
     def _file(self) -> Iterator[Any]:
@@ -293,7 +210,7 @@ class _ParquetLog:
 
         pq = _parquet()
         try:
-            with fsspec.open(self.source, "rb") as f:
+            with fsspec.open(self.name, "rb") as f:
                 try:
                     parquet = pq.ParquetFile(f)
                 except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
@@ -490,15 +407,6 @@ class ImportSummary:
         )
 
 
-@dataclass
-class _Pass1:
-    """Pass 1's findings: the distinct items, per user its count."""
-
-    users: Any = None  # pandas Series: user id → lines
-    items: set[str] = field(default_factory=set)
-    first_error: tuple[int, str] | None = None
-
-
 def _rating_error(raw: Any, value: float) -> str:
     text = "" if raw is None else str(raw)
     if not text.strip() or (isinstance(raw, float) and np.isnan(raw)):
@@ -510,12 +418,12 @@ def _rating_error(raw: Any, value: float) -> str:
     return f"rating {text!r} is not finite"
 
 
-def _ratings(frame: Any, rating: str | None) -> np.ndarray | None:
-    """The chunk's ratings as float64 (NaN where not a number); ``None`` without a rating
-    column."""
-    if rating is None:
+def _ratings(frame: Any, cols: list[str]) -> np.ndarray | None:
+    """The chunk's ratings (column ``cols[2]``) as float64 (NaN where not a number);
+    ``None`` without a rating column."""
+    if len(cols) < 3:
         return None
-    return _pandas().to_numeric(frame[rating], errors="coerce").to_numpy(dtype=np.float64)
+    return _pandas().to_numeric(frame[cols[2]], errors="coerce").to_numpy(dtype=np.float64)
 
 
 def _first_bad(frame: Any, values: np.ndarray | None, cols: list[str]) -> tuple[int, str] | None:
@@ -543,18 +451,17 @@ def _ordered(ids: Any) -> list[str]:
     return sorted(ids)
 
 
-def _pass1(src: _Log, cols: list[str], records: int) -> _Pass1:
-    pd = _pandas()
-    user, item = cols[:2]
-    found = _Pass1(users=pd.Series(dtype=np.int64))
+def _pass1(src: _Log, cols: list[str], records: int) -> tuple[Any, set[str]]:
+    """Per user id its lines (a pandas Series) and the distinct item ids of the first
+    ``records`` records; the first bad one raises."""
+    users, items = _pandas().Series(dtype=np.int64), set()
     for start, frame in src.chunks(cols, records):
-        error = _first_bad(frame, _ratings(frame, cols[2] if len(cols) > 2 else None), cols)
+        error = _first_bad(frame, _ratings(frame, cols), cols)
         if error is not None:
-            found.first_error = (start + error[0], error[1])
-            return found
-        found.users = found.users.add(frame[user].value_counts(), fill_value=0)
-        found.items.update(frame[item].unique())
-    return found
+            raise InputError(f"{src.name}: {src.where(start + error[0])}: {error[1]}")
+        users = users.add(frame[cols[0]].value_counts(), fill_value=0)
+        items.update(frame[cols[1]].unique())
+    return users, items
 
 
 def _user_blocks(counts: np.ndarray) -> np.ndarray:
@@ -576,7 +483,7 @@ def _spill(
     """Pass 2: each record as (row in its block, column, value), appended to its block's
     file in file order."""
     for _, frame in src.chunks(cols, records):
-        values = _ratings(frame, cols[2] if len(cols) > 2 else None)
+        values = _ratings(frame, cols)
         rows = index[0].get_indexer(frame[cols[0]])
         columns = index[1].get_indexer(frame[cols[1]])
         block = np.searchsorted(starts, rows, side="right") - 1
@@ -615,19 +522,18 @@ def resolve_duplicates(
     return out, int(key.size - unique.size)
 
 
-def _write_blocks(
-    writer: CsrWriter, starts: np.ndarray, m: int, n: int, folder: str, policy: str
-) -> int:
+def _write_blocks(writer: CsrWriter, starts: np.ndarray, folder: str, policy: str) -> int:
+    """Each spilled block resolved and appended, in order; the duplicates dropped."""
+    m, n = writer.shape
     dropped = 0
     ends = np.append(starts[1:], m)
     for b, (r0, r1) in enumerate(zip(starts, ends, strict=True)):
-        path = os.path.join(folder, f"{b}.bin")
-        rec = np.fromfile(path, dtype=_SPILL) if os.path.exists(path) else np.empty(0, _SPILL)
+        path = os.path.join(folder, f"{b}.bin")  # every user has lines: every block a file
+        rec = np.fromfile(path, dtype=_SPILL)
+        os.remove(path)
         block, d = resolve_duplicates(
             rec["row"], rec["col"], rec["value"], (int(r1 - r0), n), policy
         )
-        if os.path.exists(path):
-            os.remove(path)
         writer.append(block)
         dropped += d
     return dropped
@@ -736,20 +642,17 @@ def import_ratings(
     cols = [user, item] + ([rating] if rating else [])
     log.info("%s: checking the lines and collecting the ids (pass 1 of 2)", src.name)
     shape = src.shape(len(header))
-    found = _pass1(src, cols, shape.records)
-    if found.first_error is not None:
-        record, what = found.first_error
-        raise InputError(f"{src.name}: {src.where(record)}: {what}")
+    lines_per_user, item_ids = _pass1(src, cols, shape.records)
     if shape.error is not None:
         raise InputError(shape.error)
     if shape.records == 0:
         raise InputError(f"{src.name}: no ratings (only a header)")
-    users = _ordered(found.users.index)
-    items = _ordered(found.items)
+    users = _ordered(lines_per_user.index)
+    items = _ordered(item_ids)
     m, n = len(users), len(items)
     pd = _pandas()
     index = (pd.Index(users, dtype=object), pd.Index(items, dtype=object))
-    counts = found.users.reindex(index[0]).to_numpy(dtype=np.int64)
+    counts = lines_per_user.reindex(index[0]).to_numpy(dtype=np.int64)
     starts = _user_blocks(counts)
     log.info("%s: %d users × %d items; writing %s (pass 2 of 2)", src.name, m, n, out)
     old = None
@@ -761,7 +664,7 @@ def import_ratings(
             _spill(src, cols, shape.records, index, starts, spill)
             root = zarr.open_group(aside, mode="w", zarr_format=3)
             writer = CsrWriter(anndata_skeleton(root, users, items), (m, n), dtype, shape.records)
-            dropped = _write_blocks(writer, starts, m, n, spill, policy)
+            dropped = _write_blocks(writer, starts, spill, policy)
             nnz = writer.close()
             write_uns(
                 root["uns"].create_group("ratings_import", attributes=DICT),

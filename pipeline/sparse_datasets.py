@@ -29,6 +29,10 @@ from pipeline.sections import SyntheticSpec
 BLOCK_ROWS = 4096
 ENTRY_CHUNK = 1 << 20  # entries per chunk of data and indices
 TYPES, TOPICS = 8, 20
+# AnnData's encodings of the elements written here (besides ANNDATA and DICT)
+ARRAY = {"encoding-type": "array", "encoding-version": "0.2.0"}
+_SCALAR = {"encoding-type": "numeric-scalar", "encoding-version": "0.2.0"}
+_STRING = {"encoding-type": "string", "encoding-version": "0.2.0"}
 
 
 def _profiles(spec: SyntheticSpec) -> np.ndarray:
@@ -50,6 +54,12 @@ def _draws_per_row(spec: SyntheticSpec) -> float:
     return -n * np.log1p(-min(spec.density, 0.95)) if spec.kind == "sparse" else target * 1.3
 
 
+def draw(rng: np.random.Generator, cdf: np.ndarray, size: int) -> np.ndarray:
+    """``size`` indices drawn ∝ the weights whose cumulative sum is ``cdf``."""
+    picks = np.searchsorted(cdf, rng.random(size) * cdf[-1], side="right")
+    return np.minimum(picks, cdf.size - 1)
+
+
 def sparse_block(spec: SyntheticSpec, profiles: np.ndarray, block: int, rows: int) -> sp.csr_matrix:
     """Rows ``block × BLOCK_ROWS …`` of the matrix, from the block's own seed."""
     n = spec.shape[1]
@@ -69,10 +79,8 @@ def sparse_block(spec: SyntheticSpec, profiles: np.ndarray, block: int, rows: in
         total = int(counts.sum())
         if not total:
             continue
-        cdf = np.cumsum(profiles[t])
-        picks = np.searchsorted(cdf, rng.random(total) * cdf[-1], side="right")
+        cols.append(draw(rng, np.cumsum(profiles[t]), total))
         row_ids.append(np.repeat(np.arange(rows), counts))
-        cols.append(np.minimum(picks, n - 1))
     r = np.concatenate(row_ids) if row_ids else np.zeros(0, dtype=np.int64)
     c = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
     out = sp.csr_matrix((np.ones(r.size, dtype=spec.dtype), (r, c)), shape=(rows, n))
@@ -100,44 +108,106 @@ def _index_frame(group: Any, name: str, labels: list[str]) -> None:
     arr[...] = np.array(labels, dtype=object)
 
 
-def _write_csr(group: Any, spec: SyntheticSpec) -> None:
-    m, n = spec.shape
-    group.attrs.update(
-        {"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [m, n]}
-    )
-    data = group.create_array("data", shape=(0,), dtype=spec.dtype, chunks=(ENTRY_CHUNK,))
-    indices = group.create_array("indices", shape=(0,), dtype="int32", chunks=(ENTRY_CHUNK,))
-    indptr = np.zeros(m + 1, dtype=np.int64)
-    profiles = _profiles(spec)
-    for b, r0 in enumerate(range(0, m, BLOCK_ROWS)):
-        rows = min(BLOCK_ROWS, m - r0)
-        block = sparse_block(spec, profiles, b, rows)
-        lo, hi = int(indptr[r0]), int(indptr[r0]) + block.nnz
-        data.resize((hi,))
-        indices.resize((hi,))
-        data[lo:hi] = block.data
-        indices[lo:hi] = block.indices
-        indptr[r0 + 1 : r0 + rows + 1] = lo + block.indptr[1:]
-    ptr = group.create_array("indptr", shape=(m + 1,), dtype="int64", chunks=(ENTRY_CHUNK,))
-    ptr[...] = indptr
+class CsrWriter:
+    """A CSR matrix in AnnData's encoding, appended row block by row block.
+
+    ``data`` and ``indices`` grow with each block (chunks of ``ENTRY_CHUNK`` entries);
+    ``indptr`` is kept in memory (``m + 1`` entries) and written by :meth:`close`. Both
+    index arrays are int32 when ``max_entries`` (the entries expected at most) fits, else
+    int64 — one dtype, as scipy makes them (scipy refuses mixed index dtypes in ``tocoo``
+    and friends) — unless ``indptr_dtype`` sets indptr's.
+    """
+
+    def __init__(
+        self,
+        group: Any,
+        shape: tuple[int, int],
+        dtype: str,
+        max_entries: int,
+        indptr_dtype: Any = None,
+    ) -> None:
+        m, n = shape
+        small = max(max_entries, n) <= np.iinfo(np.int32).max
+        index_dtype = np.dtype(np.int32 if small else np.int64)
+        self.indptr_dtype = np.dtype(indptr_dtype or index_dtype)
+        group.attrs.update(
+            {"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [m, n]}
+        )
+        self.group = group
+        self.shape = shape
+        self.data = group.create_array("data", shape=(0,), dtype=dtype, chunks=(ENTRY_CHUNK,))
+        self.indices = group.create_array(
+            "indices", shape=(0,), dtype=index_dtype, chunks=(ENTRY_CHUNK,)
+        )
+        self.indptr = np.zeros(m + 1, dtype=np.int64)
+        self.rows = 0
+
+    def append(self, block: sp.csr_matrix) -> None:
+        """The next ``block.shape[0]`` rows (canonical CSR: sorted, no duplicates)."""
+        r0, rows = self.rows, block.shape[0]
+        lo = int(self.indptr[r0])
+        hi = lo + block.nnz
+        if hi > np.iinfo(self.indptr_dtype).max:
+            raise RuntimeError(f"CSR writer: {hi} entries overflow {self.indptr_dtype} indices")
+        self.data.resize((hi,))
+        self.indices.resize((hi,))
+        self.data[lo:hi] = block.data.astype(self.data.dtype, copy=False)
+        self.indices[lo:hi] = block.indices
+        self.indptr[r0 + 1 : r0 + rows + 1] = lo + block.indptr[1:]
+        self.rows += rows
+
+    def close(self) -> int:
+        """Write ``indptr``; the number of stored entries."""
+        if self.rows != self.shape[0]:
+            raise RuntimeError(f"CSR writer got {self.rows} of {self.shape[0]} rows")
+        ptr = self.group.create_array(
+            "indptr", shape=self.indptr.shape, dtype=self.indptr_dtype, chunks=(ENTRY_CHUNK,)
+        )
+        ptr[...] = self.indptr.astype(self.indptr_dtype)
+        return int(self.indptr[-1])
+
+
+def anndata_skeleton(
+    root: Any, obs_names: list[str], var_names: list[str], matrix: str = "X"
+) -> Any:
+    """Make ``root`` an AnnData root: ``obs``/``var`` with these names, the dict groups
+    empty; returns the (empty) group of the matrix, to be filled by :class:`CsrWriter`."""
+    root.attrs.update(ANNDATA)
+    _index_frame(root, "obs", obs_names)
+    _index_frame(root, "var", var_names)
+    for name in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+        root.create_group(name, attributes=DICT)
+    return root.require_group(matrix)
+
+
+def write_uns(group: Any, values: dict[str, Any]) -> None:
+    """Scalars, strings and 1-D arrays into an AnnData ``uns`` dict group."""
+    for key, value in values.items():
+        if isinstance(value, str):
+            arr = group.create_array(key, shape=(), dtype=str, attributes=_STRING)
+        elif isinstance(value, np.ndarray):
+            arr = group.create_array(key, shape=value.shape, dtype=value.dtype, attributes=ARRAY)
+        else:
+            value = np.asarray(value)
+            arr = group.create_array(key, shape=(), dtype=value.dtype, attributes=_SCALAR)
+        arr[...] = value
 
 
 def write_sparse_local(path: str, spec: SyntheticSpec, array: str | None) -> None:
     """Write the recipe into a hidden sibling folder, then rename it into place."""
+    m, n = spec.shape
     with written_aside(path) as aside:
-        root = zarr.open_group(aside, mode="w", zarr_format=3)
+        group = zarr.open_group(aside, mode="w", zarr_format=3)
         if array:
-            root.attrs.update(ANNDATA)
-            m, n = spec.shape
             rows, cols = ("doc", "term") if spec.kind == "counts" else ("cell", "gene")
-            _index_frame(root, "obs", [f"{rows}_{i}" for i in range(m)])
-            _index_frame(root, "var", [f"{cols}_{j}" for j in range(n)])
-            for g in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
-                root.create_group(g, attributes=DICT)
-            target = root.require_group(array)
-        else:
-            target = root
-        _write_csr(target, spec)
+            obs, var = [f"{rows}_{i}" for i in range(m)], [f"{cols}_{j}" for j in range(n)]
+            group = anndata_skeleton(group, obs, var, array)
+        # int32 indices (columns), int64 indptr
+        writer = CsrWriter(group, (m, n), spec.dtype, 0, indptr_dtype=np.int64)
+        profiles = _profiles(spec)
+        for b, r0 in enumerate(range(0, m, BLOCK_ROWS)):
+            writer.append(sparse_block(spec, profiles, b, min(BLOCK_ROWS, m - r0)))
+        writer.close()
 
 
 def cell_type_counts(
