@@ -48,19 +48,29 @@ def fetch(*persisted: Any) -> tuple[Any, ...]:
 
 
 def stack_row_blocks(blocks: list[Any], like: da.Array, width: int, prefix: str) -> da.Array:
-    """Row blocks (``Delayed``, persisted or not) as one dask array with ``like``'s row chunks.
+    """Row blocks (``Delayed``, persisted or not) as one dask array with ``like``'s row chunks
+    (dense blocks, also when ``like``'s are sparse; see :func:`stack_blocks`)."""
+    return stack_blocks(blocks, like.chunks[0], width, prefix, dense_meta(like))
+
+
+def stack_blocks(
+    blocks: list[Any], chunks: tuple[int, ...], width: int, prefix: str, meta: Any = None
+) -> da.Array:
+    """Row blocks (``Delayed``, persisted or not; other values are wrapped) as one dask array
+    with row ``chunks``, ``width`` columns and ``meta``'s type and dtype (default: float64
+    numpy).
 
     One layer of aliases straight to the block keys, named after them. (Not
     ``da.concatenate`` of ``da.from_delayed`` pieces: once an optimized graph fused those
     two layers, a later graph with the unfused ``concatenate-…`` keys redefined them, which
     the distributed scheduler reports as "Detected different `run_spec`".)
     """
+    meta = np.empty((0, 0)) if meta is None else meta
     blocks = [b if isinstance(b, Delayed) else delayed(b, pure=True) for b in blocks]
-    name = f"{prefix}-{tokenize([b.key for b in blocks], like.dtype, width)}"
+    name = f"{prefix}-{tokenize([b.key for b in blocks], meta.dtype, width)}"
     layer = {(name, i, 0): Alias((name, i, 0), b.key) for i, b in enumerate(blocks)}
     graph = HighLevelGraph.from_collections(name, layer, dependencies=blocks)
-    meta = dense_meta(like)  # dense blocks, also when ``like``'s are sparse
-    return da.Array(graph, name, (like.chunks[0], (width,)), dtype=like.dtype, meta=meta)
+    return da.Array(graph, name, (tuple(chunks), (width,)), dtype=meta.dtype, meta=meta)
 
 
 def _cull_only(dsk: Any, keys: Any, **kwargs: Any) -> Any:

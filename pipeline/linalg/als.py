@@ -106,6 +106,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -115,14 +116,12 @@ import dask
 import dask.array as da
 import numpy as np
 import scipy.sparse as sp
-from dask._task_spec import Alias
 from dask.base import tokenize
 from dask.delayed import Delayed, delayed
-from dask.highlevelgraph import HighLevelGraph
 
 from pipeline.cost import Cost
 from pipeline.errors import InputError
-from pipeline.linalg._graph import fetch, persist
+from pipeline.linalg._graph import fetch, persist, stack_blocks
 from pipeline.linalg._validation import (
     as_matrix,
     check_bool,
@@ -699,23 +698,6 @@ def _side_trace(side: _Side) -> float:
 # --------------------------------------------------------------------------- graph helpers
 
 
-def _stack(
-    blocks: list[Any], chunks: tuple[int, ...], width: int, meta: Any, prefix: str
-) -> da.Array:
-    """Blocks (``Delayed``) as one dask array with ``chunks`` rows and ``meta``'s type and
-    dtype, one Alias layer (see :func:`pipeline.linalg._graph.stack_row_blocks`, which
-    only knows dense float metas)."""
-    blocks = [b if isinstance(b, Delayed) else delayed(b, pure=True) for b in blocks]
-    name = f"{prefix}-{tokenize([b.key for b in blocks], chunks, width)}"
-    layer = {(name, i, 0): Alias((name, i, 0), b.key) for i, b in enumerate(blocks)}
-    graph = HighLevelGraph.from_collections(name, layer, dependencies=blocks)
-    return da.Array(graph, name, (chunks, (width,)), dtype=meta.dtype, meta=meta)
-
-
-def _dense_meta() -> np.ndarray:
-    return np.empty((0, 0), dtype=np.float64)
-
-
 def _sparse_meta() -> sp.csr_matrix:
     return sp.csr_matrix((0, 0), dtype=np.float64)
 
@@ -740,10 +722,6 @@ def _init_rows(lo: int, hi: int, width: int, seed: int, side: int, implicit: boo
     return out
 
 
-def _getitem(x: Any, i: int) -> Any:
-    return x[i]
-
-
 @dataclass
 class _Layouts:
     """The ratings in both layouts (``Delayed`` blocks, persisted when kept)."""
@@ -754,13 +732,17 @@ class _Layouts:
     held_items: list[Any]
 
 
-def _row_split_tasks(a: da.Array, fraction: float, seed: int, implicit: bool) -> list[Delayed]:
+def _row_splits(
+    a: da.Array, fraction: float, seed: int, implicit: bool
+) -> tuple[list[Delayed], list[Delayed]]:
+    """The ``(train, validation)`` CSR row blocks of ``a`` (see :func:`split_block`)."""
     n = a.shape[1]
     blocks = a.to_delayed(optimize_graph=False)[:, 0].tolist()
-    return [
+    splits = [
         delayed(split_block, nout=2, pure=True)(b, off, n, fraction, seed, implicit)
         for b, off in zip(blocks, _offsets(a.chunks[0]), strict=True)
     ]
+    return [s[0] for s in splits], [s[1] for s in splits]
 
 
 def _item_layout(
@@ -772,7 +754,7 @@ def _item_layout(
     pieces = [delayed(column_pieces, pure=True)(b, bounds) for b in rows]
     return [
         delayed(stack_pieces, pure=True)(
-            offsets, m, *[delayed(_getitem, pure=True)(p, j) for p in pieces]
+            offsets, m, *[delayed(operator.getitem, pure=True)(p, j) for p in pieces]
         )
         for j in range(len(item_chunks))
     ]
@@ -876,9 +858,7 @@ def _first_pass(
 ) -> _FirstPass:
     """Read ``a`` once: check, split, count; build (and with ``keep`` persist) the item
     layout, in the item chunks ``items`` or that many blocks of about equal work."""
-    splits = _row_split_tasks(a, fraction, vseed, opts.alpha is not None)
-    train = [s[0] for s in splits]
-    held = [s[1] for s in splits]
+    train, held = _row_splits(a, fraction, vseed, opts.alpha is not None)
     stats = [delayed(_split_stats, pure=True)(t, h) for t, h in zip(train, held, strict=True)]
     if keep:
         train, held, stats = persist(train, held, stats)
@@ -900,9 +880,7 @@ def _first_pass(
         item_chunks = items
     layouts = _Layouts(train, held, [], [])
     if keep:
-        layouts.train_items = _item_layout(train, a.chunks[0], item_chunks)
-        scored = fraction and opts.alpha is None  # only explicit hold-outs are scored
-        layouts.held_items = _item_layout(held, a.chunks[0], item_chunks) if scored else []
+        layouts = _layouts(a, fraction, vseed, opts, item_chunks, (train, held))
         layouts.train_items, layouts.held_items = persist(layouts.train_items, layouts.held_items)
     return _FirstPass(
         layouts=layouts,
@@ -918,8 +896,6 @@ def _first_pass(
 
 
 def _initial_state(
-    m: int,
-    n: int,
     row_chunks: tuple[int, ...],
     item_chunks: tuple[int, ...],
     opts: _Options,
@@ -996,10 +972,10 @@ def _summarize(
     return entry
 
 
-def _sum_stats(stats: Sequence[np.ndarray]) -> np.ndarray:
-    total = np.zeros(N_STATS)
-    for s in stats:  # fixed order: bit-for-bit reproducible
-        total = total + s
+def _sum_parts(parts: Sequence[np.ndarray]) -> np.ndarray:
+    total = np.zeros_like(parts[0])
+    for p in parts:  # fixed order: bit-for-bit reproducible
+        total = total + p
     return total
 
 
@@ -1068,7 +1044,7 @@ def als(
         option, a state that does not fit ``a``.
     """
     a = _as_ratings(a)
-    m, n = a.shape
+    n = a.shape[1]
     _check_options(
         a, rank, reg, iterations, tol, alpha, biases, seed, validation_fraction,
         validation_seed, solver, cg_steps, cg_dtype, keep, batch_bytes, item_blocks,
@@ -1082,17 +1058,16 @@ def als(
     first = _first_pass(a, opts, validation_fraction, validation_seed, keep, items)
     item_chunks = first.item_chunks
     if state is None:
-        state = _initial_state(m, n, row_chunks, item_chunks, opts, seed)
+        state = _initial_state(row_chunks, item_chunks, opts, seed)
     state.row_chunks, state.item_chunks = row_chunks, item_chunks
     state.u, state.v = persist(list(state.u), list(state.v))
     mean = first.mean if biases else None
     lay = first.layouts
-    held = validation_fraction > 0 and alpha is None
     while state.iteration < iterations and not state.converged:
         t0 = time.perf_counter()
         if not keep:
-            lay = _lazy_layouts(a, validation_fraction, validation_seed, opts, item_chunks)
-        entry = _iterate(state, lay, opts, mean, first.nnz_train, held, keep)
+            lay = _layouts(a, validation_fraction, validation_seed, opts, item_chunks)
+        entry = _iterate(state, lay, opts, mean, first.nnz_train, keep)
         entry["seconds"] = time.perf_counter() - t0
         prev = state.history[-1]["objective"] if state.history else None
         state.history.append(entry)
@@ -1106,12 +1081,18 @@ def als(
     return _result(a, state, first, opts, keep, validation_fraction, validation_seed)
 
 
-def _lazy_layouts(
-    a: da.Array, fraction: float, vseed: int, opts: _Options, item_chunks: tuple[int, ...]
+def _layouts(
+    a: da.Array,
+    fraction: float,
+    vseed: int,
+    opts: _Options,
+    item_chunks: tuple[int, ...],
+    splits: tuple[list[Any], list[Any]] | None = None,
 ) -> _Layouts:
-    splits = _row_split_tasks(a, fraction, vseed, opts.alpha is not None)
-    train, held = [s[0] for s in splits], [s[1] for s in splits]
-    scored = fraction and opts.alpha is None
+    """Both layouts from the row ``splits`` (default: read ``a`` again); the hold-out's item
+    layout only for explicit ratings (only those are scored in the item step)."""
+    train, held = splits or _row_splits(a, fraction, vseed, opts.alpha is not None)
+    scored = fraction > 0 and opts.alpha is None
     held_items = _item_layout(held, a.chunks[0], item_chunks) if scored else []
     return _Layouts(train, held, _item_layout(train, a.chunks[0], item_chunks), held_items)
 
@@ -1122,7 +1103,6 @@ def _iterate(
     opts: _Options,
     mean: float | None,
     nnz: int,
-    held: bool,
     keep: bool,
 ) -> dict[str, float]:
     """One iteration: the user step, then the item step; one graph (two without ``keep``:
@@ -1135,7 +1115,7 @@ def _iterate(
     if not keep:  # read a again for the item step, after the user step is done
         new_u, user_stats, trace_v = persist(new_u, user_stats, trace_v)
     side_u = delayed(make_side, pure=True)(new_u, opts, mean)
-    held_items = lay.held_items if held else None
+    held_items = lay.held_items or None  # [] when nothing is scored
     items = _step_tasks(ITEM_STEP, lay.train_items, held_items, side_u, state.v, opts)
     new_v = [t[0] for t in items]
     item_stats = [t[1] for t in items]
@@ -1145,8 +1125,7 @@ def _iterate(
     )
     got = fetch(*user_stats, *item_stats, trace_v, trace_u)
     nu = len(user_stats)
-    user_sum = _sum_stats(got[:nu])
-    item_sum = _sum_stats(got[nu : nu + len(item_stats)])
+    user_sum, item_sum = _sum_parts(got[:nu]), _sum_parts(got[nu:-2])
     state.u, state.v = list(new_u), list(new_v)
     return _summarize(user_sum, item_sum, (got[-2], got[-1]), opts, nnz)
 
@@ -1160,16 +1139,16 @@ def _result(
     fraction: float,
     vseed: int,
 ) -> ALSResult:
-    _m, n = a.shape
+    n = a.shape[1]
     k, width = opts.rank, opts.width
-    u_ext = _stack(state.u, state.row_chunks, width, _dense_meta(), f"als-u-{state.iteration}")
-    v_ext = _stack(state.v, state.item_chunks, width, _dense_meta(), f"als-v-{state.iteration}")
-    lay = first.layouts
-    if not keep:
-        lay = _lazy_layouts(a, fraction, vseed, opts, state.item_chunks)
-    train = _stack(lay.train_rows, a.chunks[0], n, _sparse_meta(), "als-train")
+    u_ext = stack_blocks(state.u, state.row_chunks, width, f"als-u-{state.iteration}")
+    v_ext = stack_blocks(state.v, state.item_chunks, width, f"als-v-{state.iteration}")
+    rows = (first.layouts.train_rows, first.layouts.held_rows)
+    if not keep:  # the row blocks only: read a again
+        rows = _row_splits(a, fraction, vseed, opts.alpha is not None)
+    train = stack_blocks(rows[0], a.chunks[0], n, "als-train", _sparse_meta())
     validation = (
-        _stack(lay.held_rows, a.chunks[0], n, _sparse_meta(), "als-validation")
+        stack_blocks(rows[1], a.chunks[0], n, "als-validation", _sparse_meta())
         if fraction > 0
         else None
     )
@@ -1204,20 +1183,10 @@ def _result(
 def state_arrays(state: ALSState) -> tuple[dict[str, da.Array], dict[str, np.ndarray], dict]:
     """A state as checkpoint pieces: ``tall`` ``{"U": users × k'}`` (``a``'s row chunks),
     ``small`` ``{"V": items × k'}`` (computed here) and JSON ``extra`` (the item chunks)."""
-    u = _stack(state.u, tuple(state.row_chunks), _width(state), _dense_meta(), "als-state-u")
     (v_blocks,) = dask.compute(list(state.v))
-    return (
-        {"U": u},
-        {"V": np.concatenate(v_blocks, axis=0)},
-        {"item_chunks": [int(c) for c in state.item_chunks]},
-    )
-
-
-def _width(state: ALSState) -> int:
-    first = state.u[0]
-    if isinstance(first, Delayed):
-        (first,) = dask.compute(first)
-    return int(np.shape(first)[1])
+    v = np.concatenate(v_blocks, axis=0)  # U has V's width (rank, + the bias column)
+    u = stack_blocks(state.u, state.row_chunks, v.shape[1], "als-state-u")
+    return {"U": u}, {"V": v}, {"item_chunks": [int(c) for c in state.item_chunks]}
 
 
 def state_from_arrays(
@@ -1227,15 +1196,10 @@ def state_from_arrays(
     ``iteration``, ``history`` and ``converged``)."""
     u = tall["U"]
     item_chunks = tuple(int(c) for c in state["item_chunks"])
-    if "V" in small:
-        bounds = np.cumsum(item_chunks)[:-1]
-        v_blocks: list[Any] = np.split(np.asarray(small["V"], dtype=np.float64), bounds)
-    else:
-        v = tall["V"].rechunk((item_chunks, tall["V"].shape[1]))
-        v_blocks = v.to_delayed(optimize_graph=False)[:, 0].tolist()
+    bounds = np.cumsum(item_chunks)[:-1]
     return ALSState(
         u=u.to_delayed(optimize_graph=False)[:, 0].tolist(),
-        v=v_blocks,
+        v=np.split(np.asarray(small["V"], dtype=np.float64), bounds),
         iteration=int(state["iteration"]),
         history=list(state["history"]),
         converged=bool(state["converged"]),
@@ -1350,12 +1314,9 @@ def _aligned(x: Any, chunks: tuple[int, ...]) -> list[Any] | None:
     if x is None:
         return None
     if not isinstance(x, da.Array):
-        x = np.asarray(x) if not sp.issparse(x) else sp.csr_matrix(x)
-        bounds = np.cumsum(chunks)[:-1]
-        if sp.issparse(x):
-            edges = [0, *bounds.tolist(), x.shape[0]]
-            return [x[lo:hi] for lo, hi in itertools.pairwise(edges)]
-        return list(np.split(x, bounds))
+        x = sp.csr_matrix(x) if sp.issparse(x) else np.asarray(x)
+        edges = [0, *np.cumsum(chunks).tolist()]
+        return [x[lo:hi] for lo, hi in itertools.pairwise(edges)]
     if x.ndim == 2 and len(x.chunks[1]) > 1:
         x = x.rechunk({1: -1})
     if tuple(x.chunks[0]) != tuple(chunks):
@@ -1397,20 +1358,20 @@ def top_n(
     if block_items is not None:
         check_int(block_items, "block_items", low=1)
     chunks = tuple(int(c) for c in u.chunks[0])
-    pack = delayed(_item_pack, pure=True)(v, item_bias, global_mean)
-    user_off = _aligned(user_bias, chunks)
-    if user_off is not None or global_mean is not None:
-        user_off = user_off or [None] * len(chunks)
+    # A key of its own per call: two top-N graphs of the same factors (recommend, the
+    # ranking metrics) would otherwise define one key with different specs (distributed
+    # refuses a redefined run_spec, and a reused key can hand one graph the other's result).
+    pack = delayed(_item_pack, pure=False)(v, item_bias, global_mean)
+    user_off = _aligned(user_bias, chunks) or [None] * len(chunks)
     seen_blocks = _aligned(seen, chunks) or [None] * len(chunks)
     u_blocks = u.to_delayed(optimize_graph=False)[:, 0].tolist()
     tasks = [
-        delayed(top_block, nout=2, pure=True)(
-            ub, pack, n, user_off[i] if user_off else None, seen_blocks[i], block_items
-        )
+        delayed(top_block, nout=2, pure=True)(ub, pack, n, user_off[i], seen_blocks[i], block_items)
         for i, ub in enumerate(u_blocks)
     ]
-    ids = _stack([t[0] for t in tasks], chunks, n, np.empty((0, 0), np.int64), "als-top-items")
-    scores = _stack([t[1] for t in tasks], chunks, n, _dense_meta(), "als-top-scores")
+    int_meta = np.empty((0, 0), dtype=np.int64)
+    ids = stack_blocks([t[0] for t in tasks], chunks, n, "als-top-items", int_meta)
+    scores = stack_blocks([t[1] for t in tasks], chunks, n, "als-top-scores")
     return ids, scores
 
 
@@ -1482,13 +1443,6 @@ def ranking_metrics(
     if compute:
         (out,) = dask.compute(out)
     return out
-
-
-def _sum_parts(parts: list[np.ndarray]) -> np.ndarray:
-    total = np.zeros(4)
-    for p in parts:
-        total = total + p
-    return total
 
 
 def _ratio(total: np.ndarray, num: int, den: int) -> float:
