@@ -87,13 +87,9 @@ class Checkpoints:
         self.fs.pipe_file(f"{tmp}/{STATE}", json.dumps(state).encode())
 
     def load(
-        self,
-        identity: dict[str, Any],
-        row_chunks: tuple[int, ...],
-        chunks: dict[str, tuple[int, ...]] | None = None,
+        self, identity: dict[str, Any], row_chunks: tuple[int, ...]
     ) -> tuple[dict[str, Any], dict[str, da.Array], dict[str, np.ndarray]]:
-        """``(state, tall arrays with these row chunks, small arrays)`` of the checkpoint
-        (``chunks``: other row chunks for some tall arrays, e.g. ALS's item factors).
+        """``(state, tall arrays with these row chunks, small arrays)`` of the checkpoint.
 
         Raises
         ------
@@ -116,9 +112,9 @@ class Checkpoints:
             if key.endswith(".zarr"):
                 store = self.out.at(path).zarr_store(read_only=True)
                 arr = zarr.open_array(store=store, mode="r")
-                name = key.removesuffix(".zarr")
-                rows = (chunks or {}).get(name, row_chunks)
-                tall[name] = da.from_zarr(arr, chunks=(rows, *arr.shape[1:]))
+                tall[key.removesuffix(".zarr")] = da.from_zarr(
+                    arr, chunks=(row_chunks, *arr.shape[1:])
+                )
             elif key.endswith(".npy"):
                 with self.fs.open(path, "rb") as f:
                     small[key.removesuffix(".npy")] = np.load(f)

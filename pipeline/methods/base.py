@@ -334,10 +334,7 @@ class CheckpointStore(Protocol):
     ) -> None: ...
 
     def load(
-        self,
-        identity: dict[str, Any],
-        row_chunks: tuple[int, ...],
-        chunks: dict[str, tuple[int, ...]] | None = None,
+        self, identity: dict[str, Any], row_chunks: tuple[int, ...]
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]: ...
 
 
