@@ -49,6 +49,7 @@ from pipeline.config import ClusterSpec, InputSpec, SyntheticSpec
 from pipeline.datasets import write_synthetic
 from pipeline.io import open_matrix
 from pipeline.linalg import nmf, row_blocks, rsvd, tsqr
+from pipeline.memory import scheduler_workers
 
 FULL = (2_000_000, 256, 125_000)  # rows, columns, rows per chunk
 TINY = (20_000, 64, 2_500)
@@ -179,7 +180,7 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     cpu_cluster = LocalCluster(**local_defaults(ClusterSpec()))
     with Client(cpu_cluster) as client:
-        workers = len(client.scheduler_info()["workers"])
+        workers = len(scheduler_workers(client))
         print(f"CPU: {workers} worker processes × 1 thread ({available_cores()} cores)")
         x = in_memory(source, False, chunk)
         for name, run in methods.items():

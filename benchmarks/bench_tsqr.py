@@ -71,6 +71,7 @@ from pipeline.config import ClusterSpec, SyntheticSpec
 from pipeline.datasets import write_synthetic
 from pipeline.linalg import _kernels as kernels
 from pipeline.linalg import row_blocks, tsqr
+from pipeline.memory import scheduler_workers
 from pipeline.metrics import gram, orthogonality_from_gram
 
 FULL_SHAPE = (4_000_000, 64)
@@ -329,7 +330,7 @@ def summarize_messages(messages: list[str], limit: int = 10) -> None:
 def main_benchmark(src: Path, work: Path, input_bytes: int, repeats: int) -> None:
     out = work / "q_out.zarr"
     with cluster() as client:
-        mem = sum(w["memory_limit"] for w in client.scheduler_info()["workers"].values())
+        mem = sum(w["memory_limit"] for w in scheduler_workers(client).values())
         print(
             f"cluster: 2 workers × 1 thread, {mem / 2**30:.1f} GiB memory_limit in total, "
             f"BLAS threads per worker: {blas_threads(client)}"
@@ -435,7 +436,7 @@ def wait_watching(
         except Exception as exc:
             return f"FAILED: {type(exc).__name__}: {str(exc)[:200]}"
         now = time.perf_counter()
-        if client.scheduler_info()["workers"]:
+        if scheduler_workers(client):
             last_seen = now
         if now - start > timeout:
             return f"GAVE UP: not finished after {timeout:.0f} s"
@@ -462,7 +463,7 @@ def ooc_attempt(
     try:
         with cluster(per_worker, n_workers) as client:
             os.sync()
-            before = set(client.scheduler_info()["workers"])
+            before = set(scheduler_workers(client))
             sampler = MemorySampler()
             t0 = time.perf_counter()
             with sampler.sample("ooc", measure="process", interval=0.25):
@@ -471,7 +472,7 @@ def ooc_attempt(
             elapsed = time.perf_counter() - t0
             if status == "finished":
                 status += f" ({format_phases(future.result()[1])})"
-            after = set(client.scheduler_info()["workers"])
+            after = set(scheduler_workers(client))
             replaced = len(before - after)
             print(
                 f"  status: {status}\n  time {elapsed:.2f} s; peak cluster process memory "

@@ -15,7 +15,7 @@ import dask.array as da
 from distributed import Client
 
 from pipeline.errors import ClusterError, ConfigError, WorkersTimeoutError, first_line
-from pipeline.memory import PERSIST_FRACTION, Workers, will_keep, workers_of
+from pipeline.memory import PERSIST_FRACTION, Workers, scheduler_workers, will_keep, workers_of
 from pipeline.sections import ClusterSpec
 
 if TYPE_CHECKING:
@@ -163,7 +163,7 @@ def _kind_client(spec: ClusterSpec) -> Iterator[Client]:
         cluster = _take_prestarted(spec) or _local_cluster(spec)
     try:
         with Client(cluster, set_as_default=True) as client:
-            info = client.scheduler_info()["workers"].values()
+            info = scheduler_workers(client).values()
             total = sum(w.get("memory_limit", 0) for w in info)
             log.info(
                 "started %s with %d workers × %d threads, %.1f GiB memory; dashboard: %s",
@@ -248,7 +248,7 @@ def _warm_up(cluster: LocalCluster) -> None:
     from distributed import fire_and_forget
 
     with Client(cluster, set_as_default=False) as client:
-        for address in client.scheduler_info(n_workers=-1)["workers"]:
+        for address in scheduler_workers(client):
             for module in KERNEL_MODULES:
                 task = client.submit(
                     importlib.import_module,
@@ -431,7 +431,7 @@ def wait_for_workers(client: Client, n: int, timeout: float) -> None:
     try:
         client.wait_for_workers(n, timeout=timeout)
     except TimeoutError:
-        have = len(client.scheduler_info(n_workers=-1)["workers"])
+        have = len(scheduler_workers(client))
         raise WorkersTimeoutError(
             f"cluster.wait_for_workers: {have} of {n} workers after {timeout:g} s; did the "
             "worker jobs start? (raise wait_for_workers.timeout or check the queue)"
@@ -568,7 +568,7 @@ class _MemoryWatchdog:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                workers = self.client.scheduler_info(n_workers=-1)["workers"]
+                workers = scheduler_workers(self.client)
             except Exception:  # the client is closing: nothing left to watch
                 return
             self.error = self._judge(workers)

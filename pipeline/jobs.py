@@ -43,7 +43,7 @@ from pipeline.io.owners import remove_stale_staging
 from pipeline.io.preflight import check_input_creatable, check_output_apart, check_output_writable
 from pipeline.io.source import InputManifest, locate_input, open_matrix
 from pipeline.io.stores import location_of
-from pipeline.memory import measure_peaks
+from pipeline.memory import measure_peaks, scheduler_workers
 from pipeline.methods import METHODS, RunContext
 from pipeline.plan import JobPlan, ModelJobPlan, plan_run
 from pipeline.progress import Progress
@@ -304,7 +304,7 @@ def compute(run: PreparedRun, index: int) -> dict[str, Any]:
     result["memory"] = {"predicted_peak": job_plan.methods[index].peak, **peaks.to_dict()}
     result["seconds"] = time.perf_counter() - t0
     if client is not None:  # provenance: which cluster computed it
-        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        workers = scheduler_workers(client).values()
         result["dask"] = {
             "scheduler": redact(client.scheduler.address),
             "workers": len(workers),

@@ -75,11 +75,21 @@ class Workers:
         return self.count * data_memory(self.memory_limit)
 
 
+def scheduler_workers(client: Client) -> dict[str, dict[str, Any]]:
+    """The scheduler's record of each worker (address → info), fetched now.
+
+    Not ``client.scheduler_info()``: the client's own refresh every 2 s stores an identity
+    without workers, and it can land between that call's fetch and its return — a job
+    then saw a cluster of 0 workers.
+    """
+    return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+
+
 def workers_of(client: Client | None) -> Workers | None:
     """The running cluster's :class:`Workers` (``None`` without a client or workers)."""
     if client is None:
         return None
-    info = list(client.scheduler_info(n_workers=-1)["workers"].values())
+    info = list(scheduler_workers(client).values())
     if not info:
         return None
     limits = [int(w.get("memory_limit") or 0) for w in info]

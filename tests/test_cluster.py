@@ -49,10 +49,11 @@ def test_address_cluster_and_keep_in_memory(dist_client):
     import dask.array as da
 
     from pipeline.cluster import cluster_from_spec, keep_in_memory
+    from pipeline.memory import scheduler_workers
 
     spec = ClusterSpec(kind="address", address=dist_client.scheduler.address)
     with cluster_from_spec(spec) as c:
-        assert len(c.scheduler_info()["workers"]) == 2
+        assert len(scheduler_workers(c)) == 2
         small = da.ones((100, 10), chunks=(50, 10))
         kept, persisted = keep_in_memory(small, c)
         assert persisted and kept is not small
@@ -60,3 +61,14 @@ def test_address_cluster_and_keep_in_memory(dist_client):
         huge = da.ones((10**7, 10**4), chunks=(10**4, 10**4))  # 800 GB, never computed
         same, persisted = keep_in_memory(huge, c)
         assert not persisted and same is huge
+
+
+def test_scheduler_workers_does_not_read_the_clients_refreshed_cache(dist_client):
+    """The client's periodic refresh (every 2 s) caches an identity without workers; a
+    report that read it counted 0 workers on a 1-worker cluster (CI, scheduler-file job)."""
+    from pipeline.memory import scheduler_workers, workers_of
+
+    dist_client.sync(dist_client._update_scheduler_info)  # what the periodic callback does
+    assert dist_client._scheduler_identity["workers"] == {}  # the cache a race could return
+    assert len(scheduler_workers(dist_client)) == 2
+    assert workers_of(dist_client).count == 2
