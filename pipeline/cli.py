@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
@@ -21,11 +23,12 @@ from pipeline.errors import ConfigError, FactorizeError, UserError, first_line, 
 from pipeline.lifetime import (
     DEFAULT_IDLE_MINUTES,
     DEFAULT_PORT,
+    UNWIND_GRACE_S,
     ApiChoice,
     OwnedServer,
     Terminated,
     prefect_home,
-    raise_on_sigterm,
+    raise_on_signals,
     read_owned_server,
     start_api_server,
     start_owned_server,
@@ -555,10 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``factorize`` command in this process (the console script,
     :func:`pipeline.launcher.entry`, may hand ``run`` to a warm runner instead)."""
+    global _said
+    _said = threading.Lock()  # a verdict per command (tests call main more than once)
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     _logs_to_stdout()
-    raise_on_sigterm()
+    raise_on_signals(_end_overdue, UNWIND_GRACE_S)
     if lifetime.warm_run_of is not None:
         log.debug("warm run: this process was forked by the warm runner %d", lifetime.warm_run_of)
     try:
@@ -581,10 +586,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _end_overdue(signum: int) -> None:
+    """End a run still unwinding long after its signal (see :func:`raise_on_signals`)."""
+    terminated = signum == signal.SIGTERM
+    log.warning(
+        "the run did not end within %g s of the signal (Prefect's report of the crash did "
+        "not return): exiting without it; Prefect may show the flow run as still running",
+        UNWIND_GRACE_S,
+    )
+    _say("factorize: terminated" if terminated else "factorize: interrupted")
+    logging.shutdown()
+    os._exit(143 if terminated else 130)
+
+
+_said = threading.Lock()  # held once the verdict is out: one line, whichever thread says it
+
+
 def _say(line: str) -> None:
     """The final verdict: one line, secrets masked (third-party messages can hold them)."""
     from pipeline.secrets import scrub
 
+    if not _said.acquire(blocking=False):
+        return
     lines = scrub(line).strip().splitlines()
     stream = _verdict or sys.stderr
     print(lines[0] if lines else "factorize: failed", file=stream, flush=True)

@@ -79,19 +79,36 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread (an interrupt: ``except Exception`` skips it)."""
 
 
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()
+UNWIND_GRACE_S = 45.0  # after SIGINT or SIGTERM, the longest a run may take to end
 
 
-def raise_on_sigterm() -> None:
-    """Make SIGTERM raise :class:`Terminated` in the main thread.
+def raise_on_signals(on_overdue: Callable[[int], None], grace: float = UNWIND_GRACE_S) -> None:
+    """Make SIGINT raise ``KeyboardInterrupt`` and SIGTERM :class:`Terminated` in the main
+    thread, and bound how long the run may then take to end: ``on_overdue(signum)`` runs
+    in a timer thread if this process is still alive ``grace`` seconds after the first of
+    them (it should end the process).
 
-    Prefect's flow engine swaps in its own handler while a flow runs (it raises
-    ``TerminationSignal``, marks the flow run crashed, then restores this handler and sends
-    SIGTERM again), so a run ends in :class:`Terminated` either way.
+    The bound is for Prefect's crash report: once the interrupt has unwound our code (the
+    staging folder removed, the cluster closed) Prefect sends the flow run's CRASHED
+    state, and retries an API that answers slowly or with errors for minutes (5 retries
+    with backoff, each up to its request timeout) — seen once with the temporary server
+    under load. Prefect's flow engine swaps in its own SIGTERM handler while a flow runs
+    (it raises ``TerminationSignal``, marks the flow run crashed, then restores this
+    handler and sends SIGTERM again), so a run ends in :class:`Terminated` either way.
     """
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    timers: list[threading.Timer] = []
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        if not timers:
+            timers.append(threading.Timer(grace, on_overdue, args=(signum,)))
+            timers[0].daemon = True
+            timers[0].start()
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 # --------------------------------------------------------------------------- Prefect API
@@ -634,7 +651,7 @@ __all__ = [
     "mark_used",
     "needs_api_server",
     "prefect_home",
-    "raise_on_sigterm",
+    "raise_on_signals",
     "read_owned_server",
     "run_warm",
     "start_api_server",

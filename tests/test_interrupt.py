@@ -16,6 +16,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -196,6 +197,54 @@ def test_sigkill_leaves_no_process_and_the_next_run_removes_its_staging(tmp_path
         assert _staging(out) == [Path(again.staging).name]
     finally:
         abort(again)
+
+
+# A command whose unwinding never ends, as when Prefect's crash report to a stalled API
+# retries for minutes; the bound is shortened to 1 s.
+STUCK_UNWINDING = """
+import sys, time
+from pipeline import cli
+cli.UNWIND_GRACE_S = 1.0
+def stuck(args):
+    try:
+        print("computing", flush=True)
+        time.sleep(60)
+    finally:
+        time.sleep(60)
+cli._schema = stuck
+sys.exit(cli.main(["schema"]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("sig", "status", "line"),
+    [
+        (signal.SIGINT, 130, "factorize: interrupted"),
+        (signal.SIGTERM, 143, "factorize: terminated"),
+    ],
+)
+def test_a_run_that_does_not_unwind_ends_after_the_grace_period(sig, status, line):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUCK_UNWINDING],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline() == "computing\n"
+        t0 = time.monotonic()
+        os.killpg(proc.pid, sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == status, out + err
+    assert 1 <= time.monotonic() - t0 < 15  # the grace period, then the exit
+    assert err.splitlines() == [line]
+    assert "did not end within 1 s of the signal" in out and "WARNING" in out
+    assert "Traceback" not in out + err
 
 
 # --------------------------------------------------------------------------- warm runs
