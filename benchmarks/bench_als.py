@@ -71,6 +71,7 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 from distributed import Client, LocalCluster
+from floor import als_flops, gemm_rate
 
 from pipeline.cluster import local_defaults
 from pipeline.config import ClusterSpec, InputSpec
@@ -368,6 +369,22 @@ def report(size, paths, data, runs, reads, quality, n_users) -> None:
             f"ours {kind} float32: {t:.3f} s per iteration, ratio {t / reads[kind]:.2f} × one "
             f"read of the store ({reads[kind]:.2f} s)"
         )
+    print_floor(data, runs)
+
+
+def print_floor(data: dict, runs: dict) -> None:
+    """An iteration against its compute floor (benchmarks/floor.py): 3 CG steps on the
+    training entries at this machine's float32 GEMM rate (the layouts are kept: an iteration
+    reads no storage)."""
+    rate = gemm_rate(np.float32, cores=THREADS)
+    for kind, (train, _) in data.items():
+        per_iteration = als_flops(*train.shape, train.nnz, RANK, cg_steps=3) / rate
+        mine, theirs = f"ours {kind} float32", f"implicit {kind} float32"
+        per_iter = {name: median_after_first(runs[name]["per_iter"]) for name in (mine, theirs)}
+        ratios = "; ".join(
+            f"ratio {k} / floor = {t / per_iteration:.2f}" for k, t in per_iter.items()
+        )
+        print(f"{kind}: an iteration's compute floor {per_iteration:.3f} s; {ratios}")
 
 
 if __name__ == "__main__":

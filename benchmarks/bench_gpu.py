@@ -42,6 +42,7 @@ import dask
 import dask.array as da
 import numpy as np
 from distributed import Client, LocalCluster, wait
+from floor import Floor, floor_line, gemm_rate, nmf_flops, qr_flops, rsvd_flops
 
 from pipeline import backend
 from pipeline.cluster import available_cores, local_defaults
@@ -115,7 +116,7 @@ def run_rsvd(x: da.Array) -> dict[str, Any]:
     res = rsvd(x, RSVD_RANK)
     (u,) = dask.persist(res.u, optimize_graph=False)
     wait(u)
-    return {"s": np.asarray(res.s64)}
+    return {"s": np.asarray(res.s64), "passes": res.passes}
 
 
 def run_nmf(x: da.Array, iterations: int = NMF_ITERS) -> dict[str, Any]:
@@ -215,6 +216,51 @@ def main() -> None:
             slow.append(name)
     print(f"SUMMARY: ratio CPU / GPU per method, bar ≥ {BAR:g}×: ", end="")
     print("met" if not slow else f"not met by {', '.join(slow)}", f"({where})")
+    print_floor(results, (rows, cols), iterations, workers, where)
+
+
+def method_flops(name: str, shape: tuple[int, int], out: dict[str, Any], iterations: int) -> float:
+    """The method's products with the input (benchmarks/floor.py's counts)."""
+    if name == "tsqr":
+        return qr_flops(*shape, with_q=True)
+    if name == "rsvd":  # each pass multiplies by A and by Aᵀ: 2 products
+        return rsvd_flops(*shape, RSVD_RANK + 10, out["passes"] - 1)
+    return nmf_flops(*shape, NMF_RANK, iterations)
+
+
+def device_gemm_rate() -> float:
+    """Flops per second of the device on square float64 products (best of 3)."""
+    xp = backend.device().xp
+    a = xp.asarray(np.random.default_rng(0).standard_normal((4096, 4096)))
+    best = np.inf
+    for _ in range(4):
+        t = time.perf_counter()
+        a @ a
+        xp.cuda.Device().synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * 4096**3 / best
+
+
+def print_floor(
+    results: dict[str, dict[str, Any]],
+    shape: tuple[int, int],
+    iterations: int,
+    cores: int,
+    where: str,
+) -> None:
+    """Each side against its compute floor (the input is in memory on both: no read)."""
+    cpu_rate = gemm_rate(np.float64, cores=cores)
+    gpu_rate = None if where.startswith("EMULATED") else device_gemm_rate()
+    print("\nagainst the compute floor (float64 GEMM rate; the input is kept in memory):")
+    for name, r in results.items():
+        flops = method_flops(name, shape, r["cpu_out"], iterations)
+        line = f"  {name:5s} CPU: " + floor_line(Floor(0.0, flops, cpu_rate), {"CPU": r["cpu"]})
+        print(line.replace("\n", " "))
+        if gpu_rate is None:
+            print(f"  {name:5s} GPU: floor not measured (emulated device)")
+        else:
+            gpu = floor_line(Floor(0.0, flops, gpu_rate), {"GPU": r["gpu"]})
+            print(f"  {name:5s} GPU: " + gpu.replace("\n", " "))
 
 
 if __name__ == "__main__":

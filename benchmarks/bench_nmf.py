@@ -35,6 +35,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 from distributed import Client, LocalCluster
+from floor import Floor, floor_line, gemm_rate, nmf_flops
 
 from pipeline.cluster import keep_in_memory, local_defaults
 from pipeline.config import ClusterSpec, InputSpec
@@ -166,6 +167,25 @@ def main() -> None:
             f"{name}: {per_iter:.3f} s per iteration, ratio {per_iter / t_read:.2f} × a read from "
             f"storage, {per_iter / t_pass:.2f} × a pass in memory "
             f"(bar ≤ {BAR_ITER} × one pass: {verdict})"
+        )
+    print_floor(runs, t_read, (rows, n_cols))
+
+
+def print_floor(runs: dict[str, dict[str, Any]], t_read: float, shape: tuple[int, int]) -> None:
+    """Each run against the machine's floor for its own iteration count (benchmarks/floor.py;
+    scikit-learn's read is not in its time), and ours per iteration against one iteration's
+    GEMM-bound compute."""
+    rate = gemm_rate(np.float32, cores=2)
+    print("\nagainst the floor:")
+    for name, r in runs.items():
+        floor = Floor(t_read, nmf_flops(*shape, RANK, r["iterations"]), rate)
+        print(f"{name} ({r['iterations']} iterations): " + floor_line(floor, {name: r["seconds"]}))
+    per_iteration = nmf_flops(*shape, RANK, 1) / rate
+    for name in ("ours hals", "ours mu"):
+        per_iter = float(np.median(np.diff(runs[name]["stamps"])))
+        print(
+            f"{name}: an iteration's compute floor {per_iteration:.3f} s; "
+            f"ratio per iteration / floor = {per_iter / per_iteration:.2f}"
         )
 
 

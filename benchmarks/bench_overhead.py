@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import yaml
+from floor import Floor, floor_line, gemm_rate, qr_flops, read_once_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 FULL_SHAPE, TINY_SHAPE = (200_000, 32), (4_000, 8)
@@ -225,8 +226,19 @@ def main() -> None:
             f"warm {warm['overhead']:.2f} s (bar ≤ {BAR_WARM} s); config error {error:.2f} s "
             f"(bar ≤ {BAR_ERROR} s)"
         )
+    print_floor(job, cold, warm)
     if args.tiny:
         shutil.rmtree(data / "out", ignore_errors=True)
+
+
+def print_floor(job: Path, cold: dict[str, float], warm: dict[str, float]) -> None:
+    """The demo job's floor (benchmarks/floor.py): its input read once in this process
+    (threads, 2 cores) and a QR with Q at 2 cores' GEMM rate — what a run with no fixed cost
+    at all could take."""
+    spec = yaml.safe_load(job.read_text())["input"]
+    m, n = spec["create_if_missing"]["shape"]
+    floor = Floor(read_once_seconds([spec["url"]]), qr_flops(m, n, with_q=True), gemm_rate())
+    print(floor_line(floor, {"cold wall": cold["wall"], "warm wall": warm["wall"]}))
 
 
 def _free_port() -> int:

@@ -52,6 +52,7 @@ import psutil
 import scipy.sparse as sp
 import zarr
 from distributed import Client, LocalCluster, wait
+from floor import Floor, floor_line, gemm_rate, nmf_flops, read_once_seconds, rsvd_flops
 
 from pipeline.cluster import keep_in_memory, local_defaults
 from pipeline.config import ClusterSpec, InputSpec, SyntheticSpec
@@ -226,6 +227,11 @@ def read_seconds(path: Path) -> float:
     return time.perf_counter() - t0
 
 
+def read_csr_seconds(group: Path) -> float:
+    """One read of a stored CSR matrix: its ``data``, ``indices`` and ``indptr`` arrays."""
+    return read_once_seconds([str(group / name) for name in ("data", "indices", "indptr")])
+
+
 def ev_error(got: np.ndarray, ref: np.ndarray) -> float:
     """Relative error of the explained variance ratio kept by the rank (``Σ`` over it)."""
     return float(abs(np.sum(got) - np.sum(ref)) / np.sum(ref))
@@ -284,6 +290,14 @@ def pca_section(data_dir: Path, client: Client, size: tuple[int, int, float]) ->
         f"{ratio:.2f} (bar ≤ {BAR_SCANPY} × scanpy at EV error ≤ {BAR_EV:g}: "
         f"{'met' if ok else 'NOT met'})"
     )
+    flops = rsvd_flops(rows, cols, PCA_RANK + 10, 2, nnz=x.nnz)  # oversampling 10
+    floor = Floor(read_csr_seconds(store / "X"), flops, gemm_rate(np.float32, cores=2))
+    print("against the floor (sklearn's read is not in its time):")
+    print(
+        floor_line(
+            floor, {name: t[name] for name in ("ours sparse", "scanpy dask", "sklearn arpack")}
+        )
+    )
     return {"dense": dense, "sharded": sharded}
 
 
@@ -303,6 +317,10 @@ def nmf_section(data_dir: Path, client: Client, size: tuple[int, int, float], it
         f"ours hals: {ours['seconds']:.2f} s, {run['iterations']} iterations, error "
         f"{run['history'][-1]:.5f}, peak {ours['peak_mib']:.0f} MiB"
     )
+    flops = nmf_flops(rows, cols, NMF_RANK, run["iterations"], nnz=x.nnz)
+    floor = Floor(read_csr_seconds(source), flops, gemm_rate(np.float32, cores=2))
+    print(f"against the floor of {run['iterations']} iterations:")
+    print(floor_line(floor, {"ours hals": ours["seconds"]}))
     if reached is None:
         print(f"ratio ours time-to-target / sklearn: never reached (bar ≤ {BAR_NMF}: NOT met)")
         return

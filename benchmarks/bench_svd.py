@@ -81,6 +81,7 @@ from pipeline.metrics import gram, orthogonality_from_gram
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tsqr import fresh_output
+from floor import Floor, floor_line, gemm_rate, svd_flops
 
 SIZES = {  # name → (shape, storage chunk rows)
     "full": ((4_000_000, 64), 65_536),
@@ -331,7 +332,8 @@ def main() -> int:
             warm_up(work, n)
             t0 = time.perf_counter()
             da.from_zarr(str(src)).sum().compute()
-            print(f"read once: {time.perf_counter() - t0:.2f} s")
+            read = time.perf_counter() - t0
+            print(f"read once: {read:.2f} s")
             print(f"our block paths: {block_paths(src)}")
             times: dict[str, list[float]] = {k: [] for k in ROUTES}
             peaks: dict[str, list[float]] = {k: [] for k in ROUTES}
@@ -385,6 +387,12 @@ def main() -> int:
         f"(medians; bar ≤ {BAR_VS_DASK} with equal accuracy); σ_min rel err: "
         + ", ".join(f"{label} {errs[label][0]:.1e}" for label in ROUTES)
     )
+    rate = gemm_rate(np.float64, cores=2)  # the machine's floor (benchmarks/floor.py)
+    print("\nAgainst the floor (medians; writing U is not in the floor)")
+    with_u = {label: medians[label] for label in (STREAMED, KEPT, DASK)}
+    print(floor_line(Floor(read, svd_flops(m, n, with_u=True), rate), with_u))
+    without_u = {label: medians[label] for label in (S_ONLY, COV)}
+    print(floor_line(Floor(read, svd_flops(m, n, with_u=False), rate), without_u))
     ok = all(np.isfinite(e[1]) for k, e in errs.items() if k != COV)
     return 0 if ok else 1
 

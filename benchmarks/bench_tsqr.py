@@ -65,6 +65,7 @@ import zarr
 from dask.utils import key_split
 from distributed import Client, LocalCluster, get_task_stream
 from distributed.diagnostics import MemorySampler
+from floor import Floor, floor_line, gemm_rate, qr_flops
 
 from pipeline.cluster import local_defaults
 from pipeline.config import ClusterSpec, SyntheticSpec
@@ -352,8 +353,23 @@ def main_benchmark(src: Path, work: Path, input_bytes: int, repeats: int) -> Non
         ours_qr(src, out)
         orth = stored_orthogonality(out)
         shutil.rmtree(out, ignore_errors=True)
-        blocks = row_blocks(da.from_zarr(str(src))).chunks[0]
+        x = da.from_zarr(str(src))
+        blocks = row_blocks(x).chunks[0]
     report(timings, input_bytes, orth, blocks, repeats)
+    print_floor(timings, x.shape)
+
+
+def print_floor(timings: dict[str, Timing], shape: tuple[int, int]) -> None:
+    """Ours and dask against the machine's floor (benchmarks/floor.py): the read-once run's
+    best time and the QR's flops (R only; R and Q) at this machine's GEMM rate. Writing Q
+    is not in the floor."""
+    rate = gemm_rate(np.float64, cores=2)
+    read = timings["read-once"].best.seconds
+    best = {k: v.best.seconds for k, v in timings.items()}
+    print("\nAgainst the floor (best runs)")
+    for with_q, runs in ((False, ("ours R", "dask R")), (True, ("ours Q+R", "dask Q+R"))):
+        floor = Floor(read, qr_flops(*shape, with_q=with_q), rate)
+        print(floor_line(floor, {name: best[name] for name in runs}))
 
 
 def report(

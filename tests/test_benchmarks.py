@@ -10,6 +10,8 @@ Every ``benchmarks/bench_*.py`` is picked up automatically and must follow this 
   whole word) followed by a number on the same line, e.g.
   ``ratio ours / dask QR: 0.71`` or ``SUMMARY: ratio ours Q+R / dask Q+R = 0.62 (...)``.
   The check is :data:`RATIO_LINE`.
+* The machine's floor (``benchmarks/floor.py``, issue 24): at least one line gives a timed
+  run's ratio to it, ``ratio <run> / floor = <number>`` (:data:`FLOOR_LINE`).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO
 
 SCRIPTS = sorted((REPO / "benchmarks").glob("bench_*.py"))
 RATIO_LINE = re.compile(r"\bratio\b.*\d", re.IGNORECASE)
+FLOOR_LINE = re.compile(r"\bratio [^;=]+ / floor = \d+\.\d+")
 TIMEOUT_S = 240  # each tiny run takes ~10-30 s on 2 busy cores
 
 
@@ -63,4 +67,31 @@ def test_tiny_run(script: Path, tmp_path: Path):
     assert any(RATIO_LINE.search(line) for line in proc.stdout.splitlines()), (
         f"{script.name} printed no line with 'ratio' and a number\n{tail}"
     )
+    assert FLOOR_LINE.search(proc.stdout), f"{script.name} printed no ratio to the floor\n{tail}"
     assert data_dir.is_dir(), f"{script.name} ignored --data-dir"
+
+
+def test_floor_counts_and_line():
+    """benchmarks/floor.py: the textbook counts, the larger part as the floor, the line the
+    smoke runs look for, and a GEMM rate measured on this machine."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import floor
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    m, n = 1000, 30
+    assert floor.qr_flops(m, n, with_q=False) == 2 * n * n * (m - n / 3)
+    assert floor.qr_flops(m, n, with_q=True) == 4 * n * n * (m - n / 3)
+    assert floor.svd_flops(m, n, with_u=True) == floor.qr_flops(m, n, with_q=True) + 2 * m * n * n
+    assert floor.rsvd_flops(m, n, 60, 2) == 6 * 2 * m * n * 60  # sketch, 2 × 2, projection
+    assert floor.rsvd_flops(m, n, 60, 0, nnz=500) == 2 * 2 * 500 * 60
+    assert floor.nmf_flops(m, n, 20, 10) == 4 * 20 * m * n * 10
+    assert floor.als_flops(100, 50, 1000, 8) == 2 * 1000 * 64 + 150 * 512 / 3
+    assert floor.als_flops(100, 50, 1000, 8, cg_steps=3) == 3 * (2 * 150 * 64 + 8 * 1000 * 8)
+    read_bound = floor.Floor(read=2.0, flops=1e9, rate=1e9)
+    assert read_bound.compute == 1.0 and read_bound.seconds == 2.0
+    line = floor.floor_line(read_bound, {"ours": 3.0, "anchor": 5.0})
+    assert "ratio ours / floor = 1.50" in line and "ratio anchor / floor = 2.50" in line
+    assert FLOOR_LINE.search(line)
+    rate = floor.gemm_rate(np.float64, cores=2)
+    assert 1e8 < rate < 1e13  # a CPU core does between 0.05 and 5,000 GFLOP/s
