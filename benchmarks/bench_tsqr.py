@@ -6,10 +6,12 @@ never persisted in memory):
 
 1. read-once   ``da.from_zarr(path).sum().compute()``: the cost of one pass over the input.
 2. ours R      ``tsqr(x, compute_q=False)`` until ``R`` is on the client (one pass).
-3. ours Q+R    ``tsqr(x)`` and ``Q`` stored to a fresh Zarr array (``R`` pass + ``Q`` pass).
+3. ours Q+R    ``tsqr(x)`` and ``Q`` stored to a fresh Zarr array (``R`` pass + ``Q`` pass),
+               uncompressed as a job stores it (``output.codec: none``, its default).
 4. dask R      ``dask.array.linalg.tsqr(x)``, computing only ``r``.
-5. dask Q+R    ``dask.array.linalg.tsqr(x)``, storing ``q`` to Zarr and computing ``r`` in
-               the same graph.
+5. dask Q+R    ``dask.array.linalg.tsqr(x)``, storing ``q`` to Zarr as ``da.to_zarr`` does
+               (zarr's default zstd) and computing ``r`` in the same graph.
+6. dask Q+R none  the same with ``q`` stored uncompressed, as ours: the algorithms alone.
 
 After a warm-up, the methods run in rounds (each method once per round, ``--repeats``
 rounds, default 2); best and median are reported. Before every timed run the file system
@@ -70,6 +72,7 @@ from floor import Floor, floor_line, gemm_rate, qr_flops
 from pipeline.cluster import local_defaults
 from pipeline.config import ClusterSpec, SyntheticSpec
 from pipeline.datasets import write_synthetic
+from pipeline.io.artifacts import factor_compressors
 from pipeline.linalg import _kernels as kernels
 from pipeline.linalg import row_blocks, tsqr
 from pipeline.memory import scheduler_workers
@@ -119,14 +122,17 @@ def ensure_input(data_dir: Path, shape: tuple[int, int], chunk_rows: int = CHUNK
     return path
 
 
-def fresh_output(path: Path, like: da.Array) -> zarr.Array:
-    """An empty Zarr array for a tall factor, chunked by its first row chunk."""
+def fresh_output(path: Path, like: da.Array, codec: str = "none") -> zarr.Array:
+    """An empty Zarr array for a tall factor, chunked by its first row chunk, compressed as
+    a job's ``output.codec`` (``none``, its default; ``zstd`` is zarr's default, what
+    ``da.to_zarr`` writes)."""
     shutil.rmtree(path, ignore_errors=True)
     return zarr.create_array(
         store=str(path),
         shape=like.shape,
         dtype=like.dtype,
         chunks=(like.chunks[0][0], like.shape[1]),
+        compressors=factor_compressors(codec),
         overwrite=True,
     )
 
@@ -158,11 +164,17 @@ def dask_r(src: Path, out: Path) -> tuple[np.ndarray, Phases]:
     return r.compute(), {}
 
 
-def dask_qr(src: Path, out: Path) -> tuple[np.ndarray, Phases]:
+def dask_qr(src: Path, out: Path, codec: str = "zstd") -> tuple[np.ndarray, Phases]:
+    """dask's tsqr with Q stored as ``da.to_zarr`` stores it (zarr's default zstd)."""
     q, r = da.linalg.tsqr(da.from_zarr(str(src)))
-    stored = da.store(q, fresh_output(out, q), lock=False, compute=False)
+    stored = da.store(q, fresh_output(out, q, codec), lock=False, compute=False)
     _, r = dask.compute(stored, r)
     return r, {}
+
+
+def dask_qr_uncompressed(src: Path, out: Path) -> tuple[np.ndarray, Phases]:
+    """The same, Q stored uncompressed as ours: the algorithms alone compared."""
+    return dask_qr(src, out, "none")
 
 
 METHODS: dict[str, Callable[[Path, Path], tuple[Any, Phases]]] = {
@@ -171,6 +183,7 @@ METHODS: dict[str, Callable[[Path, Path], tuple[Any, Phases]]] = {
     "ours Q+R": ours_qr,
     "dask R": dask_r,
     "dask Q+R": dask_qr,
+    "dask Q+R none": dask_qr_uncompressed,
 }
 
 
@@ -367,7 +380,8 @@ def print_floor(timings: dict[str, Timing], shape: tuple[int, int]) -> None:
     read = timings["read-once"].best.seconds
     best = {k: v.best.seconds for k, v in timings.items()}
     print("\nAgainst the floor (best runs)")
-    for with_q, runs in ((False, ("ours R", "dask R")), (True, ("ours Q+R", "dask Q+R"))):
+    q_runs = ("ours Q+R", "dask Q+R", "dask Q+R none")
+    for with_q, runs in ((False, ("ours R", "dask R")), (True, q_runs)):
         floor = Floor(read, qr_flops(*shape, with_q=with_q), rate)
         print(floor_line(floor, {name: best[name] for name in runs}))
 
@@ -394,6 +408,7 @@ def report(
     median = {k: v.median for k, v in timings.items()}
     ratios = [
         ("ours Q+R / dask Q+R", "ours Q+R", "dask Q+R", BAR_QR_VS_DASK),
+        ("ours Q+R / dask Q+R none", "ours Q+R", "dask Q+R none", None),
         ("ours R / read-once", "ours R", "read-once", BAR_R_VS_READ),
         ("ours R / dask R", "ours R", "dask R", None),
         ("ours Q+R / read-once", "ours Q+R", "read-once", None),

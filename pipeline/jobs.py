@@ -103,7 +103,9 @@ class PreparedRun:
     def output(self) -> RunOutput:
         """The run's staging output (its location made once, here)."""
         spec = self.config.output
-        return RunOutput(location_of(spec), self.config.name, self.staging, spec.overwrite)
+        return RunOutput(
+            location_of(spec), self.config.name, self.staging, spec.overwrite, spec.codec
+        )
 
 
 # --------------------------------------------------------------------------- checks
@@ -229,7 +231,9 @@ def prepare(config: JobConfig) -> PreparedRun:
         manifest = replace(manifest, fingerprint=job_fingerprint(config, manifest))
     where = location_of(config.output)
     remove_stale_staging(where, config.name)  # of runs killed outright
-    out = RunOutput(where, config.name, overwrite=config.output.overwrite)
+    out = RunOutput(
+        where, config.name, overwrite=config.output.overwrite, codec=config.output.codec
+    )
     out.begin()  # removes what it created when it fails
     try:
         log.info(
