@@ -189,6 +189,23 @@ def test_power_iterations_fix_the_float32_trap(client):
     assert err[1] < 1.01 * opt < err[0]
 
 
+@pytest.mark.parametrize("options", [{"power_iters": 0}, {"single_pass": True}])
+def test_centred_sketch_equals_the_sketch_of_the_centred_matrix(client, options):
+    """Centring shifts the sketch by ``μᵀΩ`` formed on the host (no pass over ``Y``): the
+    same triplets as the uncentred method on ``A − 1μᵀ`` with the same Ω (seed)."""
+    import dask.array as da
+
+    from pipeline.linalg import rsvd
+
+    a = decaying(2000, 150, decay=1.0, seed=12) + 3.0  # a mean far above the spread
+    centred = a - a.mean(axis=0)
+    got = rsvd(da.from_array(a, chunks=(500, 150)), 8, center=True, seed=5, **options)
+    want = rsvd(da.from_array(centred, chunks=(500, 150)), 8, seed=5, **options)
+    np.testing.assert_allclose(got.s64, want.s64, rtol=1e-9)
+    np.testing.assert_allclose(np.abs(got.vt), np.abs(want.vt), atol=1e-8)
+    np.testing.assert_allclose(got.mean64, a.mean(axis=0), rtol=1e-12)
+
+
 def test_single_pass_reads_once_within_documented_bound(client):
     """Documented: on spectra decaying like i^-2 the one-pass sketch stays within 1.5× of
     the optimal residual at the default oversampling (its residual is measured here)."""

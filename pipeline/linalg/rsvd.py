@@ -388,11 +388,12 @@ def _cross(x: da.Array, y: da.Array) -> da.Array:
     return sum_block_pieces(x, _block_cross, (x.shape[1], y.shape[1]), y)
 
 
-def _centred_columns(y: da.Array) -> da.Array:
-    """Lazy ``Y − 1 (column means of Y)ᵀ``, the means summed on the host from the kept ``Y``."""
-    sums = to_host(sum_block_pieces(y, _block_colsum, (1, y.shape[1])).compute(**UNOPTIMIZED))
-    mean = sums[0] / y.shape[0]
-    return da.map_blocks(_times_small, y, None, mean, dtype=y.dtype, meta=y._meta)
+def _centred_sketch(y: da.Array, mean: np.ndarray, seed: int) -> da.Array:
+    """Lazy ``(A − 1μᵀ)Ω = Y − 1 (μᵀΩ)`` for ``Y = AΩ``: ``μᵀΩ`` formed on the host from the
+    column means and the same Ω (the blocks' dtype), with no computation over ``Y``."""
+    omega = gaussian(seed, (mean.shape[0], y.shape[1]), y.dtype).astype(np.float64)
+    shift = (mean @ omega).astype(y.dtype)
+    return da.map_blocks(_times_small, y, None, shift, dtype=y.dtype, meta=y._meta)
 
 
 def _orthonormal_rows(y: da.Array) -> da.Array:
@@ -834,8 +835,8 @@ def _no_power_iters(a: da.Array, rank: int, width: int, center: bool, seed: int)
     y, colsum, sumsq = persist(y, colsum, sumsq, **UNOPTIMIZED)
     colsum, input_sumsq = (to_host(v) for v in dask.compute(colsum, sumsq, **UNOPTIMIZED))
     mean = colsum / m if center else None
-    if center:  # (A − 1μᵀ)Ω = Y − 1 (μᵀΩ), and μᵀΩ is the column mean of Y
-        y = _centred_columns(y)
+    if center:
+        y = _centred_sketch(y, mean, seed)
     q = _orthonormal_rows(y)
     b, total = _project(a, q, mean)  # pass 2, with the exact centred total now μ is known
     total_sumsq = total if total is not None else float(input_sumsq)
@@ -855,7 +856,7 @@ def _single_pass(a: da.Array, rank: int, width: int, center: bool, seed: int) ->
     )
     mean = colsum / m if center else None
     if center:
-        y = _centred_columns(y)
+        y = _centred_sketch(y, mean, seed)
         w = w - psi1 @ mean[None, :]
     q = _orthonormal_rows(y)
     assert q.chunks[0] == a.chunks[0], "Ψ is generated per row block of A"
