@@ -245,7 +245,7 @@ def worst_component(got: np.ndarray, ref: np.ndarray) -> float:
 # --------------------------------------------------------------------------- main
 
 
-def pca_section(data_dir: Path, client: Client, size: tuple[int, int, float]) -> dict:
+def pca_section(data_dir: Path, client: Client, size: tuple[int, int, float], rate: float) -> dict:
     rows, cols, density = size
     source = counts_matrix(data_dir, "sparse", (rows, cols), density)
     x = read_csr(source)
@@ -291,7 +291,7 @@ def pca_section(data_dir: Path, client: Client, size: tuple[int, int, float]) ->
         f"{'met' if ok else 'NOT met'})"
     )
     flops = rsvd_flops(rows, cols, PCA_RANK + 10, 2, nnz=x.nnz)  # oversampling 10
-    floor = Floor(read_csr_seconds(store / "X"), flops, gemm_rate(np.float32, cores=2))
+    floor = Floor(read_csr_seconds(store / "X"), flops, rate)
     print("against the floor (sklearn's read is not in its time):")
     print(
         floor_line(
@@ -301,7 +301,9 @@ def pca_section(data_dir: Path, client: Client, size: tuple[int, int, float]) ->
     return {"dense": dense, "sharded": sharded}
 
 
-def nmf_section(data_dir: Path, client: Client, size: tuple[int, int, float], iters: int) -> None:
+def nmf_section(
+    data_dir: Path, client: Client, size: tuple[int, int, float], iters: int, rate: float
+) -> None:
     rows, cols, density = size
     source = counts_matrix(data_dir, "counts", (rows, cols), density)
     x = read_csr(source)
@@ -318,7 +320,7 @@ def nmf_section(data_dir: Path, client: Client, size: tuple[int, int, float], it
         f"{run['history'][-1]:.5f}, peak {ours['peak_mib']:.0f} MiB"
     )
     flops = nmf_flops(rows, cols, NMF_RANK, run["iterations"], nnz=x.nnz)
-    floor = Floor(read_csr_seconds(source), flops, gemm_rate(np.float32, cores=2))
+    floor = Floor(read_csr_seconds(source), flops, rate)
     print(f"against the floor of {run['iterations']} iterations:")
     print(floor_line(floor, {"ours hals": ours["seconds"]}))
     if reached is None:
@@ -360,8 +362,9 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     spec = ClusterSpec(n_workers=2, threads_per_worker=1)
     with LocalCluster(**local_defaults(spec)) as cluster, Client(cluster) as client:
-        paths = pca_section(args.data_dir, client, pca_size)
-        nmf_section(args.data_dir, client, nmf_size, 10 if args.tiny else NMF_ITER)
+        rate = gemm_rate(np.float32, cores=2)  # the floor's compute rate (benchmarks/floor.py)
+        paths = pca_section(args.data_dir, client, pca_size, rate)
+        nmf_section(args.data_dir, client, nmf_size, 10 if args.tiny else NMF_ITER, rate)
         shard_section(paths)
 
 

@@ -42,7 +42,7 @@ from pipeline.io.model import ModelManifest, open_model
 from pipeline.io.owners import remove_stale_staging
 from pipeline.io.preflight import check_input_creatable, check_output_apart, check_output_writable
 from pipeline.io.source import InputManifest, locate_input, open_matrix
-from pipeline.io.stores import location_of
+from pipeline.io.stores import Location, location_of
 from pipeline.memory import measure_peaks, scheduler_workers
 from pipeline.methods import METHODS, RunContext
 from pipeline.plan import JobPlan, ModelJobPlan, plan_run
@@ -102,10 +102,14 @@ class PreparedRun:
 
     def output(self) -> RunOutput:
         """The run's staging output (its location made once, here)."""
-        spec = self.config.output
-        return RunOutput(
-            location_of(spec), self.config.name, self.staging, spec.overwrite, spec.codec
-        )
+        return _run_output(self.config, location_of(self.config.output), self.staging)
+
+
+def _run_output(config: JobConfig, where: Location, staging: str | None = None) -> RunOutput:
+    """The job's staging output at ``where`` (``output.url`` resolved), as its output
+    section asks (overwrite, codec)."""
+    spec = config.output
+    return RunOutput(where, config.name, staging, spec.overwrite, spec.codec)
 
 
 # --------------------------------------------------------------------------- checks
@@ -231,9 +235,7 @@ def prepare(config: JobConfig) -> PreparedRun:
         manifest = replace(manifest, fingerprint=job_fingerprint(config, manifest))
     where = location_of(config.output)
     remove_stale_staging(where, config.name)  # of runs killed outright
-    out = RunOutput(
-        where, config.name, overwrite=config.output.overwrite, codec=config.output.codec
-    )
+    out = _run_output(config, where)
     out.begin()  # removes what it created when it fails
     try:
         log.info(

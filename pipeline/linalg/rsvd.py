@@ -388,11 +388,15 @@ def _cross(x: da.Array, y: da.Array) -> da.Array:
     return sum_block_pieces(x, _block_cross, (x.shape[1], y.shape[1]), y)
 
 
+def _omega64(seed: int, n: int, width: int, dtype: Any) -> np.ndarray:
+    """The blocks' Ω (drawn in their ``dtype`` by :func:`_times_omega`) in float64 on the host."""
+    return gaussian(seed, (n, width), dtype).astype(np.float64)
+
+
 def _centred_sketch(y: da.Array, mean: np.ndarray, seed: int) -> da.Array:
     """Lazy ``(A − 1μᵀ)Ω = Y − 1 (μᵀΩ)`` for ``Y = AΩ``: ``μᵀΩ`` formed on the host from the
-    column means and the same Ω (the blocks' dtype), with no computation over ``Y``."""
-    omega = gaussian(seed, (mean.shape[0], y.shape[1]), y.dtype).astype(np.float64)
-    shift = (mean @ omega).astype(y.dtype)
+    column means and the same Ω, with no computation over ``Y``."""
+    shift = (mean @ _omega64(seed, mean.shape[0], y.shape[1], y.dtype)).astype(y.dtype)
     return da.map_blocks(_times_small, y, None, shift, dtype=y.dtype, meta=y._meta)
 
 
@@ -720,7 +724,7 @@ def _power(
     n = a.shape[1]
     first, w = _first_pass(a, (n, width), center, seed)
     tick(1)
-    monitor.add(gaussian(seed, (n, width), a.dtype).astype(np.float64), w)
+    monitor.add(_omega64(seed, n, width, a.dtype), w)
     used = 1
     while not _stop(monitor, used, iters, auto, tol):
         z = _leading_basis(w)
